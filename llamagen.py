@@ -1,0 +1,1031 @@
+"""LlamaGen in one file: autoregressive image generation with a VQ tokenizer and a plain Llama.
+
+"Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation" (Sun et al. 2024,
+https://arxiv.org/abs/2406.06525). An image becomes a grid of discrete codes (the VQ tokenizer); a
+decoder-only Llama predicts those codes one by one in raster order, conditioned on a class label or
+on a caption; a sampled code grid is decoded back into pixels.
+
+Read it top to bottom:
+  1. configs          VQConfig, GPTConfig, T5Config and their presets
+  2. image tokenizer  Encoder -> VectorQuantizer -> Decoder        (VQGAN / taming-transformers,
+                      l2-normalised low-dimensional codes as in ViT-VQGAN, LlamaGen's vq_model.py)
+  3. tokenizer losses L2 + LPIPS + PatchGAN hinge + codebook/commitment (taming, LlamaGen vq_loss.py)
+  4. Llama decoder    RMSNorm, 2D RoPE, attention with a static KV cache, SwiGLU   (Llama, gpt-fast,
+                      LlamaGen gpt.py)
+  5. generation       prefill / decode_one_token / sample with classifier-free guidance (gpt-fast,
+                      LlamaGen generate.py, CFG: Ho & Salimans 2022)
+  6. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
+                      Hugging Face transformers' modeling_t5.py)
+  7. official weights load the released LlamaGen checkpoints with a plain load_state_dict
+
+State-dict names and shapes follow the official code (FoundationVision/LlamaGen), so its released
+checkpoints load unchanged and give its outputs (test_llamagen.py checks this against a fixture).
+"""
+import argparse
+import glob
+import io
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Configs
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 16384
+    codebook_embed_dim: int = 8      # low-dimensional codes look up better (ViT-VQGAN)
+    codebook_l2_norm: bool = True    # nearest code by cosine similarity (ViT-VQGAN)
+    commit_loss_beta: float = 0.25   # weight of the commitment term (VQ-VAE)
+    entropy_loss_ratio: float = 0.0  # > 0: push for confident, diverse code choices (MaskGIT)
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # one entry per resolution; downsampling = 2 ** (len - 1)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dropout: float = 0.0
+
+
+VQ_PRESETS = {
+    "VQ-16": dict(ch_mult=(1, 1, 2, 2, 4)),  # official vq_ds16: 16x downsampling
+    "VQ-8": dict(ch_mult=(1, 2, 2, 4)),      # official vq_ds8: 8x downsampling
+    "VQ-tiny": dict(ch=32, ch_mult=(1, 2), z_channels=32, codebook_size=64),  # tests
+}
+
+
+@dataclass
+class GPTConfig:
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = None            # None: as many key/value heads as query heads
+    multiple_of: int = 256           # SwiGLU hidden size is rounded up to this
+    ffn_dim_multiplier: float = None
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    num_classes: int = 1000
+    caption_dim: int = 2048          # width of the text features (flan-t5-xl: 2048)
+    class_dropout_prob: float = 0.1  # how often the condition is replaced by the null one (for CFG)
+    model_type: str = "c2i"          # 'c2i' class-conditional, 't2i' text-conditional
+    vocab_size: int = 16384          # = the tokenizer's codebook size
+    cls_token_num: int = 1           # condition positions before the image: 1 class, 120 text
+    block_size: int = 256            # image tokens = (image_size / downsampling) ** 2
+
+
+GPT_PRESETS = {  # the official sizes (gpt.py) and a tiny one for tests
+    "GPT-tiny": dict(n_layer=2, n_head=4, dim=64),
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),     # 111M
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),    # 343M
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),   # 775M
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),  # 1.4B
+    "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560), # 3.9B
+    "GPT-1B": dict(n_layer=22, n_head=32, dim=2048),   # 1.2B, text-conditional
+    "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),   # 3.1B
+}
+
+
+@dataclass
+class T5Config:  # field names as in a Hugging Face config.json; defaults are flan-t5-xl's
+    vocab_size: int = 32128
+    d_model: int = 2048
+    d_kv: int = 64                   # width of one attention head
+    d_ff: int = 5120
+    num_layers: int = 24
+    num_heads: int = 32
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"  # flan-T5 / T5 v1.1; the original T5 used "relu"
+    dropout_rate: float = 0.1
+
+
+def config_from_dict(config_class, values):
+    """Build a config from a dict, ignoring keys the dataclass does not have."""
+    names = {f.name for f in fields(config_class)}
+    return config_class(**{k: v for k, v in values.items() if k in names})
+
+
+# -----------------------------------------------------------------------------
+# 2. Image tokenizer: Encoder -> VectorQuantizer -> Decoder
+
+
+def group_norm(channels):
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def swish(x):
+    return x * torch.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, dropout):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of a (small) feature map."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q = self.q(h).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        k = self.k(h).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        v = self.v(h).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)      # (B, HW, C), softmax(q k^T / sqrt(C)) v
+        h = h.transpose(1, 2).reshape(B, C, H, W)        # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom only: H -> H / 2 exactly
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: residual blocks (each followed by attention at
+    the lowest resolution), then a down- or upsampling step."""
+
+    def __init__(self, in_channels, out_channels, num_blocks, attention, dropout,
+                 downsample=False, upsample=False):
+        super().__init__()
+        self.res = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        for _ in range(num_blocks):
+            self.res.append(ResnetBlock(in_channels, out_channels, dropout))
+            in_channels = out_channels
+            if attention:
+                self.attn.append(AttnBlock(out_channels))
+        self.downsample = Downsample(out_channels) if downsample else None
+        self.upsample = Upsample(out_channels) if upsample else None
+
+    def forward(self, h):
+        for i, res in enumerate(self.res):
+            h = res(h)
+            if len(self.attn) > 0:
+                h = self.attn[i](h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+        if self.upsample is not None:
+            h = self.upsample(h)
+        return h
+
+
+def middle(channels, dropout):
+    return nn.ModuleList([ResnetBlock(channels, channels, dropout), AttnBlock(channels),
+                          ResnetBlock(channels, channels, dropout)])
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList()
+        channels = cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            lowest = i == len(cfg.ch_mult) - 1
+            self.conv_blocks.append(Level(channels, cfg.ch * mult, cfg.num_res_blocks, attention=lowest,
+                                          dropout=cfg.dropout, downsample=not lowest))
+            channels = cfg.ch * mult
+        self.mid = middle(channels, cfg.dropout)
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, z_channels, H / f, W / f)
+        h = self.conv_in(x)
+        for level in self.conv_blocks:
+            h = level(h)
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        channels = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, channels, 3, padding=1)
+        self.mid = middle(channels, cfg.dropout)
+        self.conv_blocks = nn.ModuleList()
+        for i in reversed(range(len(cfg.ch_mult))):  # lowest resolution first
+            self.conv_blocks.append(Level(channels, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1,
+                                          attention=i == len(cfg.ch_mult) - 1, dropout=cfg.dropout,
+                                          upsample=i != 0))
+            channels = cfg.ch * cfg.ch_mult[i]
+        self.norm_out = group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)
+
+    def forward(self, z):  # (B, z_channels, h, w) -> (B, 3, h * f, w * f)
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = block(h)
+        for level in self.conv_blocks:
+            h = level(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+def entropy_loss(affinity, temperature=0.01):
+    """Low entropy per vector (a confident choice) and high entropy on average (all codes used)."""
+    logits = affinity / temperature                          # (N, K)
+    probs = logits.softmax(dim=-1)
+    sample_entropy = -(probs * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+    mean_probs = probs.mean(dim=0)                           # (K,)
+    mean_entropy = -(mean_probs * torch.log(mean_probs + 1e-5)).sum()
+    return sample_entropy - mean_entropy
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
+        self.embedding.weight.data.uniform_(-1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        if cfg.codebook_l2_norm:
+            self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
+        # how often each code was picked since the last reset_usage(): shows dead codes while
+        # training. Not saved: the official `codebook_used` key is dropped when loading its weights.
+        self.register_buffer("code_counts", torch.zeros(cfg.codebook_size, dtype=torch.long),
+                             persistent=False)
+
+    def codebook(self):  # (K, D); stored un-normalised, normalised at use
+        weight = self.embedding.weight
+        return F.normalize(weight, dim=-1) if self.cfg.codebook_l2_norm else weight
+
+    def nearest_codes(self, z):  # (N, D) -> (N,) code indices, (N, K) squared distances
+        codebook = self.codebook()
+        distances = (z ** 2).sum(dim=1, keepdim=True) + (codebook ** 2).sum(dim=1) - 2 * z @ codebook.t()
+        return distances.argmin(dim=1), distances
+
+    def usage(self):  # fraction of the codebook picked at least once since reset_usage()
+        return (self.code_counts > 0).float().mean()
+
+    def reset_usage(self):
+        self.code_counts.zero_()
+
+    def forward(self, z):  # (B, D, h, w) -> quantised (B, D, h, w), indices (B, h, w), losses
+        B, D, h, w = z.shape
+        z = z.permute(0, 2, 3, 1)                       # (B, h, w, D)
+        if self.cfg.codebook_l2_norm:
+            z = F.normalize(z, dim=-1)
+        indices, distances = self.nearest_codes(z.reshape(-1, D))  # (B*h*w,), (B*h*w, K)
+        z_q = self.codebook()[indices].view(B, h, w, D)
+        losses = {}
+        if self.training:
+            losses["codebook_loss"] = F.mse_loss(z_q, z.detach())  # moves the codes to the encoder
+            losses["commit_loss"] = self.cfg.commit_loss_beta * F.mse_loss(z, z_q.detach())  # and back
+            losses["entropy_loss"] = (self.cfg.entropy_loss_ratio * entropy_loss(-distances)
+                                      if self.cfg.entropy_loss_ratio > 0 else z.new_zeros(()))
+            with torch.no_grad():
+                self.code_counts += torch.bincount(indices, minlength=self.cfg.codebook_size)
+            losses["usage"] = self.usage()
+        # straight-through estimator: the forward pass uses z_q, the backward pass copies the
+        # decoder's gradient onto z as if quantisation were the identity
+        z_q = z + (z_q - z).detach()
+        return z_q.permute(0, 3, 1, 2), indices.view(B, h, w), losses
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+
+    @property
+    def downsample_factor(self):
+        return 2 ** (len(self.cfg.ch_mult) - 1)
+
+    def forward(self, images):  # (B, 3, H, W) in [-1, 1] -> reconstruction, dict of loss terms
+        z_q, _, losses = self.quantize(self.quant_conv(self.encoder(images)))
+        return self.decoder(self.post_quant_conv(z_q)), losses
+
+    @torch.no_grad()
+    def encode_indices(self, images):  # (B, 3, H, W) in [-1, 1] -> LongTensor (B, H / f, W / f)
+        return self.quantize(self.quant_conv(self.encoder(images)))[1]
+
+    @torch.no_grad()
+    def decode_indices(self, indices):  # LongTensor (B, h, w) -> images (B, 3, h * f, w * f)
+        z_q = self.quantize.codebook()[indices].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+        return self.decoder(self.post_quant_conv(z_q))
+
+
+# -----------------------------------------------------------------------------
+# 3. Tokenizer losses: LPIPS perceptual loss, PatchGAN discriminator, hinge loss
+
+
+def load_lpips():
+    """LPIPS with a VGG16 trunk (the `lpips` package), or None with one warning when torchvision's
+    VGG16 weights are not in the torch hub cache and so would have to be downloaded."""
+    from torchvision.models import VGG16_Weights
+    url = VGG16_Weights.IMAGENET1K_V1.url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.exists(path):
+        warnings.warn(f"LPIPS perceptual loss is off because its VGG16 weights are missing: download "
+                      f"{url} to {path}, or pass --perceptual-weight 0 to train without it.",
+                      stacklevel=2)
+        return None
+    import lpips
+    with warnings.catch_warnings():  # torchvision's notice about the old `pretrained=` argument
+        warnings.simplefilter("ignore")
+        model = lpips.LPIPS(net="vgg", verbose=False)
+    return model.eval().requires_grad_(False)
+
+
+class PatchGANDiscriminator(nn.Module):
+    """Says real or fake for each overlapping patch of the image (pix2pix, taming)."""
+
+    def __init__(self, n_layers=3, ndf=64):
+        super().__init__()
+        layers = [nn.Conv2d(3, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))  # one logit per patch
+        self.main = nn.Sequential(*layers)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, 1, h, w) patch logits
+        return self.main(images)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+class VQLoss(nn.Module):
+    """The tokenizer's training objective (LlamaGen vq_loss.py):
+    L2 + perceptual_weight * LPIPS + codebook + commitment (+ entropy)
+    + disc_weight * (-mean D(reconstruction)) once step >= disc_start.
+    The discriminator is trained in its own step on detached images, so its loss never reaches
+    the tokenizer."""
+
+    def __init__(self, disc_start, disc_weight=0.5, perceptual_weight=1.0, adaptive_disc_weight=False):
+        super().__init__()
+        self.discriminator = PatchGANDiscriminator()
+        self.lpips = load_lpips() if perceptual_weight > 0 else None
+        self.disc_start = disc_start
+        self.disc_weight = disc_weight
+        self.perceptual_weight = perceptual_weight
+        self.adaptive_disc_weight = adaptive_disc_weight
+
+    def generator_loss(self, images, recon, vq_losses, step, last_layer):
+        reconstruction = F.mse_loss(recon, images)
+        perceptual = self.lpips(images, recon).mean() if self.lpips is not None else recon.new_zeros(())
+        nll = reconstruction + self.perceptual_weight * perceptual
+        loss = nll + vq_losses["codebook_loss"] + vq_losses["commit_loss"] + vq_losses["entropy_loss"]
+        logs = dict(rec_loss=reconstruction, perceptual_loss=perceptual, **vq_losses)
+        if step >= self.disc_start:  # before that the adversarial weight is zero
+            gen_adv = -self.discriminator(recon).mean()  # hinge generator loss
+            weight = self.disc_weight
+            if self.adaptive_disc_weight:
+                weight = weight * adaptive_weight(nll, gen_adv, last_layer)
+            loss = loss + weight * gen_adv
+            logs["gen_adv_loss"] = gen_adv
+        return loss, logs
+
+    def discriminator_loss(self, images, recon, step):
+        if step < self.disc_start:
+            return None
+        logits_real = self.discriminator(images.detach())
+        logits_fake = self.discriminator(recon.detach())
+        return self.disc_weight * hinge_d_loss(logits_real, logits_fake)
+
+
+def adaptive_weight(nll_loss, gen_loss, last_layer):
+    """Scale the adversarial term so its gradient at the decoder's last layer is as large as the
+    reconstruction's (VQGAN)."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+# -----------------------------------------------------------------------------
+# 4. Llama decoder: RMSNorm, 2D RoPE, attention with KV cache, SwiGLU
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalised in float32 whatever the input dtype
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def precompute_rope_2d(grid_size, head_dim, base, cls_token_num):
+    """(cos, sin) for every position: (cls_token_num + grid_size**2, head_dim // 2, 2).
+    Channels are rotated in interleaved pairs; the first half of the pairs turns with the image
+    row, the second half with the column."""
+    n_freqs = head_dim // 4
+    freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2)[:n_freqs].float() / (head_dim // 2))
+    angles = torch.outer(torch.arange(grid_size).float(), freqs)        # (grid, head_dim/4)
+    angles = torch.cat([angles[:, None, :].expand(-1, grid_size, -1),   # by row
+                        angles[None, :, :].expand(grid_size, -1, -1)],  # by column
+                       dim=-1).reshape(grid_size * grid_size, head_dim // 2)
+    rope = torch.stack([angles.cos(), angles.sin()], dim=-1)            # (grid**2, head_dim/2, 2)
+    # The condition positions get (cos, sin) = (0, 0), not the identity (1, 0): their queries and
+    # keys become zero. This is what the official code does and the released checkpoints were
+    # trained with, so the condition reaches the image only through the attention values.
+    return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2), rope])
+
+
+def apply_rope(x, rope):  # x (B, S, nh, hs), rope (S, hs/2, 2) -> (B, S, nh, hs)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)              # (B, S, nh, hs/2, 2)
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, S, 1, hs/2)
+    rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
+                           pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1)
+    return rotated.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, in buffers allocated once (gpt-fast)."""
+
+    def __init__(self, batch_size, max_seq_len, n_head, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_head, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):  # k, v (B, nh, S, hs) written at positions input_pos (S,)
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache  # (B, nh, max_seq_len, hs)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.dim // cfg.n_head
+        self.wqkv = nn.Linear(cfg.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.attn_dropout_p = cfg.attn_dropout_p
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+        self.kv_cache = None
+
+    def forward(self, x, rope, mask, input_pos=None):
+        B, S, C = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([C, kv_dim, kv_dim], dim=-1)
+        q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)     # (B, S, nh, hs)
+        k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope)  # (B, S, nkv, hs)
+        v = v.view(B, S, self.n_kv_head, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, S, hs)
+        if input_pos is not None:  # decoding: keys and values of all earlier positions come from the cache
+            k, v = self.kv_cache.update(input_pos, k, v)                   # (B, nkv, max_seq_len, hs)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: share each key/value head
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.attn_dropout_p if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, S, C)                             # (B, S, nh * hs)
+        return self.resid_dropout(self.wo(y))
+
+
+def ffn_hidden_dim(cfg: GPTConfig):  # Llama's rule: 2/3 of 4 * dim, rounded up to multiple_of
+    hidden = int(2 * (4 * cfg.dim) / 3)
+    if cfg.ffn_dim_multiplier is not None:
+        hidden = int(cfg.ffn_dim_multiplier * hidden)
+    return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
+
+
+class FeedForward(nn.Module):  # SwiGLU: w2(silu(w1 x) * w3 x)
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = ffn_hidden_dim(cfg)
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):  # pre-norm residual block
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, rope, mask, input_pos=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class id -> one condition token. Row `num_classes` is the null class used for CFG."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.embedding_table = nn.Embedding(cfg.num_classes + 1, cfg.dim)
+        self.num_classes = cfg.num_classes
+        self.dropout_prob = cfg.class_dropout_prob
+
+    def forward(self, labels):  # (B,) -> (B, 1, dim)
+        if self.training and self.dropout_prob > 0:  # so the model also learns p(image) for CFG
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+    def null(self, labels):
+        return torch.full_like(labels, self.num_classes)
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features, hidden_features, out_features):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text features (B, L, caption_dim) -> L condition tokens. A learned `uncond_embedding` is
+    the null caption used for CFG."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cap_proj = MLP(cfg.caption_dim, cfg.dim, cfg.dim)
+        self.register_buffer("uncond_embedding",
+                             torch.randn(cfg.cls_token_num, cfg.caption_dim) / cfg.caption_dim ** 0.5)
+        self.dropout_prob = cfg.class_dropout_prob
+
+    def forward(self, captions):  # (B, L, caption_dim) -> (B, L, dim)
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(captions.shape[0], device=captions.device) < self.dropout_prob
+            captions = torch.where(drop[:, None, None], self.uncond_embedding, captions)
+        return self.cap_proj(captions)
+
+    def null(self, captions):
+        return self.uncond_embedding.expand_as(captions)
+
+
+def attention_mask(seq_len, cond_mask=None):
+    """Which keys each query may see: causal, and for text left padding hidden as keys.
+    Returns None (plain causal attention) or a bool mask (B, 1, S, S)."""
+    if cond_mask is None:
+        return None
+    B, L = cond_mask.shape
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=cond_mask.device).tril()
+    visible = visible.repeat(B, 1, 1)                                  # (B, S, S)
+    visible[:, :, :L] &= cond_mask.bool()[:, None, :]                  # no one attends to padding,
+    visible |= torch.eye(seq_len, dtype=torch.bool, device=cond_mask.device)  # but it sees itself
+    return visible[:, None]                                            # (B, 1, S, S)
+
+
+class GPT(nn.Module):
+    """A Llama that reads [condition tokens, image tokens] and predicts the next image token."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.cls_embedding = LabelEmbedder(cfg) if cfg.model_type == "c2i" else CaptionEmbedder(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        grid_size = math.isqrt(cfg.block_size)
+        assert grid_size ** 2 == cfg.block_size, "block_size must be a square number (a token grid)"
+        self.register_buffer("rope", precompute_rope_2d(grid_size, cfg.dim // cfg.n_head, cfg.rope_base,
+                                                        cfg.cls_token_num), persistent=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.output.weight)  # start from a uniform prediction
+
+    def embed_condition(self, cond):  # class ids (B,) or text features (B, L, caption_dim)
+        if cond.dim() == 3 and cond.shape[1] != self.config.cls_token_num:
+            raise ValueError(f"text features have {cond.shape[1]} positions but this model takes "
+                             f"{self.config.cls_token_num}; pad or cut them to that length.")
+        return self.cls_embedding(cond)   # (B, cls_token_num, dim)
+
+    def logits(self, h, rope, mask, input_pos=None):  # (B, S, dim) -> (B, S, vocab)
+        for layer in self.layers:
+            h = layer(h, rope, mask, input_pos)
+        return self.output(self.norm(h)).float()
+
+    def forward(self, tokens, cond, cond_mask=None):
+        """tokens (B, T) -> logits (B, T, vocab); logits[:, t] predicts tokens[:, t] from the
+        condition and tokens[:, :t]. cond_mask (B, L): 1 = real text token (padding on the left)."""
+        h = torch.cat([self.embed_condition(cond), self.tok_embeddings(tokens[:, :-1])], dim=1)
+        h = self.tok_dropout(h)                                            # (B, S, dim)
+        S = h.shape[1]                                                     # cls_token_num + T - 1
+        logits = self.logits(h, self.rope[:S], attention_mask(S, cond_mask))
+        return logits[:, self.config.cls_token_num - 1:]                   # (B, T, vocab)
+
+    def setup_caches(self, batch_size, max_seq_len, dtype, device):
+        head_dim = self.config.dim // self.config.n_head
+        n_kv_head = self.config.n_kv_head or self.config.n_head
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, n_kv_head, head_dim, dtype, device)
+
+    def decode_step(self, h, input_pos, mask):
+        """Run new positions input_pos (S,) through the cache; logits of the last one (B, vocab)."""
+        h = self.tok_dropout(h)
+        for layer in self.layers:
+            h = layer(h, self.rope[input_pos], mask[..., input_pos, :], input_pos)
+        return self.output(self.norm(h[:, -1])).float()
+
+
+# -----------------------------------------------------------------------------
+# 5. Generation: KV-cached sampling with classifier-free guidance
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row of logits (B, vocab) -> (B, 1), as the official sampler does."""
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:  # keep the k largest logits (ties with the k-th included)
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:  # keep the most likely tokens until their total probability passes top_p
+        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        remove = (mass_before > top_p).scatter(1, order, mass_before > top_p)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+def guide(logits, cfg_scale):
+    """The CFG batch is [cond; null]: push the prediction away from the unconditional one."""
+    cond_logits, uncond_logits = logits.chunk(2, dim=0)
+    return uncond_logits + (cond_logits - uncond_logits) * cfg_scale
+
+
+def prefill(gpt, cond, mask):  # all condition positions at once -> logits for image token 0
+    input_pos = torch.arange(gpt.config.cls_token_num, device=mask.device)
+    return gpt.decode_step(gpt.embed_condition(cond), input_pos, mask)
+
+
+def decode_one_token(gpt, token, input_pos, mask):  # token (B, 1) at position input_pos (1,)
+    return gpt.decode_step(gpt.tok_embeddings(token), input_pos, mask)
+
+
+@torch.no_grad()
+def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
+             top_p=1.0, generator=None):
+    """Sample block_size image tokens (B, block_size) for cond: class ids (B,) or text features
+    (B, L, caption_dim) with cond_mask (B, L). cfg_interval >= 0 stops guidance after the first
+    cfg_interval + 2 tokens (the official convention)."""
+    cfg = gpt.config
+    was_training = gpt.training
+    gpt.eval()
+    B, device = cond.shape[0], cond.device
+    use_cfg = cfg_scale > 1.0
+    if use_cfg:  # one batch of 2B: conditional rows first, then the same rows with the null condition
+        cond = torch.cat([cond, gpt.cls_embedding.null(cond)])
+        cond_mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+    max_seq_len = cfg.cls_token_num + cfg.block_size - 1  # the last token is never fed back
+    gpt.setup_caches(cond.shape[0], max_seq_len, gpt.tok_embeddings.weight.dtype, device)
+    mask = attention_mask(max_seq_len, cond_mask)
+    if mask is None:
+        mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
+
+    tokens = torch.empty(B, cfg.block_size, dtype=torch.long, device=device)
+    logits = prefill(gpt, cond, mask)
+    for t in range(cfg.block_size):
+        if use_cfg:
+            guided = cfg_interval < 0 or t <= cfg_interval + 1
+            logits = guide(logits, cfg_scale) if guided else logits[:B]
+        tokens[:, t:t + 1] = sample(logits, temperature, top_k, top_p, generator)
+        if t + 1 < cfg.block_size:
+            token = tokens[:, t:t + 1]
+            token = torch.cat([token, token]) if use_cfg else token  # same token for both halves
+            input_pos = torch.tensor([cfg.cls_token_num + t], device=device)
+            logits = decode_one_token(gpt, token, input_pos, mask)
+    gpt.train(was_training)
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# 6. Text conditioner: compact T5 encoder and SentencePiece tokenizer
+
+
+def relative_position_bucket(relative_position, num_buckets, max_distance):
+    """T5's bucket of (key position - query position): half the buckets for each direction;
+    exact buckets for small distances, logarithmically wider ones up to max_distance."""
+    num_buckets //= 2
+    buckets = (relative_position > 0).long() * num_buckets
+    distance = relative_position.abs()
+    max_exact = num_buckets // 2
+    log_bucket = max_exact + (torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+                              * (num_buckets - max_exact)).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, log_bucket)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.n_head, self.d_kv = cfg.num_heads, cfg.d_kv
+        inner = cfg.num_heads * cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.dropout_rate = cfg.dropout_rate
+
+    def forward(self, x, bias):  # x (B, L, d_model), bias (B, nh, L, L): positions + padding
+        B, L, _ = x.shape
+        q = self.q(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, L, d_kv)
+        k = self.k(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2)
+        v = self.v(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2)
+        # T5 does not divide by sqrt(d_kv): that scale is folded into its initialisation
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
+                                           dropout_p=self.dropout_rate if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, L, -1))                 # (B, L, d_model)
+
+
+class T5FeedForward(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.gated = cfg.feed_forward_proj == "gated-gelu"
+        if self.gated:  # wo(gelu(wi_0 x) * wi_1 x)
+            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        else:           # wo(relu(wi x))
+            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x):
+        if self.gated:
+            h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        else:
+            h = F.relu(self.wi(x))
+        return self.wo(self.dropout(h))
+
+
+class T5Block(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)  # T5's layer norm is an RMSNorm
+        self.attn = T5Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ffn = T5FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x, bias):
+        x = x + self.dropout(self.attn(self.attn_norm(x), bias))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class T5Encoder(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        if cfg.feed_forward_proj not in ("relu", "gated-gelu"):
+            raise ValueError(f"feed_forward_proj {cfg.feed_forward_proj!r} is not supported; "
+                             "use 'relu' (T5) or 'gated-gelu' (flan-T5, T5 v1.1).")
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # one bias per (bucket, head), computed once and shared by all layers
+        self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def position_bias(self, length, device):  # -> (1, nh, L, L)
+        positions = torch.arange(length, device=device)
+        relative = positions[None, :] - positions[:, None]                 # (L, L) key - query
+        buckets = relative_position_bucket(relative, self.config.relative_attention_num_buckets,
+                                           self.config.relative_attention_max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (L, L, nh) -> (1, nh, L, L)
+
+    def forward(self, input_ids, attention_mask):  # (B, L), (B, L) 1 = token -> (B, L, d_model)
+        h = self.dropout(self.embed_tokens(input_ids))
+        padding = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        bias = self.position_bias(input_ids.shape[1], input_ids.device).to(h.dtype) + padding  # (B, nh, L, L)
+        for block in self.blocks:
+            h = block(h, bias)
+        return self.dropout(self.final_norm(h))
+
+
+class TextTokenizer:
+    """SentencePiece with T5's conventions (pad 0, end-of-text 1, unknown 2). Captions become
+    ids with the end token appended and LEFT padding, as the official t2i models read them."""
+
+    def __init__(self, model_bytes):
+        import sentencepiece as spm
+        self.model_bytes = bytes(model_bytes)  # a checkpoint carries these bytes
+        self.processor = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        import sentencepiece as spm
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
+                                       vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                       character_coverage=1.0, hard_vocab_limit=False,
+                                       minloglevel=2)
+        return cls(model.getvalue())
+
+    @property
+    def vocab_size(self):
+        return self.processor.get_piece_size()
+
+    def __call__(self, texts, max_length):  # -> ids (B, max_length), mask (B, max_length)
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)  # 0 = pad
+        mask = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            pieces = self.processor.encode(text)
+            if len(pieces) > max_length - 1:
+                warnings.warn(f"text cut to {max_length} tokens: {text[:60]!r}", stacklevel=2)
+                pieces = pieces[:max_length - 1]
+            pieces = pieces + [self.processor.eos_id()]
+            ids[i, max_length - len(pieces):] = torch.tensor(pieces)
+            mask[i, max_length - len(pieces):] = 1
+        return ids, mask
+
+    def decode(self, ids):
+        return self.processor.decode([i for i in ids.tolist() if i > self.processor.eos_id()])
+
+
+HF_T5_NAMES = [  # Hugging Face T5 state-dict names -> ours; anything else (the decoder) is dropped
+    (r"^(shared|encoder\.embed_tokens)\.", "embed_tokens."),
+    (r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.", "relative_attention_bias."),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.", r"blocks.\1.attn."),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.attn_norm."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.", r"blocks.\1.ffn."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.ffn_norm."),
+    (r"^encoder\.final_layer_norm\.", "final_norm."),
+]
+
+
+def load_t5_encoder(hf_dir):
+    """A Hugging Face T5 / flan-T5 directory -> (T5Encoder in eval mode, TextTokenizer or None).
+    Reads config.json, model*.safetensors or pytorch_model*.bin (sharded or not), spiece.model."""
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{hf_dir} has no config.json: pass a Hugging Face T5 directory "
+                                "(for example a download of google/flan-t5-xl).")
+    with open(config_path) as f:
+        cfg = config_from_dict(T5Config, json.load(f))
+    weight_files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if weight_files:
+        from safetensors.torch import load_file
+        hf_state = {k: v for path in weight_files for k, v in load_file(path).items()}
+    else:
+        weight_files = sorted(glob.glob(os.path.join(hf_dir, "pytorch_model*.bin")))
+        if not weight_files:
+            raise FileNotFoundError(f"{hf_dir} has no *.safetensors or pytorch_model*.bin weights.")
+        hf_state = {k: v for path in weight_files
+                    for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    state = {}
+    for name, tensor in hf_state.items():
+        for pattern, replacement in HF_T5_NAMES:
+            if re.match(pattern, name):
+                state[re.sub(pattern, replacement, name)] = tensor.float()
+                break
+    encoder = T5Encoder(cfg)
+    encoder.load_state_dict(state)
+    spiece = os.path.join(hf_dir, "spiece.model")
+    tokenizer = None
+    if os.path.isfile(spiece):
+        with open(spiece, "rb") as f:
+            tokenizer = TextTokenizer(f.read())
+    return encoder.eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# 7. Official weights: the released LlamaGen checkpoints, loaded with a plain load_state_dict
+
+
+def read_state_dict(path_or_state_dict):
+    """A state dict from a checkpoint file or dict in any of the official containers."""
+    checkpoint = path_or_state_dict
+    if not isinstance(checkpoint, dict):
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; check the path.")
+        # the official files may carry the training script's argparse.Namespace: allow that one
+        # class instead of unpickling arbitrary objects
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key in ("ema", "model", "module", "state_dict"):
+        if key in checkpoint:
+            return checkpoint[key]
+    return checkpoint
+
+
+def count_prefixed(state, pattern):  # how many i make pattern.format(i) a key of state
+    n = 0
+    while pattern.format(n) in state:
+        n += 1
+    return n
+
+
+def load_official_vq(path_or_state_dict):
+    """An official LlamaGen VQ tokenizer (vq_ds16_c2i.pt, vq_ds8_c2i.pt) -> VQModel in eval mode."""
+    state = dict(read_state_dict(path_or_state_dict))
+    if "encoder.conv_in.weight" not in state or "quantize.embedding.weight" not in state:
+        raise ValueError("this is not a LlamaGen VQ tokenizer checkpoint (no encoder / codebook "
+                         "weights); pass vq_ds16_c2i.pt or vq_ds8_c2i.pt.")
+    state.pop("quantize.codebook_used", None)  # the official usage record; we count usage ourselves
+    ch = state["encoder.conv_in.weight"].shape[0]
+    levels = count_prefixed(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
+    cfg = VQConfig(
+        codebook_size=state["quantize.embedding.weight"].shape[0],
+        codebook_embed_dim=state["quantize.embedding.weight"].shape[1],
+        ch=ch,
+        ch_mult=tuple(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+        num_res_blocks=count_prefixed(state, "encoder.conv_blocks.0.res.{}.conv1.weight"),
+        z_channels=state["encoder.conv_out.weight"].shape[0],
+    )
+    vq = VQModel(cfg)
+    vq.load_state_dict(state)
+    return vq.eval()
+
+
+def load_official_gpt(path_or_state_dict, block_size, n_head=None):
+    """An official LlamaGen GPT (c2i_B_256.pt ... c2i_3B_384.pt, t2i_XL_stage1_256.pt, ...) ->
+    GPT in eval mode. block_size = (image_size / downsampling) ** 2, e.g. 256 for 256 px and VQ-16.
+    n_head comes from the official preset of that width when not given."""
+    state = read_state_dict(path_or_state_dict)
+    if "tok_embeddings.weight" not in state:
+        raise ValueError("this is not a LlamaGen GPT checkpoint (no tok_embeddings.weight); pass "
+                         "one of the c2i_*.pt or t2i_*.pt files.")
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    if n_head is None:
+        heads_by_dim = {p["dim"]: p["n_head"] for p in GPT_PRESETS.values()}
+        if dim not in heads_by_dim:
+            raise ValueError(f"no official preset has width {dim}; pass n_head.")
+        n_head = heads_by_dim[dim]
+    head_dim = dim // n_head
+    qkv_heads = state["layers.0.attention.wqkv.weight"].shape[0] // head_dim
+    cfg = dict(dim=dim, n_layer=count_prefixed(state, "layers.{}.attention_norm.weight"), n_head=n_head,
+               n_kv_head=(qkv_heads - n_head) // 2, vocab_size=vocab_size, block_size=block_size,
+               token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    if "cls_embedding.cap_proj.fc1.weight" in state:
+        uncond = state["cls_embedding.uncond_embedding"]
+        cfg.update(model_type="t2i", cls_token_num=uncond.shape[0], caption_dim=uncond.shape[1])
+    else:
+        cfg.update(model_type="c2i", cls_token_num=1,
+                   num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1)
+    gpt = GPT(GPTConfig(**cfg))
+    gpt.load_state_dict(state)
+    return gpt.eval()

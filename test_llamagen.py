@@ -1,0 +1,371 @@
+"""Tests on tiny configs: parity with the official code and transformers, and the properties the
+method relies on (KV cache = full forward, CFG formula, straight-through gradient, ...)."""
+import argparse
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llamagen as L
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "official_tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return torch.load(FIXTURE, weights_only=True)
+
+
+def tiny_gpt(model_type="c2i", seed=0, block_size=16, **overrides):
+    torch.manual_seed(seed)
+    cfg = L.GPTConfig(**L.GPT_PRESETS["GPT-tiny"], vocab_size=32, block_size=block_size, num_classes=5,
+                      model_type=model_type, caption_dim=12, cls_token_num=1 if model_type == "c2i" else 6,
+                      token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, **overrides)
+    gpt = L.GPT(cfg)
+    for p in gpt.parameters():  # the official init zeroes the output layer: give it real logits
+        torch.nn.init.normal_(p, std=0.3)
+    return gpt.eval()
+
+
+def tiny_condition(gpt, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = gpt.config
+    if cfg.model_type == "c2i":
+        return torch.randint(0, cfg.num_classes, (batch,), generator=g), None
+    cond = torch.randn(batch, cfg.cls_token_num, cfg.caption_dim, generator=g)
+    mask = torch.ones(batch, cfg.cls_token_num, dtype=torch.long)
+    mask[0, :2] = 0  # left padding on the first caption
+    return cond, mask
+
+
+# ---- parity with the official implementation (fixtures/README.md says what each tensor is)
+
+
+def test_vq_matches_official(fx):
+    v = fx["vq"]
+    vq = L.load_official_vq(v["state_dict"])
+    assert vq.cfg.ch == 32 and vq.cfg.ch_mult == (1, 2) and vq.cfg.codebook_size == 64
+    assert torch.equal(vq.encode_indices(v["images"]), v["indices"])
+    assert (vq.decode_indices(v["indices"]) - v["recon"]).abs().max() < 1e-3
+    assert (vq.decode_indices(v["codes"]) - v["decoded"]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["gpt_c2i", "gpt_t2i"])
+def test_gpt_matches_official(fx, name):
+    g = fx[name]
+    gpt = L.load_official_gpt(g["state_dict"], block_size=64, n_head=4)
+    assert gpt.config.model_type == g["config"]["model_type"]
+    assert gpt.config.cls_token_num == g["config"]["cls_token_num"]
+    mask = g["text_mask"]
+    logits = gpt(g["tokens"], g["cond"], mask)
+    assert (logits - g["logits_head"]).abs().max() < 1e-3
+    assert (logits.logsumexp(-1) - g["logits_lse"]).abs().max() < 1e-3
+    assert torch.equal(logits.argmax(-1), g["logits_argmax"])
+    greedy = L.generate(gpt, g["cond"], mask, cfg_scale=1.0, top_k=1)
+    assert torch.equal(greedy, g["greedy"].long())
+    greedy_cfg = L.generate(gpt, g["cond"], mask, cfg_scale=4.0, top_k=1)
+    assert torch.equal(greedy_cfg, g["greedy_cfg4"].long())
+
+
+def test_official_checkpoint_files(fx, tmp_path):
+    """Official files wrap the weights ("model") next to the training script's Namespace."""
+    path = tmp_path / "c2i.pt"
+    torch.save({"model": fx["gpt_c2i"]["state_dict"], "args": argparse.Namespace(gpt_model="GPT-B")}, path)
+    gpt = L.load_official_gpt(str(path), block_size=64, n_head=4)
+    assert gpt.config.num_classes == 10 and not gpt.training
+    with pytest.raises(ValueError, match="not a LlamaGen VQ"):
+        L.load_official_vq(str(path))
+    with pytest.raises(ValueError, match="not a LlamaGen GPT"):
+        L.load_official_gpt(fx["vq"]["state_dict"], block_size=64)
+    odd_width = L.GPT(L.GPTConfig(dim=48, n_layer=1, n_head=4, vocab_size=16, block_size=16)).state_dict()
+    with pytest.raises(ValueError, match="pass n_head"):
+        L.load_official_gpt(odd_width, block_size=16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        L.load_official_vq(str(tmp_path / "missing.pt"))
+
+
+def test_official_presets_build_the_official_shapes():
+    """GPT-B's feed-forward and attention shapes (c2i_B_256.pt) without allocating the model."""
+    cfg = L.GPTConfig(**L.GPT_PRESETS["GPT-B"])
+    assert L.ffn_hidden_dim(cfg) == 2048
+    assert L.ffn_hidden_dim(L.GPTConfig(**L.GPT_PRESETS["GPT-XL"])) == 3584
+    assert L.ffn_hidden_dim(L.GPTConfig(**L.GPT_PRESETS["GPT-3B"])) == 8704
+
+
+# ---- the transformer and generation
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_kv_cache_matches_full_forward(model_type):
+    gpt = tiny_gpt(model_type)
+    cond, mask = tiny_condition(gpt)
+    tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size))
+    full = gpt(tokens, cond, mask)                                        # (B, T, vocab)
+    cls = gpt.config.cls_token_num
+    seq_len = cls + gpt.config.block_size - 1
+    gpt.setup_caches(2, seq_len, torch.float32, "cpu")
+    attn = L.attention_mask(seq_len, mask)
+    attn = torch.ones(seq_len, seq_len, dtype=torch.bool).tril() if attn is None else attn
+    stepwise = [L.prefill(gpt, cond, attn)]
+    for t in range(gpt.config.block_size - 1):
+        stepwise.append(L.decode_one_token(gpt, tokens[:, t:t + 1], torch.tensor([cls + t]), attn))
+    assert (torch.stack(stepwise, dim=1) - full).abs().max() < 1e-4
+
+
+def test_forward_accepts_any_length():
+    gpt = tiny_gpt("c2i")
+    cond, _ = tiny_condition(gpt)
+    tokens = torch.randint(0, 32, (2, 16))
+    assert torch.allclose(gpt(tokens[:, :5], cond), gpt(tokens, cond)[:, :5], atol=1e-5)
+
+
+def test_padding_is_invisible():
+    """Changing the text features at padded positions must not change any image logit."""
+    gpt = tiny_gpt("t2i")
+    cond, mask = tiny_condition(gpt)
+    tokens = torch.randint(0, 32, (2, 16))
+    changed = cond.clone()
+    changed[0, :2] = torch.randn(2, cond.shape[-1])
+    assert torch.allclose(gpt(tokens, cond, mask), gpt(tokens, changed, mask), atol=1e-5)
+    assert not torch.allclose(gpt(tokens, cond), gpt(tokens, changed), atol=1e-5)  # without the mask
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_cfg_follows_its_formula(model_type):
+    """Greedy CFG tokens are the argmax of uncond + (cond - uncond) * scale, computed here with
+    plain full forward passes of the conditional and the null condition."""
+    gpt = tiny_gpt(model_type, seed=1)
+    cond, mask = tiny_condition(gpt, seed=1)
+    scale = 3.0
+    tokens = L.generate(gpt, cond, mask, cfg_scale=scale, top_k=1)
+    with torch.no_grad():
+        cond_logits = gpt(tokens, cond, mask)
+        uncond_logits = gpt(tokens, gpt.cls_embedding.null(cond), mask)
+    expected = uncond_logits + (cond_logits - uncond_logits) * scale
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-4  # skip float near-ties
+    assert clear.float().mean() > 0.9
+    assert torch.equal(tokens[clear], expected.argmax(-1)[clear])
+    assert not torch.equal(tokens, L.generate(gpt, cond, mask, cfg_scale=1.0, top_k=1))
+
+
+def test_cfg_interval_turns_guidance_off():
+    gpt = tiny_gpt("c2i", seed=2)
+    cond, _ = tiny_condition(gpt, seed=2)
+    plain = L.generate(gpt, cond, top_k=1)
+    guided = L.generate(gpt, cond, cfg_scale=4.0, top_k=1)
+    early = L.generate(gpt, cond, cfg_scale=4.0, cfg_interval=2, top_k=1)
+    assert torch.equal(early[:, :4], guided[:, :4])  # guidance on for tokens 0..cfg_interval+1
+    with torch.no_grad():  # afterwards each token is the plain conditional argmax
+        logits = gpt(early, cond)
+    assert torch.equal(early[:, 4:], logits.argmax(-1)[:, 4:])
+    assert not torch.equal(early, plain)
+
+
+def test_seed_reproduces():
+    gpt = tiny_gpt("t2i")
+    cond, mask = tiny_condition(gpt)
+
+    def run(seed):
+        return L.generate(gpt, cond, mask, cfg_scale=2.0, top_k=10, top_p=0.9, temperature=1.5,
+                          generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_top_k_and_top_p_keep_exactly_the_allowed_tokens():
+    probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04])
+    logits = probs.log().expand(4000, -1).contiguous()
+    g = torch.Generator().manual_seed(0)
+
+    def seen(**kw):
+        return set(L.sample(logits, generator=g, **kw).flatten().tolist())
+    assert seen(top_k=3) == {0, 1, 2}
+    assert seen(top_k=1) == {0}
+    # top_p keeps tokens until the mass before them passes p: 0.35 + 0.25 = 0.6 < 0.65 keeps token 2
+    assert seen(top_p=0.65) == {0, 1, 2}
+    assert seen(top_p=0.5) == {0, 1}
+    assert seen(top_p=0.3) == {0}
+    assert seen(top_k=2, top_p=0.9) == {0, 1}
+    assert seen() == set(range(6))
+    # temperature sharpens: at 0.05 the top token wins (almost) always
+    counts = torch.bincount(L.sample(logits, temperature=0.05, generator=g).flatten(), minlength=6)
+    assert counts[0] > 3950
+
+
+def test_rope_zero_at_condition_positions():
+    rope = L.precompute_rope_2d(grid_size=4, head_dim=16, base=10000, cls_token_num=3)
+    assert rope.shape == (3 + 16, 8, 2)
+    assert rope[:3].abs().max() == 0
+    # image token (row 1, col 2) = position 3 + 1 * 4 + 2: first half of the pairs turns with the
+    # row (angle 1 * freq), second half with the column (angle 2 * freq)
+    freqs = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+    angles = torch.cat([1 * freqs, 2 * freqs])
+    assert torch.allclose(rope[3 + 6], torch.stack([angles.cos(), angles.sin()], -1))
+
+
+def test_tiny_gpt_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = L.GPTConfig(**L.GPT_PRESETS["GPT-tiny"], vocab_size=32, block_size=16, num_classes=4)
+    gpt = L.GPT(cfg)
+    tokens = torch.randint(0, 32, (4, 16))
+    labels = torch.arange(4)
+    opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = F.cross_entropy(gpt(tokens, labels).flatten(0, 1), tokens.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.0 and losses[-1] < losses[0] / 10
+
+
+# ---- the tokenizer
+
+
+def tiny_vq(seed=0):
+    torch.manual_seed(seed)
+    return L.VQModel(L.VQConfig(**L.VQ_PRESETS["VQ-tiny"]))
+
+
+def blob_images(n=4, size=16):
+    """Smooth images: a colored square on a colored background."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.empty(n, 3, size, size)
+    for i in range(n):
+        images[i] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+        images[i, :, 4:12, 2 + i:10 + i] = (torch.rand(3, 1, 1, generator=g) * 2 - 1)
+    return images
+
+
+def test_straight_through_gradient_reaches_encoder():
+    vq = tiny_vq().train()
+    recon, losses = vq(blob_images())
+    F.mse_loss(recon, blob_images()).backward()
+    assert vq.encoder.conv_in.weight.grad.abs().sum() > 0     # through the quantiser
+    assert vq.quantize.embedding.weight.grad is None           # codes move only by their own loss
+    vq.zero_grad()
+    losses["codebook_loss"].backward()                         # ... which reaches the codes only
+    assert vq.quantize.embedding.weight.grad.abs().sum() > 0
+    assert vq.encoder.conv_in.weight.grad is None or vq.encoder.conv_in.weight.grad.abs().sum() == 0
+    assert abs(losses["commit_loss"].item() - 0.25 * losses["codebook_loss"].item()) < 1e-6
+
+
+def test_usage_counts_codes():
+    vq = tiny_vq().train()
+    images = blob_images()
+    indices = vq.encode_indices(images)
+    vq.quantize.reset_usage()
+    _, losses = vq(images)
+    _, losses = vq(images)
+    assert torch.equal(vq.quantize.code_counts, 2 * torch.bincount(indices.flatten(), minlength=64))
+    assert losses["usage"].item() == pytest.approx(indices.unique().numel() / 64)
+    vq.quantize.reset_usage()
+    assert vq.quantize.usage().item() == 0
+    vq.eval()
+    vq(images)  # evaluation does not count
+    assert vq.quantize.code_counts.sum() == 0
+    assert "quantize.code_counts" not in vq.state_dict()
+
+
+def test_entropy_loss_prefers_confident_diverse_codes():
+    diverse = torch.eye(4) * 10           # each vector sure of a different code
+    collapsed = torch.zeros(4, 4)
+    collapsed[:, 0] = 10                  # all vectors sure of code 0
+    assert L.entropy_loss(diverse, temperature=1.0) < L.entropy_loss(collapsed, temperature=1.0)
+
+
+def test_tiny_vq_overfits_one_batch():
+    vq = tiny_vq().train()
+    images = blob_images()
+    opt = torch.optim.Adam(vq.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(120):
+        recon, vq_losses = vq(images)
+        loss = F.mse_loss(recon, images) + vq_losses["codebook_loss"] + vq_losses["commit_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(F.mse_loss(recon, images).item())
+    assert losses[-1] < losses[0] / 10
+
+
+def test_vq_loss_adversarial_term_and_detached_discriminator(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no VGG16 weights here: LPIPS turns itself off
+    with pytest.warns(UserWarning, match="LPIPS perceptual loss is off.*--perceptual-weight 0"):
+        criterion = L.VQLoss(disc_start=5, disc_weight=0.5)
+    vq = tiny_vq().train()
+    images = blob_images(size=32)  # the 3-layer PatchGAN needs at least 32 x 32 pixels
+    recon, vq_losses = vq(images)
+    before, logs = criterion.generator_loss(images, recon, vq_losses, step=4, last_layer=vq.decoder.conv_out.weight)
+    assert "gen_adv_loss" not in logs and criterion.discriminator_loss(images, recon, step=4) is None
+    after, logs = criterion.generator_loss(images, recon, vq_losses, step=5, last_layer=vq.decoder.conv_out.weight)
+    assert after.item() == pytest.approx(before.item() + 0.5 * logs["gen_adv_loss"].item(), abs=1e-5)
+    vq.zero_grad()
+    d_loss = criterion.discriminator_loss(images, recon, step=5)
+    d_loss.backward()
+    assert all(p.grad is None for p in vq.parameters())  # the discriminator step never reaches the VQ
+    assert criterion.discriminator.main[0].weight.grad.abs().sum() > 0
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    w = torch.randn(5, requires_grad=True)
+    assert L.adaptive_weight(3 * (w ** 2).sum(), (w ** 2).sum(), w).item() == pytest.approx(3.0, rel=1e-3)
+
+
+def test_hinge_loss():
+    assert L.hinge_d_loss(torch.tensor([2.0]), torch.tensor([-2.0])).item() == 0.0
+    assert L.hinge_d_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == 1.0
+
+
+# ---- the text conditioner
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["gated-gelu", "relu"])
+def test_t5_matches_transformers(feed_forward_proj, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                   feed_forward_proj=feed_forward_proj)
+    hf = transformers.T5EncoderModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours, tokenizer = L.load_t5_encoder(str(tmp_path))
+    assert tokenizer is None  # no spiece.model in this directory
+    ids = torch.randint(3, 99, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[0, :12] = 0  # left padding
+    ids[0, :12] = 0
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    assert (got - expected).abs().max() < 1e-4
+    # distances beyond max_distance share buckets: positions 0..29 span both regimes
+    assert L.relative_position_bucket(torch.tensor([25, 100]), 8, 20).unique().numel() == 1
+
+
+def test_load_t5_encoder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        L.load_t5_encoder(str(tmp_path))
+
+
+CAPTIONS = ["a small red circle at the top", "red circle, large, centered", "a blue square on the left",
+            "large green triangle at the bottom", "a yellow square, small, on the right"] * 20
+
+
+def test_sentencepiece_round_trip():
+    tokenizer = L.TextTokenizer.train(CAPTIONS, vocab_size=40)
+    ids, mask = tokenizer(["a red circle", "a large green triangle at the bottom"], max_length=40)
+    assert ids.shape == mask.shape == (2, 40)
+    assert tokenizer.decode(ids[0]) == "a red circle"
+    n0 = int(mask[0].sum())
+    assert mask[0, :40 - n0].sum() == 0 and mask[0, 40 - n0:].all()  # padding on the left
+    assert ids[0, -1] == 1 and ids[0, 0] == 0                           # end token last, pad = 0
+    reloaded = L.TextTokenizer(tokenizer.model_bytes)                   # a checkpoint keeps the bytes
+    assert torch.equal(reloaded(["a red circle"], 40)[0], ids[:1])
+    with pytest.warns(UserWarning, match="text cut to 4 tokens"):
+        short, short_mask = tokenizer(["a large green triangle at the bottom"], max_length=4)
+    assert short_mask.all() and short[0, -1] == 1
