@@ -56,6 +56,7 @@ class VQConfig:
 VQ_PRESETS = {
     "VQ-16": dict(ch_mult=(1, 1, 2, 2, 4)),  # official vq_ds16: 16x downsampling
     "VQ-8": dict(ch_mult=(1, 2, 2, 4)),      # official vq_ds8: 8x downsampling
+    "VQ-mini": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, codebook_size=256),  # CPU demo
     "VQ-tiny": dict(ch=32, ch_mult=(1, 2), z_channels=32, codebook_size=64),  # tests
 }
 
@@ -83,8 +84,9 @@ class GPTConfig:
     block_size: int = 256            # image tokens = (image_size / downsampling) ** 2
 
 
-GPT_PRESETS = {  # the official sizes (gpt.py) and a tiny one for tests
+GPT_PRESETS = {  # the official sizes (gpt.py), a CPU demo size and a tiny one for tests
     "GPT-tiny": dict(n_layer=2, n_head=4, dim=64),
+    "GPT-mini": dict(n_layer=4, n_head=4, dim=128),
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),     # 111M
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),    # 343M
     "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),   # 775M
@@ -108,6 +110,9 @@ class T5Config:  # field names as in a Hugging Face config.json; defaults are fl
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"  # flan-T5 / T5 v1.1; the original T5 used "relu"
     dropout_rate: float = 0.1
+
+
+T5_PRESETS = {"T5-mini": dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, dropout_rate=0.0)}
 
 
 def config_from_dict(config_class, values):
@@ -426,12 +431,17 @@ class VQLoss(nn.Module):
 
     def generator_loss(self, images, recon, vq_losses, step, last_layer):
         reconstruction = F.mse_loss(recon, images)
-        perceptual = self.lpips(images, recon).mean() if self.lpips is not None else recon.new_zeros(())
-        nll = reconstruction + self.perceptual_weight * perceptual
+        logs = dict(rec_loss=reconstruction)
+        nll = reconstruction
+        if self.lpips is not None:
+            logs["perceptual_loss"] = self.lpips(images, recon).mean()
+            nll = nll + self.perceptual_weight * logs["perceptual_loss"]
         loss = nll + vq_losses["codebook_loss"] + vq_losses["commit_loss"] + vq_losses["entropy_loss"]
-        logs = dict(rec_loss=reconstruction, perceptual_loss=perceptual, **vq_losses)
+        logs.update(vq_losses)
         if step >= self.disc_start:  # before that the adversarial weight is zero
+            self.discriminator.requires_grad_(False)  # this step trains the tokenizer, not D
             gen_adv = -self.discriminator(recon).mean()  # hinge generator loss
+            self.discriminator.requires_grad_(True)
             weight = self.disc_weight
             if self.adaptive_disc_weight:
                 weight = weight * adaptive_weight(nll, gen_adv, last_layer)
@@ -880,7 +890,7 @@ class TextTokenizer:
         import sentencepiece as spm
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
-                                       vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                       vocab_size=vocab_size, model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                        character_coverage=1.0, hard_vocab_limit=False,
                                        minloglevel=2)
         return cls(model.getvalue())

@@ -1,0 +1,878 @@
+"""Train LlamaGen's two stages on a small dataset: the VQ tokenizer, then the GPT on its tokens.
+
+    python train.py                          # the whole demo on built-in shapes, CPU: about 9 minutes
+    python train.py vq --data DIR            # the tokenizer on your images
+    python train.py gpt --data DIR --cond class
+    torchrun --nproc_per_node=2 train.py     # data-parallel on 2 GPUs (or CPU processes)
+
+Everything goes to --out-dir: vq.pt, gpt.pt, log.txt and sample grids. The models and losses are
+in llamagen.py; this file holds the data, the training loops and the evaluation of the demo.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+import llamagen as L
+
+# -----------------------------------------------------------------------------
+# The built-in dataset: one colored shape on a plain background, rendered with Pillow
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (230, 50, 50), "green": (50, 190, 70), "blue": (60, 90, 235),
+          "yellow": (240, 215, 50), "magenta": (215, 60, 215), "cyan": (50, 205, 215)}
+SIZES = {"small": 0.4, "large": 0.6}  # shape width as a fraction of the image width
+POSITIONS = ("center", "top", "bottom", "left", "right")
+BACKGROUND = (30, 32, 40)
+SHAPE_CLASSES = [f"{color} {shape}" for shape in SHAPES for color in COLORS]  # label = index
+
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+POSITION_WORDS = {"center": ("in the center", "in the middle", "centered"),
+                  "top": ("at the top", "near the top"), "bottom": ("at the bottom", "near the bottom"),
+                  "left": ("on the left", "at the left side"), "right": ("on the right", "at the right side")}
+CAPTION_TEMPLATES = ("a {size} {color} {shape} {where}", "{color} {shape}, {size}, {where}",
+                     "{size} {color} {shape} {where}", "a {color} {shape} {where}, {size}")
+
+
+def render_shape(shape, color, size, position, image_size, rng):
+    """A uint8 (H, W, 3) image; drawn 4x larger and box-filtered down for smooth edges."""
+    scale = 4
+    W = image_size * scale
+    width = SIZES[size] * W * rng.uniform(0.9, 1.1)
+    margin, half = 0.05 * W, width / 2
+    cx, cy = {"center": (W / 2, W / 2), "top": (W / 2, margin + half), "bottom": (W / 2, W - margin - half),
+              "left": (margin + half, W / 2), "right": (W - margin - half, W / 2)}[position]
+    cx += rng.uniform(-0.03, 0.03) * W
+    cy += rng.uniform(-0.03, 0.03) * W
+    image = Image.new("RGB", (W, W), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=COLORS[color])
+    return np.asarray(image.resize((image_size, image_size), Image.BOX))
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Procedural shapes, deterministic from the seed. `holdout` names (color, shape) combinations
+    such as "blue triangle" that never appear."""
+
+    def __init__(self, num_images, image_size=32, seed=0, holdout=()):
+        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+        unknown = set(holdout) - set(SHAPE_CLASSES)
+        if unknown:
+            raise ValueError(f"unknown holdout {sorted(unknown)}; choose from {SHAPE_CLASSES}.")
+        self.holdout = set(holdout)
+        self.class_names = SHAPE_CLASSES
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        rng = random.Random(self.seed * 1_000_003 + index)
+        while True:
+            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+            if f"{color} {shape}" not in self.holdout:
+                break
+        size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
+        pixels = render_shape(shape, color, size, position, self.image_size, rng)
+        caption = rng.choice(CAPTION_TEMPLATES).format(
+            size=rng.choice(SIZE_WORDS[size]), color=color, shape=shape, where=rng.choice(POSITION_WORDS[position]))
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+        return dict(image=image, label=SHAPE_CLASSES.index(f"{color} {shape}"), caption=caption,
+                    shape=shape, color=color, size=size, position=position)
+
+
+def judge_shape(image):
+    """Read (color, shape, size, position) off an image (3, H, W) in [-1, 1] with fixed rules.
+    color: the palette color most non-background pixels are nearest to. Coverage of each pixel:
+    how far it is from the background towards that color (0..1, smooth edges count partly).
+    shape: triangle if the top third of its bounding box is much narrower than the bottom third;
+    else square if it covers the box's corners (the part outside the inscribed circle), else
+    circle. size and position from the bounding box. None when no shape is found."""
+    rgb = (image.float() + 1) * 127.5                                   # (3, H, W)
+    W = rgb.shape[-1]
+    background = torch.tensor(BACKGROUND, dtype=torch.float32)
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # (6, 3)
+    distance = (rgb - background[:, None, None]).norm(dim=0)            # (H, W)
+    if (distance > 90).sum() < 4:
+        return None
+    nearest = torch.cdist(rgb[:, distance > 90].t(), palette).argmin(dim=1)
+    color_index = torch.bincount(nearest, minlength=len(COLORS)).argmax().item()
+    coverage = (distance / (palette[color_index] - background).norm()).clamp(0, 1)  # (H, W)
+    foreground = coverage > 0.5
+    rows, cols = foreground.any(dim=1).nonzero()[:, 0], foreground.any(dim=0).nonzero()[:, 0]
+    top, bottom, left, right = rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1
+    box = coverage[top:bottom, left:right]                              # (h, w)
+    h, w = box.shape
+    third = max(1, h // 3)
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5 - h / 2, torch.arange(w) + 0.5 - w / 2, indexing="ij")
+    corners = (ys / h) ** 2 + (xs / w) ** 2 > 0.25 * 1.1                # outside the inscribed ellipse
+    if box[:third].sum() < 0.5 * box[-third:].sum():
+        shape = "triangle"                                              # narrow top, wide base
+    elif corners.any() and box[corners].mean() > 0.4:
+        shape = "square"
+    else:
+        shape = "circle"
+    size = "large" if max(h, w) > 0.5 * W else "small"
+    dx, dy = (left + right) / 2 / W - 0.5, (top + bottom) / 2 / W - 0.5
+    if max(abs(dx), abs(dy)) < 0.07:
+        position = "center"
+    elif abs(dy) > abs(dx):
+        position = "top" if dy < 0 else "bottom"
+    else:
+        position = "left" if dx < 0 else "right"
+    return dict(color=list(COLORS)[color_index], shape=shape, size=size, position=position)
+
+
+def mirror_caption(text):
+    """The caption of a horizontally flipped image: left and right swap."""
+    return " ".join({"left": "right", "right": "left"}.get(word, word) for word in text.split(" "))
+
+
+# -----------------------------------------------------------------------------
+# Your own images: a folder with class subfolders and/or captions
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def to_rgb(image):
+    """Any Pillow image -> 8-bit RGB: 16-bit grayscale rescaled, transparency put over white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16") or pixels.max() > 255:
+            pixels = pixels / 257.0  # 0..65535 -> 0..255
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def center_crop_resize(image, size):
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+
+
+def read_metadata_captions(root):
+    """{image path relative to root: caption} from root/metadata.jsonl, one {"file_name", "text"} per line."""
+    path = os.path.join(root, "metadata.jsonl")
+    captions = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    captions[os.path.normpath(record["file_name"])] = str(record["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path} line {number} is not a JSON object with \"file_name\" and "
+                                     "\"text\"; fix or remove that line.") from None
+    return captions
+
+
+def read_txt_caption(root, path):
+    txt = os.path.join(root, os.path.splitext(path)[0] + ".txt")
+    if os.path.isfile(txt):
+        with open(txt) as f:
+            return f.read().strip()
+    return None
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """All images under root, read once into memory at image_size (RGB, center-cropped). Class
+    labels come from subfolders (root/<class>/x.png) when every image is in one; captions from
+    root/metadata.jsonl or a .txt file next to each image. Unreadable files are skipped."""
+
+    def __init__(self, root, image_size):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data {root} is not a folder; pass a folder of images.")
+        paths = sorted(os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root)
+                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not paths:
+            raise ValueError(f"--data {root} holds no images (looked for {' '.join(IMAGE_EXTENSIONS)}).")
+        metadata = read_metadata_captions(root)
+        images, self.paths, self.captions, skipped = [], [], [], 0
+        for path in tqdm(paths, desc=f"reading {root}", leave=False):
+            try:
+                with Image.open(os.path.join(root, path)) as image:
+                    image.load()
+                    pixels = np.asarray(center_crop_resize(to_rgb(image), image_size))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                skipped += 1  # not an image, truncated, or corrupt
+                continue
+            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+            self.paths.append(path)
+            self.captions.append(metadata.get(os.path.normpath(path)) or read_txt_caption(root, path))
+        if skipped:
+            warnings.warn(f"skipped {skipped} unreadable or truncated image file(s) in {root}.", stacklevel=2)
+        if not images:
+            raise ValueError(f"none of the {len(paths)} image files in {root} could be read.")
+        self.images = torch.stack(images)                       # (N, 3, H, W) uint8
+        folders = [path.split(os.sep)[0] if os.sep in path else None for path in self.paths]
+        self.class_names = sorted(set(folders)) if all(folders) else None
+        self.labels = [self.class_names.index(f) for f in folders] if self.class_names else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return dict(image=self.images[index].float() / 127.5 - 1.0, caption=self.captions[index],
+                    label=self.labels[index] if self.labels else None)
+
+
+@dataclasses.dataclass
+class TrainingSet:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: list          # class ids, or None
+    captions: list        # strings (None where an image has none), or None
+    class_names: list     # or None
+
+
+def load_data(args):
+    """The training set and the held-out images (N, 3, H, W) uint8 the tokenizer is measured on."""
+    if args.data is None:
+        holdout = [name.strip() for name in args.holdout.split(",") if name.strip()]
+        shapes = ShapesDataset(args.num_images, args.image_size, args.seed, holdout)
+        items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
+        held_out = ShapesDataset(256, args.image_size, args.seed + 1)
+        data = TrainingSet(to_uint8(torch.stack([item["image"] for item in items])),
+                           [item["label"] for item in items], [item["caption"] for item in items],
+                           SHAPE_CLASSES)
+        return data, to_uint8(torch.stack([held_out[i]["image"] for i in range(len(held_out))]))
+    folder = ImageFolderDataset(args.data, args.image_size)
+    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(args.seed))
+    n_held_out = min(256, len(folder) // 20)  # 5% (at most 256) never trained on, for the PSNR
+    train, held_out = order[n_held_out:].tolist(), order[:n_held_out]
+    data = TrainingSet(folder.images[train], [folder.labels[i] for i in train] if folder.labels else None,
+                       [folder.captions[i] for i in train], folder.class_names)
+    return data, folder.images[held_out]
+
+
+def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_float(images):  # uint8 -> (N, 3, H, W) float in [-1, 1]
+    return images.float() / 127.5 - 1.0
+
+
+# -----------------------------------------------------------------------------
+# Training helpers: device and processes, batches, schedule, checkpoints, grids
+
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Run:
+    """Where this process trains: device, rank among the data-parallel processes (torchrun sets
+    WORLD_SIZE, RANK, LOCAL_RANK), the output folder and its log."""
+
+    def __init__(self, args):
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        self.device = pick_device(args.device)
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        self.compile = args.compile
+        self.out_dir = args.out_dir
+        if self.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+
+    def log(self, line):
+        if self.is_main:
+            tqdm.write(line)
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+
+    def autocast(self):  # bf16 on CUDA, plain fp32 elsewhere
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def wrap(self, model):
+        """The module the training step calls: data-parallel and/or compiled. The plain module is
+        the one saved and sampled."""
+        if self.world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return torch.compile(model) if self.compile else model
+
+    def average_gradients(self, module):  # for a module trained outside DistributedDataParallel
+        if self.world > 1:
+            for p in module.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+
+    def progress(self, steps, start, desc):
+        return tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not self.is_main,
+                    dynamic_ncols=True, mininterval=2.0)
+
+    def close(self):
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def batch_indices(num_examples, batch_size, seed, step, run):
+    """This process's examples for one step and whether to flip each: a function of (seed, step)
+    alone, so a resumed run draws the same batches as an uninterrupted one."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    indices = torch.randint(num_examples, (batch_size,), generator=generator)
+    flips = torch.rand(batch_size, generator=generator) < 0.5
+    share = slice(run.rank * batch_size // run.world, (run.rank + 1) * batch_size // run.world)
+    return indices[share], flips[share]
+
+
+def learning_rate(step, total_steps, peak, warmup):
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def save_atomic(checkpoint, path):
+    """Write to a temporary file, then rename: an interruption leaves the old file or the new one."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, kind):
+    """One of our checkpoints (a plain dict), with one clear error when it is missing or wrong."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}).") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != kind:
+        raise ValueError(f"{path} is not a {kind} checkpoint written by train.py.")
+    return checkpoint
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_grid(images, path, columns):
+    """images (N, 3, H, W) in [-1, 1] -> one PNG, `columns` images per row, 2-pixel gaps."""
+    images = to_uint8(images.float().cpu())
+    N, _, H, W = images.shape
+    rows, gap = math.ceil(N / columns), 2
+    grid = torch.full((3, rows * (H + gap) + gap, columns * (W + gap) + gap), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        top, left = gap + (i // columns) * (H + gap), gap + (i % columns) * (W + gap)
+        grid[:, top:top + H, left:left + W] = image
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def unwrap(model):
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)      # DistributedDataParallel
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: the VQ tokenizer
+
+
+@torch.no_grad()
+def evaluate_tokenizer(vq, images, device, batch_size=64):
+    """PSNR (dB) of the reconstructions as 8-bit images, and the fraction of the codebook used."""
+    was_training = vq.training
+    vq.eval()
+    psnrs, codes = [], []
+    for start in range(0, len(images), batch_size):
+        originals = images[start:start + batch_size]
+        indices = vq.encode_indices(to_float(originals).to(device))
+        recon = to_uint8(vq.decode_indices(indices).float().cpu())
+        mse = (recon.float() - originals.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+        psnrs.append(10 * torch.log10(255.0 ** 2 / mse))
+        codes.append(indices.flatten().cpu())
+    vq.train(was_training)
+    return dict(psnr=torch.cat(psnrs).mean().item(),
+                usage=torch.cat(codes).unique().numel() / vq.cfg.codebook_size)
+
+
+def load_vq(path):
+    """Our trained tokenizer (EMA weights when it has them) and its checkpoint."""
+    checkpoint = load_checkpoint(path, "vq")
+    vq = L.VQModel(L.VQConfig(**checkpoint["config"]))
+    vq.load_state_dict(checkpoint["ema"] or checkpoint["model"])
+    return vq.eval(), checkpoint
+
+
+def train_vq(args, run, data, held_out, checkpoint=None):
+    path = os.path.join(args.out_dir, "vq.pt")
+    cfg = (L.VQConfig(**checkpoint["config"]) if checkpoint else
+           L.VQConfig(**L.VQ_PRESETS[args.vq_preset], entropy_loss_ratio=args.entropy_loss_ratio))
+    torch.manual_seed(args.seed)
+    vq = L.VQModel(cfg).to(run.device)
+    criterion = L.VQLoss(args.disc_start, args.disc_weight, args.perceptual_weight,
+                         args.adaptive_disc_weight).to(run.device)
+    optimizer = torch.optim.Adam(vq.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
+    disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
+    ema = AveragedModel(vq, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    start = 0
+    if checkpoint:
+        vq.load_state_dict(checkpoint["model"])
+        criterion.discriminator.load_state_dict(checkpoint["discriminator"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        disc_optimizer.load_state_dict(checkpoint["disc_optimizer"])
+        if ema and checkpoint["ema"]:
+            ema.module.load_state_dict(checkpoint["ema"])
+            ema.n_averaged.fill_(checkpoint["step"])
+        start = checkpoint["step"]
+        set_rng_state(checkpoint["rng"])
+        run.log(f"resuming the tokenizer from {path} at step {start}")
+
+    def save(step, metrics=None):
+        save_atomic(dict(kind="vq", config=dataclasses.asdict(cfg), model=vq.state_dict(),
+                         ema=ema.module.state_dict() if ema else None,
+                         discriminator=criterion.discriminator.state_dict(), optimizer=optimizer.state_dict(),
+                         disc_optimizer=disc_optimizer.state_dict(), step=step, rng=rng_state(),
+                         image_size=args.image_size, args=vars(args), metrics=metrics), path)
+
+    model = run.wrap(vq)
+    shown = to_float(held_out[:32]).to(run.device)  # the same images in every reconstruction grid
+    timer, seen = time.time(), 0
+    for step in run.progress(args.vq_steps, start, "tokenizer"):
+        lr = learning_rate(step, args.vq_steps, args.vq_lr, args.warmup)
+        for group in optimizer.param_groups + disc_optimizer.param_groups:
+            group["lr"] = lr
+        indices, flips = batch_indices(len(data.images), args.vq_batch_size, args.seed, step, run)
+        images = to_float(data.images[indices]).to(run.device)
+        images = torch.where(flips[:, None, None, None].to(run.device), images.flip(-1), images)
+        with run.autocast():
+            recon, vq_losses = model(images)
+            loss, logs = criterion.generator_loss(images, recon, vq_losses, step, vq.decoder.conv_out.weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(vq.parameters(), args.grad_clip)
+        optimizer.step()
+        with run.autocast():
+            disc_loss = criterion.discriminator_loss(images, recon, step)
+        if disc_loss is not None:  # the discriminator's own step, on detached images
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            run.average_gradients(criterion.discriminator)
+            disc_optimizer.step()
+            logs["disc_loss"] = disc_loss
+        if ema:
+            ema.update_parameters(vq)
+        seen += len(images) * run.world
+        done = step + 1
+        if done % args.log_every == 0 or done == args.vq_steps:
+            terms = " | ".join(f"{name.removesuffix('_loss')} {value.item():.4f}"
+                               for name, value in logs.items() if name != "usage")
+            run.log(f"vq step {done}/{args.vq_steps} | loss {loss.item():.4f} | {terms} | "
+                    f"usage {vq.quantize.usage().item():.0%} | lr {lr:.1e} | "
+                    f"{seen / (time.time() - timer):.0f} img/s")
+            vq.quantize.reset_usage()  # usage is over the steps since the last line
+        if run.is_main and (done % args.sample_every == 0 or done == args.vq_steps):
+            with torch.no_grad():
+                recon = (ema.module if ema else vq).eval().decode_indices(vq.encode_indices(shown))
+            vq.train()
+            rows = [torch.cat([shown[i:i + 8], recon[i:i + 8]]) for i in range(0, len(shown), 8)]
+            save_grid(torch.cat(rows), os.path.join(args.out_dir, f"vq_step{done:06d}.png"), columns=8)
+        if run.is_main and done % args.save_every == 0 and done < args.vq_steps:
+            save(done)
+    final = (ema.module if ema else vq).eval()
+    metrics = evaluate_tokenizer(final, held_out, run.device)
+    run.log(f"tokenizer on {len(held_out)} held-out images: PSNR {metrics['psnr']:.2f} dB, "
+            f"codebook usage {metrics['usage']:.0%}")
+    if run.is_main:
+        save(max(start, args.vq_steps), metrics)
+    return final
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: the GPT on cached token grids
+
+
+@torch.no_grad()
+def encode_dataset(vq, images, device, batch_size=256):
+    """Token grids (N, h*w) of every image and of its mirror image, computed once."""
+    codes, mirrored = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="encoding images", leave=False):
+        x = to_float(images[start:start + batch_size]).to(device)
+        codes.append(vq.encode_indices(x).flatten(1).cpu())
+        mirrored.append(vq.encode_indices(x.flip(-1)).flatten(1).cpu())
+    return torch.cat(codes), torch.cat(mirrored)
+
+
+class Conditioned(nn.Module):
+    """The GPT behind its text encoder, so that one optimizer (and one data-parallel wrapper)
+    trains both when the encoder is learned jointly. A pretrained encoder stays frozen."""
+
+    def __init__(self, gpt, t5=None, train_t5=False):
+        super().__init__()
+        self.gpt, self.t5, self.train_t5 = gpt, t5, train_t5
+        if t5 is not None and not train_t5:
+            t5.requires_grad_(False)
+
+    def forward(self, tokens, cond, cond_mask=None):  # cond: class ids, or text ids with their mask
+        if self.t5 is not None:
+            cond = self.t5(cond, cond_mask)
+        return self.gpt(tokens, cond, cond_mask)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.t5 is not None and not self.train_t5:
+            self.t5.eval()
+        return self
+
+
+def text_encoder(args, captions, checkpoint):
+    """(tokenizer, T5, whether the T5 trains): from the checkpoint being resumed; from a pretrained
+    Hugging Face directory (frozen); or a SentencePiece model trained on the captions and a small
+    T5 trained from scratch together with the GPT."""
+    if checkpoint:
+        t5 = L.T5Encoder(L.T5Config(**checkpoint["t5_config"]))
+        t5.load_state_dict(checkpoint["t5"])
+        return L.TextTokenizer(checkpoint["text_tokenizer"]), t5, checkpoint["train_t5"]
+    if args.t5:
+        t5, tokenizer = L.load_t5_encoder(args.t5)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{args.t5} has no spiece.model: the T5 needs its own tokenizer.")
+        return tokenizer, t5, False
+    tokenizer = L.TextTokenizer.train(captions, args.text_vocab)
+    return tokenizer, L.T5Encoder(L.T5Config(**L.T5_PRESETS[args.t5_preset], vocab_size=tokenizer.vocab_size)), True
+
+
+def tokenize_captions(tokenizer, captions, length):
+    with warnings.catch_warnings(record=True) as cut:
+        warnings.simplefilter("always")
+        ids, mask = tokenizer(captions, length)
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(captions)} captions were cut to --text-length {length} tokens.",
+                      stacklevel=2)
+    return ids, mask
+
+
+@torch.no_grad()
+def encode_text(t5, tokenizer, prompts, length, device):  # -> features (B, L, d_model), mask (B, L)
+    ids, mask = tokenizer(prompts, length)
+    ids, mask = ids.to(device), mask.to(device)
+    was_training = t5.training
+    features = t5.eval()(ids, mask)
+    t5.train(was_training)
+    return features, mask
+
+
+@torch.no_grad()
+def generate_images(gpt, vq, cond, cond_mask, cfg_scale, seed, **sampling):
+    """Sample token grids for a batch of conditions and decode them: (B, 3, H, W) in [-1, 1]."""
+    generator = torch.Generator(cond.device).manual_seed(seed)
+    tokens = L.generate(gpt, cond, cond_mask, cfg_scale=cfg_scale, generator=generator, **sampling)
+    grid = math.isqrt(tokens.shape[1])
+    return vq.decode_indices(tokens.view(-1, grid, grid))
+
+
+def demo_conditions(data, args):
+    """What the sample grids show, one row each: every shape class at four sizes and positions,
+    every class of a folder (up to 16), or the first 8 captions of a folder."""
+    if args.cond == "class":
+        return [label for label in range(min(16, len(data.class_names))) for _ in range(4)]
+    if args.data is None:
+        layouts = [("large", "in the center"), ("small", "at the top"), ("small", "on the left"),
+                   ("large", "at the bottom")]
+        return [f"a {size} {name} {where}" for name in SHAPE_CLASSES for size, where in layouts]
+    captions = list(dict.fromkeys(c for c in data.captions if c))[:8]
+    return [caption for caption in captions for _ in range(4)]
+
+
+def sample_demo_grid(gpt, vq, t5, tokenizer, conditions, args, device, path):
+    if isinstance(conditions[0], str):
+        cond, cond_mask = encode_text(t5, tokenizer, conditions, gpt.config.cls_token_num, device)
+    else:
+        cond, cond_mask = torch.tensor(conditions, device=device), None
+    images = generate_images(gpt, vq, cond, cond_mask, args.cfg_scale, args.seed)
+    save_grid(images, path, columns=4)
+
+
+def train_gpt(args, run, data, vq, checkpoint=None):
+    path = os.path.join(args.out_dir, "gpt.pt")
+    text = args.cond == "text"
+    keep = [i for i, caption in enumerate(data.captions) if caption] if text else list(range(len(data.images)))
+    codes, mirrored_codes = encode_dataset(vq, data.images[keep], run.device)
+    torch.manual_seed(args.seed)
+    t5 = tokenizer = None
+    if text:
+        captions = [data.captions[i] for i in keep]
+        tokenizer, t5, train_t5 = text_encoder(args, captions, checkpoint)
+        ids, mask = tokenize_captions(tokenizer, captions, args.text_length)
+        mirrored_ids, mirrored_mask = tokenize_captions(tokenizer, [mirror_caption(c) for c in captions],
+                                                        args.text_length)
+    else:
+        labels, train_t5 = torch.tensor([data.labels[i] for i in keep]), False
+    if checkpoint:
+        cfg = L.GPTConfig(**checkpoint["config"])
+    else:
+        cfg = L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], vocab_size=vq.cfg.codebook_size,
+                          block_size=codes.shape[1], model_type="t2i" if text else "c2i",
+                          num_classes=len(data.class_names or []),
+                          caption_dim=t5.config.d_model if text else 0,
+                          cls_token_num=args.text_length if text else 1, class_dropout_prob=args.class_dropout,
+                          token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
+    gpt = L.GPT(cfg)
+    model = Conditioned(gpt, t5, train_t5).to(run.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([  # weight decay on matrices and embeddings only
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=args.gpt_lr, betas=(0.9, 0.95))
+    start = 0
+    if checkpoint:
+        gpt.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start = checkpoint["step"]
+        set_rng_state(checkpoint["rng"])
+        run.log(f"resuming the GPT from {path} at step {start}")
+
+    def save(step, metrics=None):
+        save_atomic(dict(kind="gpt", config=dataclasses.asdict(cfg), model=gpt.state_dict(),
+                         optimizer=optimizer.state_dict(), step=step, rng=rng_state(),
+                         class_names=data.class_names, vq_config=dataclasses.asdict(vq.cfg),
+                         image_size=args.image_size, cfg_scale=args.cfg_scale,
+                         text_tokenizer=tokenizer.model_bytes if text else None,
+                         t5_config=dataclasses.asdict(t5.config) if text else None,
+                         t5=t5.state_dict() if text else None, train_t5=train_t5,
+                         args=vars(args), metrics=metrics), path)
+
+    wrapped = run.wrap(model)
+    conditions = demo_conditions(data, args)
+    timer, seen = time.time(), 0
+    for step in run.progress(args.gpt_steps, start, "gpt"):
+        lr = learning_rate(step, args.gpt_steps, args.gpt_lr, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices, flips = batch_indices(len(codes), args.gpt_batch_size, args.seed, step, run)
+        tokens = torch.where(flips[:, None], mirrored_codes[indices], codes[indices]).to(run.device)
+        if text:  # a mirrored image goes with its mirrored caption
+            cond = torch.where(flips[:, None], mirrored_ids[indices], ids[indices]).to(run.device)
+            cond_mask = torch.where(flips[:, None], mirrored_mask[indices], mask[indices]).to(run.device)
+        else:
+            cond, cond_mask = labels[indices].to(run.device), None
+        with run.autocast():
+            logits = wrapped(tokens, cond, cond_mask)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        seen += tokens.numel() * run.world
+        done = step + 1
+        if done % args.log_every == 0 or done == args.gpt_steps:
+            run.log(f"gpt step {done}/{args.gpt_steps} | loss {loss.item():.4f} | lr {lr:.1e} | "
+                    f"{seen / (time.time() - timer):.0f} tokens/s")
+        if run.is_main and done % args.sample_every == 0:
+            sample_demo_grid(gpt, vq, t5, tokenizer, conditions, args, run.device,
+                             os.path.join(args.out_dir, f"gpt_step{done:06d}.png"))
+        if run.is_main and done % args.save_every == 0 and done < args.gpt_steps:
+            save(done)
+    gpt.eval()
+    metrics = None
+    if run.is_main:
+        sample_demo_grid(gpt, vq, t5, tokenizer, conditions, args, run.device,
+                         os.path.join(args.out_dir, "samples.png"))
+        if args.data is None:
+            metrics = evaluate_shapes(gpt, vq, t5, tokenizer, args, run.device)
+            report_shapes(metrics, run, args.cfg_scale)
+        save(max(start, args.gpt_steps), metrics)
+    return gpt
+
+
+# -----------------------------------------------------------------------------
+# How well the demo follows its prompts, judged by judge_shape
+
+
+def parse_holdout(text):
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@torch.no_grad()
+def evaluate_shapes(gpt, vq, t5, tokenizer, args, device, per_class=20, batch_size=128):
+    """Generate for every (color, shape), `per_class` samples each (3x that for held-out ones),
+    with prompts in the training captions' varied wording, and judge every image."""
+    rng = random.Random(args.seed + 2)
+    holdout = parse_holdout(args.holdout)
+    requests = []  # (class name, size, position, prompt)
+    for name in SHAPE_CLASSES:
+        color, shape = name.split()
+        for _ in range(per_class * (3 if name in holdout else 1)):
+            size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
+            prompt = rng.choice(CAPTION_TEMPLATES).format(size=rng.choice(SIZE_WORDS[size]), color=color,
+                                                          shape=shape, where=rng.choice(POSITION_WORDS[position]))
+            requests.append((name, size, position, prompt))
+    judged = []
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        if args.cond == "text":
+            cond, cond_mask = encode_text(t5, tokenizer, [r[3] for r in batch], gpt.config.cls_token_num, device)
+        else:
+            cond, cond_mask = torch.tensor([SHAPE_CLASSES.index(r[0]) for r in batch], device=device), None
+        images = generate_images(gpt, vq, cond, cond_mask, args.cfg_scale, args.seed + start)
+        judged += [judge_shape(image.cpu()) for image in images]
+    results = {}
+    for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
+        pairs = [(r, j) for r, j in zip(requests, judged) if r[0] in names]
+        right = [j is not None and f"{j['color']} {j['shape']}" == r[0] for r, j in pairs]
+        results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs))
+        if args.cond == "text":  # size and position are asked for only in the captions
+            results[group]["size"] = sum(j is not None and j["size"] == r[1] for r, j in pairs) / len(pairs)
+            results[group]["position"] = sum(j is not None and j["position"] == r[2] for r, j in pairs) / len(pairs)
+    return results
+
+
+def report_shapes(metrics, run, cfg_scale):
+    for group, result in metrics.items():
+        name = "trained color/shape combinations" if group == "seen" else f"held-out combination '{group}'"
+        extras = "".join(f", {key} {result[key]:.0%}" for key in ("size", "position") if key in result)
+        run.log(f"{name}: {result['color_and_shape']:.1%} of {result['samples']} samples show the asked "
+                f"color and shape{extras} (CFG {cfg_scale})")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train the VQ tokenizer, then the GPT. With no arguments: the whole demo on the "
+                    "built-in shapes, text-conditional, about 9 minutes on a 2-core CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("stage", nargs="?", default="all", choices=["all", "vq", "gpt"],
+                        help="both stages, or one (gpt reads --out-dir/vq.pt)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", help="a folder of images (class subfolders and/or captions in "
+                                      "metadata.jsonl or .txt files); default: the built-in shapes")
+    group.add_argument("--image-size", type=int, default=32)
+    group.add_argument("--num-images", type=int, default=4000, help="how many shapes to render")
+    group.add_argument("--holdout", default="blue triangle",
+                       help="comma-separated color/shape combinations left out of the shapes training set")
+    group.add_argument("--cond", choices=["text", "class"], default="text", help="what the GPT is conditioned on")
+    group = parser.add_argument_group("tokenizer (stage vq)")
+    group.add_argument("--vq-preset", choices=list(L.VQ_PRESETS), default="VQ-mini")
+    group.add_argument("--vq-steps", type=int, default=1100)
+    group.add_argument("--vq-batch-size", type=int, default=16)
+    group.add_argument("--vq-lr", type=float, default=1e-3)
+    group.add_argument("--entropy-loss-ratio", type=float, default=0.1,
+                       help="weight of the entropy loss that keeps the whole codebook in use (MaskGIT)")
+    group.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (0: off)")
+    group.add_argument("--disc-start", type=int, default=800, help="step at which the PatchGAN loss starts")
+    group.add_argument("--disc-weight", type=float, default=0.5)
+    group.add_argument("--adaptive-disc-weight", action=argparse.BooleanOptionalAction, default=True,
+                       help="scale the adversarial loss by the gradient-norm ratio at the decoder's last layer (VQGAN)")
+    group.add_argument("--ema", type=float, default=0.0, help="EMA decay of the tokenizer weights (0: no EMA)")
+    group = parser.add_argument_group("GPT (stage gpt)")
+    group.add_argument("--gpt-preset", choices=list(L.GPT_PRESETS), default="GPT-mini")
+    group.add_argument("--gpt-steps", type=int, default=1700)
+    group.add_argument("--gpt-batch-size", type=int, default=32)
+    group.add_argument("--gpt-lr", type=float, default=2e-3)
+    group.add_argument("--weight-decay", type=float, default=0.05)
+    group.add_argument("--dropout", type=float, default=0.0, help="token, residual and feed-forward dropout")
+    group.add_argument("--class-dropout", type=float, default=0.1,
+                       help="how often the condition is dropped, so that CFG works")
+    group.add_argument("--text-length", type=int, default=16, help="text tokens the GPT reads (official: 120)")
+    group.add_argument("--text-vocab", type=int, default=128, help="SentencePiece vocabulary trained on the captions")
+    group.add_argument("--t5-preset", choices=list(L.T5_PRESETS), default="T5-mini",
+                       help="the text encoder trained jointly with the GPT")
+    group.add_argument("--t5", help="a pretrained Hugging Face T5 directory to use, frozen, instead")
+    group.add_argument("--cfg-scale", type=float, default=2.0, help="CFG for the sample grids and the evaluation")
+    group = parser.add_argument_group("run")
+    group.add_argument("--out-dir", default="out")
+    group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    group.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out-dir")
+    group.add_argument("--warmup", type=int, default=100, help="learning-rate warmup steps")
+    group.add_argument("--grad-clip", type=float, default=1.0)
+    group.add_argument("--log-every", type=int, default=100)
+    group.add_argument("--sample-every", type=int, default=500)
+    group.add_argument("--save-every", type=int, default=500)
+    return parser.parse_args(argv)
+
+
+def check_args(args, data):
+    """Errors a user can make, found before any training starts."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    for name in ("vq_batch_size", "gpt_batch_size"):
+        if getattr(args, name) % world:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the "
+                             f"{world} processes.")
+    if args.stage != "vq" and args.cond == "text" and not any(data.captions or []):
+        raise ValueError(f"{args.data} has no captions: add metadata.jsonl lines {{\"file_name\": ..., "
+                         "\"text\": ...}} or a .txt file next to each image, or use --cond class.")
+    if args.stage != "vq" and args.cond == "class" and data.labels is None:
+        raise ValueError(f"the images in {args.data} are not all in class subfolders ({args.data}/<class>/"
+                         "image.png): sort them so, or use --cond text with captions.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = Run(args)
+    try:
+        data, held_out = load_data(args)
+        check_args(args, data)
+        vq_path, gpt_path = os.path.join(args.out_dir, "vq.pt"), os.path.join(args.out_dir, "gpt.pt")
+        vq_checkpoint = load_checkpoint(vq_path, "vq") if args.resume and os.path.isfile(vq_path) else None
+        gpt_checkpoint = load_checkpoint(gpt_path, "gpt") if args.resume and os.path.isfile(gpt_path) else None
+        if args.stage == "gpt":
+            if not os.path.isfile(vq_path):
+                raise FileNotFoundError(f"{vq_path} does not exist: train the tokenizer first "
+                                        "(python train.py vq), or run both stages (python train.py).")
+            vq, vq_checkpoint = load_vq(vq_path)
+            if vq_checkpoint["image_size"] != args.image_size:
+                raise ValueError(f"{vq_path} was trained at {vq_checkpoint['image_size']} px but --image-size "
+                                 f"is {args.image_size}: pass --image-size {vq_checkpoint['image_size']}.")
+            vq = vq.to(run.device)
+    except (FileNotFoundError, ValueError) as error:
+        run.close()
+        sys.exit(f"error: {error}")
+    run.log(f"{' '.join(sys.argv)}\n{len(data.images)} training images of {args.image_size} px on {run.device}"
+            + (f" x {run.world} processes" if run.world > 1 else ""))
+    if args.stage in ("all", "vq"):
+        vq = train_vq(args, run, data, held_out, vq_checkpoint)
+    if args.stage in ("all", "gpt"):
+        train_gpt(args, run, data, vq, gpt_checkpoint)
+    run.close()
+
+
+if __name__ == "__main__":
+    main()
