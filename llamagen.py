@@ -86,7 +86,7 @@ class GPTConfig:
 
 GPT_PRESETS = {  # the official sizes (gpt.py), a CPU demo size and a tiny one for tests
     "GPT-tiny": dict(n_layer=2, n_head=4, dim=64),
-    "GPT-mini": dict(n_layer=4, n_head=4, dim=128),
+    "GPT-mini": dict(n_layer=4, n_head=4, dim=128, multiple_of=32),
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),     # 111M
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),    # 343M
     "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),   # 775M

@@ -711,8 +711,8 @@ def train_gpt(args, run, data, vq, checkpoint=None):
     if run.is_main:
         sample_demo_grid(gpt, vq, t5, tokenizer, conditions, args, run.device,
                          os.path.join(args.out_dir, "samples.png"))
-        if args.data is None:
-            metrics = evaluate_shapes(gpt, vq, t5, tokenizer, args, run.device)
+        if args.data is None and args.eval_per_class > 0:
+            metrics = evaluate_shapes(gpt, vq, t5, tokenizer, args, run.device, args.eval_per_class)
             report_shapes(metrics, run, args.cfg_scale)
         save(max(start, args.gpt_steps), metrics)
     return gpt
@@ -802,7 +802,7 @@ def parse_args(argv=None):
     group.add_argument("--ema", type=float, default=0.0, help="EMA decay of the tokenizer weights (0: no EMA)")
     group = parser.add_argument_group("GPT (stage gpt)")
     group.add_argument("--gpt-preset", choices=list(L.GPT_PRESETS), default="GPT-mini")
-    group.add_argument("--gpt-steps", type=int, default=1700)
+    group.add_argument("--gpt-steps", type=int, default=1600)
     group.add_argument("--gpt-batch-size", type=int, default=32)
     group.add_argument("--gpt-lr", type=float, default=2e-3)
     group.add_argument("--weight-decay", type=float, default=0.05)
@@ -815,6 +815,8 @@ def parse_args(argv=None):
                        help="the text encoder trained jointly with the GPT")
     group.add_argument("--t5", help="a pretrained Hugging Face T5 directory to use, frozen, instead")
     group.add_argument("--cfg-scale", type=float, default=2.0, help="CFG for the sample grids and the evaluation")
+    group.add_argument("--eval-per-class", type=int, default=20,
+                       help="samples per color/shape combination judged at the end of the shapes demo (0: none)")
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", default="out")
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
