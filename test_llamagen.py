@@ -576,3 +576,21 @@ def test_ddp_replicas_stay_identical(tmp_path):
     # update either half alone would give, so equality above is the work of the all-reduce
     fresh = L.VQModel(L.VQConfig(**L.VQ_PRESETS["VQ-mini"], entropy_loss_ratio=0.1)).state_dict()
     assert not states_equal(rank0["vq"], fresh)
+
+
+def test_pretrained_t5_stays_frozen(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    captions = [T.ShapesDataset(200, 32, seed=0)[i]["caption"] for i in range(200)]
+    tokenizer = L.TextTokenizer.train(captions, vocab_size=128)
+    hf_dir = tmp_path / "t5"
+    hf = transformers.T5EncoderModel(transformers.T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8,
+                                                           d_ff=64, num_layers=2, num_heads=4))
+    hf.save_pretrained(hf_dir)
+    (hf_dir / "spiece.model").write_bytes(tokenizer.model_bytes)
+    T.main(tiny_run(tmp_path, "--vq-steps", "2", "--gpt-steps", "3", "--disc-start", "100", "--t5", str(hf_dir)))
+    checkpoint = torch.load(tmp_path / "gpt.pt", weights_only=True)
+    loaded, _ = L.load_t5_encoder(str(hf_dir))
+    assert checkpoint["train_t5"] is False and checkpoint["config"]["caption_dim"] == 32
+    assert states_equal(checkpoint["t5"], loaded.state_dict())           # unchanged by training
+    assert checkpoint["text_tokenizer"] == tokenizer.model_bytes
+    assert checkpoint["step"] == 3

@@ -324,7 +324,12 @@ class Run:
         if self.world > 1:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        return torch.compile(model) if self.compile else model
+        if not self.compile:
+            return model
+        # the adaptive GAN weight back-propagates twice through one graph, which compiled
+        # backward passes allow only without donated buffers
+        torch._functorch.config.donated_buffer = False
+        return torch.compile(model)
 
     def average_gradients(self, module):  # for a module trained outside DistributedDataParallel
         if self.world > 1:
