@@ -68,6 +68,8 @@ def test_gpt_matches_official(fx, name):
     assert torch.equal(greedy, g["greedy"].long())
     greedy_cfg = L.generate(gpt, g["cond"], mask, cfg_scale=4.0, top_k=1)
     assert torch.equal(greedy_cfg, g["greedy_cfg4"].long())
+    # the full-recompute path (no KV cache) gives the same tokens
+    assert torch.equal(L.generate(gpt, g["cond"], mask, cfg_scale=4.0, top_k=1, use_kv_cache=False), greedy_cfg)
 
 
 def test_official_checkpoint_files(fx, tmp_path):
@@ -174,6 +176,9 @@ def test_seed_reproduces():
                           generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
+    uncached = L.generate(gpt, cond, mask, cfg_scale=2.0, top_k=10, top_p=0.9, temperature=1.5,
+                          generator=torch.Generator().manual_seed(0), use_kv_cache=False)
+    assert torch.equal(uncached, run(0))  # same random draws, same distributions: same tokens
 
 
 def test_top_k_and_top_p_keep_exactly_the_allowed_tokens():

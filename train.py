@@ -674,6 +674,7 @@ def train_gpt(args, run, data, vq, checkpoint=None):
         save_atomic(dict(kind="gpt", config=dataclasses.asdict(cfg), model=gpt.state_dict(),
                          optimizer=optimizer.state_dict(), step=step, rng=rng_state(),
                          class_names=data.class_names, vq_config=dataclasses.asdict(vq.cfg),
+                         prompts=conditions[::4] if text else None,  # one per grid row
                          image_size=args.image_size, cfg_scale=args.cfg_scale,
                          text_tokenizer=tokenizer.model_bytes if text else None,
                          t5_config=dataclasses.asdict(t5.config) if text else None,

@@ -1,0 +1,379 @@
+"""Sample images from a trained LlamaGen: ours (python train.py) or the official checkpoints.
+
+    python sample.py                                     # a grid from out/vq.pt and out/gpt.pt
+    python sample.py --prompt "a small red circle at the top" --num-samples 8
+    python sample.py --class-name "red circle" --gif generation.gif
+    python sample.py --official-vq vq_ds16_c2i.pt --official-gpt c2i_L_256.pt --image-size 256 --class-id 207
+    python sample.py --official-vq vq_ds16_c2i.pt --official-gpt t2i_XL_stage1_256.pt --t5 flan-t5-xl \\
+        --image-size 256 --prompt "a red fox in the snow"
+    python sample.py --benchmark --preset GPT-B --batch-size 2 --cfg-scale 4
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import llamagen as L
+import train
+
+OFFICIAL_C2I_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample_c2i.py's
+OFFICIAL_T2I_PROMPTS = [  # the official sample_t2i.py's
+    "A portrait photo of a kangaroo wearing an orange hoodie and blue sunglasses standing on the grassy "
+    "ground in front of the Sydney Opera House holding a sign on the chest that says Welcome Friends!",
+    "A blue Porsche 356 parked in front of a yellow brick wall.",
+    "A photo of an astronaut riding a horse in the forest. There is a river in front of them with water lilies.",
+    "A map of the United States made out of sushi. It is on a table next to a glass of red wine.",
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# -----------------------------------------------------------------------------
+# Models: ours or the official ones, and what to condition them on
+
+
+class Sampler:
+    """The tokenizer, the GPT, and what its conditions are: class names, or a text encoder."""
+
+    def __init__(self, vq, gpt, t5=None, tokenizer=None, class_names=None, prompts=None, cfg_scale=4.0, top_k=0):
+        self.vq, self.gpt, self.t5, self.tokenizer = vq, gpt, t5, tokenizer
+        self.class_names, self.prompts = class_names, prompts
+        self.cfg_scale, self.top_k = cfg_scale, top_k  # defaults when not given on the command line
+
+    @property
+    def grid_size(self):
+        return math.isqrt(self.gpt.config.block_size)
+
+
+def load_ours(out_dir):
+    vq_path, gpt_path = os.path.join(out_dir, "vq.pt"), os.path.join(out_dir, "gpt.pt")
+    for path in (vq_path, gpt_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist: run python train.py first "
+                                    "(or pass --out-dir, or --official-vq and --official-gpt).")
+    vq, _ = train.load_vq(vq_path)
+    checkpoint = train.load_checkpoint(gpt_path, "gpt")
+    cfg = L.GPTConfig(**checkpoint["config"])
+    if cfg.vocab_size != vq.cfg.codebook_size:
+        raise ValueError(f"{gpt_path} predicts {cfg.vocab_size} codes but {vq_path} has a codebook of "
+                         f"{vq.cfg.codebook_size}: they were not trained together; retrain the GPT on this "
+                         "tokenizer (python train.py gpt).")
+    gpt = L.GPT(cfg)
+    gpt.load_state_dict(checkpoint["model"])
+    t5 = tokenizer = None
+    if checkpoint["t5"] is not None:
+        t5 = L.T5Encoder(L.T5Config(**checkpoint["t5_config"]))
+        t5.load_state_dict(checkpoint["t5"])
+        tokenizer = L.TextTokenizer(checkpoint["text_tokenizer"])
+    return Sampler(vq, gpt.eval(), t5, tokenizer, checkpoint["class_names"], checkpoint["prompts"],
+                   cfg_scale=checkpoint["cfg_scale"])
+
+
+def load_official(args):
+    vq = L.load_official_vq(args.official_vq)
+    if args.image_size % vq.downsample_factor:
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
+                         f"{vq.downsample_factor}x downsampling.")
+    gpt = L.load_official_gpt(args.official_gpt, block_size=(args.image_size // vq.downsample_factor) ** 2)
+    if gpt.config.vocab_size != vq.cfg.codebook_size:
+        raise ValueError(f"{args.official_gpt} predicts {gpt.config.vocab_size} codes but {args.official_vq} "
+                         f"has {vq.cfg.codebook_size}: pass the tokenizer the GPT was trained with.")
+    if gpt.config.model_type == "c2i":  # the official sampler's defaults
+        return Sampler(vq, gpt, cfg_scale=4.0, top_k=2000)
+    if not args.t5:
+        raise ValueError(f"{args.official_gpt} is text-conditional: pass --t5 DIR, a Hugging Face flan-t5-xl "
+                         "directory.")
+    t5, tokenizer = L.load_t5_encoder(args.t5)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.t5} has no spiece.model, the T5 tokenizer.")
+    if t5.config.d_model != gpt.config.caption_dim:
+        raise ValueError(f"{args.t5} gives {t5.config.d_model}-wide features but {args.official_gpt} reads "
+                         f"{gpt.config.caption_dim}: pass the T5 it was trained with (flan-t5-xl).")
+    return Sampler(vq, gpt, t5, tokenizer, prompts=OFFICIAL_T2I_PROMPTS, cfg_scale=7.5, top_k=1000)
+
+
+def conditions(args, sampler):
+    """One entry per grid row: class ids, or prompts."""
+    cfg = sampler.gpt.config
+    if cfg.model_type == "t2i":
+        if args.class_id or args.class_name:
+            raise ValueError("this GPT is text-conditional: use --prompt, not --class-id / --class-name.")
+        return args.prompt or sampler.prompts
+    if args.prompt:
+        raise ValueError("this GPT is class-conditional: use --class-id or --class-name, not --prompt.")
+    ids = list(args.class_id or [])
+    for name in args.class_name or []:
+        if not sampler.class_names or name not in sampler.class_names:
+            valid = ", ".join(sampler.class_names or []) or "none stored: use --class-id"
+            raise ValueError(f"unknown class name {name!r}; the classes are: {valid}.")
+        ids.append(sampler.class_names.index(name))
+    for class_id in ids:
+        if not 0 <= class_id < cfg.num_classes:
+            raise ValueError(f"class id {class_id} is out of range: this model knows ids 0 to {cfg.num_classes - 1}.")
+    if ids:
+        return ids
+    if sampler.class_names:  # our checkpoints: every class, up to 16
+        return list(range(min(16, cfg.num_classes)))
+    return OFFICIAL_C2I_CLASSES if cfg.num_classes == 1000 else list(range(min(8, cfg.num_classes)))
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@torch.no_grad()
+def sample_tokens(sampler, rows, args, device):
+    """Token grids (N, block_size) for every row repeated num_samples times, in batches."""
+    requests = [row for row in rows for _ in range(args.num_samples)]
+    generator = torch.Generator(device).manual_seed(args.seed)
+    cfg_scale = sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    top_k = sampler.top_k if args.top_k is None else args.top_k
+    tokens = []
+    for start in tqdm(range(0, len(requests), args.batch_size), desc="sampling", leave=False,
+                      disable=len(requests) <= args.batch_size):
+        batch = requests[start:start + args.batch_size]
+        if sampler.t5 is not None:
+            cond, cond_mask = train.encode_text(sampler.t5, sampler.tokenizer, batch, sampler.gpt.config.cls_token_num,
+                                                device)
+            cond = cond.to(sampler.gpt.tok_embeddings.weight.dtype)
+        else:
+            cond, cond_mask = torch.tensor(batch, device=device), None
+        tokens.append(L.generate(sampler.gpt, cond, cond_mask, cfg_scale=cfg_scale, cfg_interval=args.cfg_interval,
+                                 temperature=args.temperature, top_k=top_k, top_p=args.top_p, generator=generator,
+                                 use_kv_cache=not args.no_kv_cache))
+    return torch.cat(tokens)
+
+
+@torch.no_grad()
+def decode(vq, tokens, grid_size, batch_size=32):  # (N, h*w) -> images (N, 3, H, W) in [-1, 1]
+    return torch.cat([vq.decode_indices(tokens[i:i + batch_size].view(-1, grid_size, grid_size)).float().clamp(-1, 1)
+                      for i in range(0, len(tokens), batch_size)])
+
+
+@torch.no_grad()
+def generation_frames(vq, tokens, grid_size, tokens_per_frame, batch_size=32):
+    """What raster-order generation looks like: frame k decodes the first k * tokens_per_frame
+    tokens of every sample, with the tokens not generated yet shown blank (gray). The last frame
+    is the finished image."""
+    f = vq.downsample_factor
+    frames = []
+    for end in range(tokens_per_frame, tokens.shape[1] + tokens_per_frame, tokens_per_frame):
+        end = min(end, tokens.shape[1])
+        partial = tokens.clone()
+        partial[:, end:] = 0  # any code: those pixels are blanked below
+        images = decode(vq, partial, grid_size, batch_size)
+        blank = torch.zeros(grid_size * grid_size, dtype=torch.bool, device=tokens.device)
+        blank[end:] = True                                               # raster order
+        blank = blank.view(grid_size, grid_size).repeat_interleave(f, 0).repeat_interleave(f, 1)
+        frames.append(images.masked_fill(blank, 0.0))                    # (N, 3, H, W)
+    return frames
+
+
+def save_gif(frames, path, columns):
+    pictures = []
+    for frame in frames:
+        train.save_grid(frame, path + ".frame.png", columns)
+        with Image.open(path + ".frame.png") as picture:
+            pictures.append(picture.convert("RGB"))
+    os.remove(path + ".frame.png")
+    durations = [120] * (len(pictures) - 1) + [1500]  # hold the finished images
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+
+def save_outputs(images, args, columns):
+    train.save_grid(images, args.output, columns)
+    print(f"wrote {args.output} ({len(images)} images)")
+    if args.save_dir:
+        os.makedirs(args.save_dir, exist_ok=True)
+        pixels = train.to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
+        for i, picture in enumerate(pixels):
+            Image.fromarray(picture).save(os.path.join(args.save_dir, f"{i:05d}.png"))
+        np.savez(os.path.join(args.save_dir, "samples.npz"), arr_0=pixels)  # what FID tools read
+        print(f"wrote {len(pixels)} PNGs and samples.npz {pixels.shape} to {args.save_dir}")
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: generation speed against the bare matrix products it cannot avoid
+
+
+def time_it(function, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+@torch.no_grad()
+def matmul_floor(gpt, rows, steps, device, dtype):
+    """Seconds for the matrix products of `steps` decode steps alone: every linear layer of the
+    model applied to `rows` vectors, in the same dtype. Decoding streams all the weights once per
+    token, so no implementation of this model can be faster."""
+    weights = [m.weight for m in gpt.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(rows, 1, w.shape[1], device=device, dtype=dtype) for w in weights}
+
+    def all_steps():
+        for _ in range(steps):
+            for weight in weights:
+                F.linear(inputs[weight.shape[1]], weight)
+    all_steps()  # warm-up
+    return time_it(all_steps, device)[0]
+
+
+@torch.no_grad()
+def time_parts(gpt, rows, batch, top_k, device, dtype):
+    """Seconds that attention, the RMSNorms and the sampler take on their own over one generation,
+    each with the shapes and the amount of data it sees while decoding."""
+    cfg = gpt.config
+    head_dim = cfg.dim // cfg.n_head
+    q = torch.randn(rows, cfg.n_head, 1, head_dim, device=device, dtype=dtype)
+    caches = [torch.randn(2, rows, cfg.n_head, cfg.cls_token_num + cfg.block_size, head_dim, device=device,
+                          dtype=dtype) for _ in range(cfg.n_layer)]  # one (k, v) cache per layer
+    visible = torch.ones(1, cfg.cls_token_num + cfg.block_size, dtype=torch.bool, device=device)
+    x = torch.randn(rows, 1, cfg.dim, device=device, dtype=dtype)
+    norms = [m for m in gpt.modules() if isinstance(m, L.RMSNorm)]
+    logits = torch.randn(batch, cfg.vocab_size, device=device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def attention():
+        for t in range(cfg.block_size):
+            n = cfg.cls_token_num + t + 1
+            for k, v in caches:
+                F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=visible[:, :n])
+
+    def normalisation():
+        for _ in range(cfg.block_size):
+            for norm in norms:
+                norm(x)
+
+    def sampling():
+        for _ in range(cfg.block_size):
+            L.sample(logits, top_k=top_k, generator=generator)
+    return {name: time_it(part, device)[0] for name, part in
+            [("attention", attention), ("RMSNorm", normalisation), ("sampling", sampling)]}
+
+
+def benchmark(args, device, dtype):
+    image_size = args.image_size or 256
+    cfg = L.GPTConfig(**L.GPT_PRESETS[args.preset], vocab_size=16384, block_size=(image_size // 16) ** 2,
+                      num_classes=1000)
+    torch.manual_seed(args.seed)
+    gpt = L.GPT(cfg).to(device, dtype).eval()
+    labels = torch.arange(args.batch_size, device=device) % cfg.num_classes
+    cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
+    top_k = 2000 if args.top_k is None else args.top_k
+    rows = args.batch_size * (2 if cfg_scale > 1 else 1)
+    print(f"{args.preset} ({sum(p.numel() for p in gpt.parameters()) / 1e6:.0f}M parameters), class-conditional, "
+          f"{cfg.block_size} tokens ({image_size} px with VQ-16), batch {args.batch_size}, CFG {cfg_scale} "
+          f"({rows} rows), top-k {top_k}, {args.dtype} on {device}"
+          + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
+
+    def run(use_kv_cache):
+        generator = torch.Generator(device).manual_seed(args.seed)
+        return time_it(lambda: L.generate(gpt, labels, cfg_scale=cfg_scale, top_k=top_k, generator=generator,
+                                          use_kv_cache=use_kv_cache), device)
+    run(True)  # warm-up (and compilation with --compile)
+    cached, floor = math.inf, math.inf
+    for _ in range(args.repeat):  # alternate the two so that both see the same machine; keep the best
+        cached = min(cached, run(True)[0])
+        floor = min(floor, matmul_floor(gpt, rows, cfg.block_size, device, dtype))
+    report = [("KV cache", cached)]
+    if args.no_kv_cache:
+        report.append(("no KV cache (full recompute)", run(False)[0]))
+    report.append(("matrix products alone (floor)", floor))
+    for name, seconds in report:
+        print(f"  {name:32s} {seconds:7.2f} s  {args.batch_size * cfg.block_size / seconds:8.0f} tokens/s  "
+              f"{args.batch_size / seconds:7.3f} images/s")
+    print(f"  generation / floor: {cached / floor:.2f}x")
+    parts = time_parts(gpt, rows, args.batch_size, top_k, device, dtype)
+    rest = cached - floor - sum(parts.values())
+    print("  where generation's time goes: " + ", ".join(
+        f"{name} {seconds:.2f} s" for name, seconds in [("matrix products", floor), *parts.items(),
+                                                        ("the rest (Python, RoPE, cache writes, ...)", rest)]))
+    if args.no_kv_cache:
+        print(f"  KV cache speed-up: {report[1][1] / cached:.1f}x")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Sample images from a trained LlamaGen (ours or official).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("models")
+    group.add_argument("--out-dir", default="out", help="where python train.py wrote vq.pt and gpt.pt")
+    group.add_argument("--official-vq", help="an official tokenizer, e.g. vq_ds16_c2i.pt")
+    group.add_argument("--official-gpt", help="an official GPT, e.g. c2i_L_256.pt or t2i_XL_stage1_256.pt")
+    group.add_argument("--image-size", type=int, help="with official checkpoints: 256, 384 or 512")
+    group.add_argument("--t5", help="a Hugging Face flan-t5-xl directory, for official text-conditional GPTs")
+    group = parser.add_argument_group("conditions")
+    group.add_argument("--prompt", action="append", help="a caption (repeat for several)")
+    group.add_argument("--class-id", type=int, action="append", help="a class id (repeat for several)")
+    group.add_argument("--class-name", action="append", help="a class name stored in our checkpoint")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--num-samples", type=int, default=4, help="images per prompt or class")
+    group.add_argument("--cfg-scale", type=float, help="default: the checkpoint's (ours), 4.0 (c2i), 7.5 (t2i)")
+    group.add_argument("--cfg-interval", type=int, default=-1, help="stop guidance after this many tokens + 2")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, help="default: 0 (ours), 2000 (official c2i), 1000 (official t2i)")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    group.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the GPT and T5")
+    group.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    group.add_argument("--batch-size", type=int, default=32, help="images generated at once")
+    group.add_argument("--no-kv-cache", action="store_true", help="recompute every step (slow; for teaching)")
+    group = parser.add_argument_group("outputs")
+    group.add_argument("--output", default="samples.png", help="the grid")
+    group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
+    group.add_argument("--gif", help="an animation of the token grid filling in, decoded at every step group")
+    group.add_argument("--gif-tokens-per-frame", type=int, help="tokens per GIF frame (default: one row)")
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--benchmark", action="store_true", help="time generation of a random-weight model")
+    group.add_argument("--preset", choices=list(L.GPT_PRESETS), default="GPT-B", help="the model to time")
+    group.add_argument("--repeat", type=int, default=3, help="timed runs; the fastest is reported")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = train.pick_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.compile:  # one compiled graph for the decode step, reused for every token (gpt-fast)
+        L.decode_one_token = torch.compile(L.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    if args.benchmark:
+        return benchmark(args, device, dtype)
+    try:
+        if bool(args.official_vq) != bool(args.official_gpt):
+            raise ValueError("pass both --official-vq and --official-gpt.")
+        if args.official_gpt and not args.image_size:
+            raise ValueError("pass --image-size (256, 384 or 512) with official checkpoints.")
+        sampler = load_official(args) if args.official_gpt else load_ours(args.out_dir)
+        rows = conditions(args, sampler)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    sampler.vq.to(device)
+    sampler.gpt.to(device, dtype)
+    if sampler.t5 is not None:
+        sampler.t5.to(device, dtype)
+    tokens = sample_tokens(sampler, rows, args, device)
+    columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
+    save_outputs(decode(sampler.vq, tokens, sampler.grid_size), args, columns)
+    if args.gif:
+        frames = generation_frames(sampler.vq, tokens, sampler.grid_size,
+                                   args.gif_tokens_per_frame or sampler.grid_size)
+        save_gif(frames, args.gif, columns)
+        print(f"wrote {args.gif} ({len(frames)} frames)")
+
+
+if __name__ == "__main__":
+    main()
