@@ -176,12 +176,8 @@ def generation_frames(vq, tokens, grid_size, tokens_per_frame, batch_size=32):
 
 
 def save_gif(frames, path, columns):
-    pictures = []
-    for frame in frames:
-        train.save_grid(frame, path + ".frame.png", columns)
-        with Image.open(path + ".frame.png") as picture:
-            pictures.append(picture.convert("RGB"))
-    os.remove(path + ".frame.png")
+    # each frame gets its own 256-color palette, undithered, so the last one stays close to the grid
+    pictures = [train.grid_image(frame, columns).quantize(256, dither=Image.Dither.NONE) for frame in frames]
     durations = [120] * (len(pictures) - 1) + [1500]  # hold the finished images
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 

@@ -2,6 +2,7 @@
 method relies on (KV cache = full forward, CFG formula, straight-through gradient, ...)."""
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -599,3 +600,123 @@ def test_pretrained_t5_stays_frozen(tmp_path):
     assert states_equal(checkpoint["t5"], loaded.state_dict())           # unchanged by training
     assert checkpoint["text_tokenizer"] == tokenizer.model_bytes
     assert checkpoint["step"] == 3
+
+
+# ---- sample.py
+
+
+import sample as S  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny text- and class-conditional checkpoints, as python train.py writes them."""
+    text, classes = tmp_path_factory.mktemp("text"), tmp_path_factory.mktemp("class")
+    T.main(tiny_run(text, "--vq-steps", "2", "--gpt-steps", "2", "--disc-start", "100"))
+    T.main(tiny_run(classes, "--vq-steps", "2", "--gpt-steps", "2", "--disc-start", "100", "--cond", "class"))
+    return text, classes
+
+
+def read_rgb(path):
+    from PIL import Image
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_sample_outputs(trained, tmp_path):
+    text, _ = trained
+    out = tmp_path / "grid.png"
+    S.main(["--out-dir", str(text), "--prompt", "a small red circle at the top", "--prompt", "a big blue square",
+            "--num-samples", "3", "--output", str(out), "--save-dir", str(tmp_path / "each"), "--batch-size", "4"])
+    assert read_rgb(out).shape == (2 + 2 * 34, 2 + 3 * 34, 3)  # 2 rows x 3 columns of 32 px, 2 px gaps
+    pngs = sorted(p for p in os.listdir(tmp_path / "each") if p.endswith(".png"))
+    assert len(pngs) == 6 and read_rgb(tmp_path / "each" / pngs[0]).shape == (32, 32, 3)
+    npz = np.load(tmp_path / "each" / "samples.npz")["arr_0"]
+    assert npz.dtype == np.uint8 and npz.shape == (6, 32, 32, 3)
+    assert np.array_equal(npz[4], read_rgb(tmp_path / "each" / pngs[4]))
+    # no arguments but the folder: one row per stored prompt (one per shape class)
+    S.main(["--out-dir", str(text), "--output", str(tmp_path / "default.png"), "--num-samples", "1"])
+    assert read_rgb(tmp_path / "default.png").shape[0] == 2 + 18 * 34
+
+
+def test_same_seed_same_images(trained, tmp_path):
+    _, classes = trained
+
+    def images(seed, name):
+        S.main(["--out-dir", str(classes), "--class-name", "red circle", "--num-samples", "4", "--seed", str(seed),
+                "--output", str(tmp_path / name), "--top-k", "50"])
+        return read_rgb(tmp_path / name)
+    assert np.array_equal(images(1, "a.png"), images(1, "b.png"))
+    assert not np.array_equal(images(1, "a.png"), images(2, "c.png"))
+
+
+def test_gif_shows_raster_order_generation(trained, tmp_path):
+    from PIL import Image
+    _, classes = trained
+    S.main(["--out-dir", str(classes), "--class-id", "0", "--num-samples", "2", "--output", str(tmp_path / "g.png"),
+            "--gif", str(tmp_path / "g.gif"), "--gif-tokens-per-frame", "20"])
+    with Image.open(tmp_path / "g.gif") as gif:
+        assert gif.n_frames == math.ceil(64 / 20)  # 8 x 8 tokens, 20 per frame
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("RGB")).astype(int)
+    # a GIF frame holds 256 colors: close to the grid (these untrained images are noise), and exact
+    # before encoding (below)
+    assert np.abs(last - read_rgb(tmp_path / "g.png")).mean() < 8
+    vq, _ = T.load_vq(str(classes / "vq.pt"))
+    tokens = torch.randint(0, 256, (2, 64))
+    frames = S.generation_frames(vq, tokens, 8, tokens_per_frame=8)
+    assert len(frames) == 8 and torch.equal(frames[-1], S.decode(vq, tokens, 8))
+    assert (frames[0][:, :, 4:] == 0).all()           # after the first row of tokens, the rest is blank
+    assert not (frames[1][:, :, 4:8] == 0).all()      # ... and the second row appears in frame 2
+
+
+def test_sample_errors(trained, tmp_path):
+    text, classes = trained
+    with pytest.raises(SystemExit, match="run python train.py first"):
+        S.main(["--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown class name 'purple circle'; the classes are: red circle, "):
+        S.main(["--out-dir", str(classes), "--class-name", "purple circle"])
+    with pytest.raises(SystemExit, match="class id 18 is out of range: this model knows ids 0 to 17"):
+        S.main(["--out-dir", str(classes), "--class-id", "18"])
+    with pytest.raises(SystemExit, match="text-conditional: use --prompt"):
+        S.main(["--out-dir", str(text), "--class-id", "1"])
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    vq = torch.load(classes / "vq.pt", weights_only=True)
+    vq["config"]["codebook_size"] = 128
+    vq["model"]["quantize.embedding.weight"] = vq["model"]["quantize.embedding.weight"][:128]
+    torch.save(vq, mismatched / "vq.pt")
+    torch.save(torch.load(classes / "gpt.pt", weights_only=True), mismatched / "gpt.pt")
+    with pytest.raises(SystemExit, match="predicts 256 codes but .* codebook of 128: they were not trained together"):
+        S.main(["--out-dir", str(mismatched)])
+    with pytest.warns(UserWarning, match="text cut to 16 tokens"):
+        S.main(["--out-dir", str(text), "--prompt", "a very " * 20 + "red circle", "--num-samples", "1",
+                "--output", str(tmp_path / "long.png")])
+
+
+def test_official_checkpoints_end_to_end(fx, tmp_path):
+    """The official path on the fixture's official-layout files: greedy CFG images are the
+    official tokens decoded by the official tokenizer."""
+    torch.save({"model": fx["vq"]["state_dict"]}, tmp_path / "vq.pt")
+    torch.save({"model": fx["gpt_c2i"]["state_dict"], "args": argparse.Namespace(gpt_model="GPT-tiny")},
+               tmp_path / "c2i.pt")
+    S.main(["--official-vq", str(tmp_path / "vq.pt"), "--official-gpt", str(tmp_path / "c2i.pt"), "--image-size", "16",
+            "--class-id", "3", "--class-id", "7", "--num-samples", "1", "--top-k", "1", "--cfg-scale", "4",
+            "--output", str(tmp_path / "c2i.png"), "--save-dir", str(tmp_path / "c2i")])
+    vq = L.load_official_vq(fx["vq"]["state_dict"])
+    expected = T.to_uint8(vq.decode_indices(fx["gpt_c2i"]["greedy_cfg4"].long().view(2, 8, 8)).clamp(-1, 1))
+    assert np.array_equal(np.load(tmp_path / "c2i" / "samples.npz")["arr_0"], expected.permute(0, 2, 3, 1).numpy())
+    torch.save({"model": fx["gpt_t2i"]["state_dict"]}, tmp_path / "t2i.pt")
+    with pytest.raises(SystemExit, match="text-conditional: pass --t5 DIR"):
+        S.main(["--official-vq", str(tmp_path / "vq.pt"), "--official-gpt", str(tmp_path / "t2i.pt"),
+                "--image-size", "16"])
+    transformers = pytest.importorskip("transformers")
+    tokenizer = L.TextTokenizer.train(CAPTIONS, vocab_size=40)
+    hf = transformers.T5EncoderModel(transformers.T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8,
+                                                           d_ff=64, num_layers=2, num_heads=4))
+    hf.save_pretrained(tmp_path / "t5")
+    (tmp_path / "t5" / "spiece.model").write_bytes(tokenizer.model_bytes)
+    S.main(["--official-vq", str(tmp_path / "vq.pt"), "--official-gpt", str(tmp_path / "t2i.pt"), "--image-size", "16",
+            "--t5", str(tmp_path / "t5"), "--prompt", "a red circle", "--num-samples", "2",
+            "--output", str(tmp_path / "t2i.png")])
+    assert read_rgb(tmp_path / "t2i.png").shape == (2 + 18, 2 + 2 * 18, 3)

@@ -398,6 +398,10 @@ def set_rng_state(state):
 
 def save_grid(images, path, columns):
     """images (N, 3, H, W) in [-1, 1] -> one PNG, `columns` images per row, 2-pixel gaps."""
+    grid_image(images, columns).save(path)
+
+
+def grid_image(images, columns):
     images = to_uint8(images.float().cpu())
     N, _, H, W = images.shape
     rows, gap = math.ceil(N / columns), 2
@@ -405,7 +409,7 @@ def save_grid(images, path, columns):
     for i, image in enumerate(images):
         top, left = gap + (i // columns) * (H + gap), gap + (i % columns) * (W + gap)
         grid[:, top:top + H, left:left + W] = image
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
 
 def unwrap(model):
