@@ -304,7 +304,7 @@ def benchmark(args, device, dtype):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Sample images from a trained LlamaGen (ours or official).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=train.HelpFormatter)
     group = parser.add_argument_group("models")
     group.add_argument("--out-dir", default="out", help="where python train.py wrote vq.pt and gpt.pt")
     group.add_argument("--official-vq", help="an official tokenizer, e.g. vq_ds16_c2i.pt")
@@ -319,10 +319,10 @@ def parse_args(argv=None):
     group.add_argument("--num-samples", type=int, default=4, help="images per prompt or class")
     group.add_argument("--cfg-scale", type=float, help="default: the checkpoint's (ours), 4.0 (c2i), 7.5 (t2i)")
     group.add_argument("--cfg-interval", type=int, default=-1, help="stop guidance after this many tokens + 2")
-    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--temperature", type=float, default=1.0, help="below 1: sharper, above 1: more varied")
     group.add_argument("--top-k", type=int, help="default: 0 (ours), 2000 (official c2i), 1000 (official t2i)")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--top-p", type=float, default=1.0, help="keep the most likely tokens up to this mass")
+    group.add_argument("--seed", type=int, default=0, help="same seed, same images")
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the GPT and T5")
     group.add_argument("--compile", action="store_true", help="torch.compile the decode step")
