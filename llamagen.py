@@ -318,7 +318,7 @@ class VectorQuantizer(nn.Module):
         if self.cfg.codebook_l2_norm:
             z = F.normalize(z, dim=-1)
         indices, distances = self.nearest_codes(z.reshape(-1, D))  # (B*h*w,), (B*h*w, K)
-        z_q = self.codebook()[indices].view(B, h, w, D)
+        z_q = self.codebook()[indices].view(B, h, w, D)                  # (B*h*w, D) -> (B, h, w, D)
         losses = {}
         if self.training:
             losses["codebook_loss"] = F.mse_loss(z_q, z.detach())  # moves the codes to the encoder
@@ -331,7 +331,7 @@ class VectorQuantizer(nn.Module):
         # straight-through estimator: the forward pass uses z_q, the backward pass copies the
         # decoder's gradient onto z as if quantisation were the identity
         z_q = z + (z_q - z).detach()
-        return z_q.permute(0, 3, 1, 2), indices.view(B, h, w), losses
+        return z_q.permute(0, 3, 1, 2), indices.view(B, h, w), losses   # (B, D, h, w), (B, h, w)
 
 
 class VQModel(nn.Module):
@@ -500,7 +500,7 @@ def apply_rope(x, rope):  # x (B, S, nh, hs), rope (S, hs/2, 2) -> (B, S, nh, hs
     """Rotate each pair (x0, x1) by its angle: as complex numbers, (x0 + i x1) * (cos + i sin)."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, nh, hs/2)
     turns = torch.view_as_complex(rope.float())[None, :, None, :]           # (1, S, 1, hs/2)
-    return torch.view_as_real(pairs * turns).flatten(3).type_as(x)
+    return torch.view_as_real(pairs * turns).flatten(3).type_as(x)         # (B, S, nh, hs/2, 2) -> (B, S, nh, hs)
 
 
 class KVCache(nn.Module):
@@ -536,13 +536,13 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([C, kv_dim, kv_dim], dim=-1)
         q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)     # (B, S, nh, hs)
         k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope)  # (B, S, nkv, hs)
-        v = v.view(B, S, self.n_kv_head, self.head_dim)
+        v = v.view(B, S, self.n_kv_head, self.head_dim)                    # (B, S, nkv, hs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, S, hs)
         if input_pos is not None:  # decoding: keys and values of all earlier positions come from the cache
             k, v = self.kv_cache.update(input_pos, k, v)                   # (B, nkv, max_seq_len, hs)
             k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]     # the positions the mask covers
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each key/value head
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.attn_dropout_p if self.training else 0.0)
@@ -683,14 +683,21 @@ class GPT(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab); logits[:, t] predicts tokens[:, t] from the
         condition and tokens[:, :t]. cond_mask (B, L): 1 = real text token (padding on the left)."""
         h = torch.cat([self.embed_condition(cond), self.tok_embeddings(tokens[:, :-1])], dim=1)
-        h = self.tok_dropout(h)                                            # (B, S, dim)
+        h = self.tok_dropout(h)                                            # (B, S, dim): [condition, tokens]
         S = h.shape[1]                                                     # cls_token_num + T - 1
         logits = self.logits(h, self.rope[:S], attention_mask(S, cond_mask))
         return logits[:, self.config.cls_token_num - 1:]                   # (B, T, vocab)
 
     def setup_caches(self, batch_size, max_seq_len, dtype, device):
+        """Allocate the static KV cache, once: later calls of the same shape reuse it (a compiled
+        decode step keeps its buffers). Stale entries are never read: the mask hides them."""
         head_dim = self.config.dim // self.config.n_head
         n_kv_head = self.config.n_kv_head or self.config.n_head
+        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
+        cache = self.layers[0].attention.kv_cache
+        if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == dtype \
+                and cache.k_cache.device == torch.device(device):
+            return
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, n_kv_head, head_dim, dtype, device)
 
@@ -755,7 +762,7 @@ def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperat
     B, device = cond.shape[0], cond.device
     use_cfg = cfg_scale > 1.0
     if use_cfg:  # one batch of 2B: conditional rows first, then the same rows with the null condition
-        cond = torch.cat([cond, gpt.cls_embedding.null(cond)])
+        cond = torch.cat([cond, gpt.cls_embedding.null(cond)])        # (2B, ...)
         cond_mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
 
     def rows(x):  # the same image tokens for both halves of the CFG batch
@@ -817,8 +824,8 @@ class T5Attention(nn.Module):
     def forward(self, x, bias):  # x (B, L, d_model), bias (B, nh, L, L): positions + padding
         B, L, _ = x.shape
         q = self.q(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, L, d_kv)
-        k = self.k(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2)
-        v = self.v(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2)
+        k = self.k(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, L, d_kv)
+        v = self.v(x).view(B, L, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, L, d_kv)
         # T5 does not divide by sqrt(d_kv): that scale is folded into its initialisation
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
                                            dropout_p=self.dropout_rate if self.training else 0.0)
@@ -948,7 +955,10 @@ def load_t5_encoder(hf_dir):
         raise FileNotFoundError(f"{hf_dir} has no config.json: pass a Hugging Face T5 directory "
                                 "(for example a download of google/flan-t5-xl).")
     with open(config_path) as f:
-        cfg = config_from_dict(T5Config, json.load(f))
+        hf_config = json.load(f)
+    if hf_config.get("model_type") != "t5":
+        raise ValueError(f"{hf_dir} holds a {hf_config.get('model_type')!r} model, not a T5 encoder.")
+    cfg = config_from_dict(T5Config, hf_config)
     weight_files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if weight_files:
         from safetensors.torch import load_file
@@ -985,12 +995,14 @@ def read_state_dict(path_or_state_dict):
     if not isinstance(checkpoint, dict):
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; check the path.")
-        # the official files may carry the training script's argparse.Namespace: allow that one
-        # class instead of unpickling arbitrary objects
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    for key in ("ema", "model", "module", "state_dict"):
-        if key in checkpoint:
+        try:  # the official files may carry the training script's argparse.Namespace: allow that
+            with torch.serialization.safe_globals([argparse.Namespace]):  # one class, nothing else
+                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{path_or_state_dict} is not a readable PyTorch checkpoint "
+                             f"({type(error).__name__}).") from None
+    for key in ("model", "ema", "module", "state_dict"):  # "model" first, as the official samplers
+        if isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
     return checkpoint
 

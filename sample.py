@@ -66,11 +66,7 @@ def load_ours(out_dir):
                          "tokenizer (python train.py gpt).")
     gpt = L.GPT(cfg)
     gpt.load_state_dict(checkpoint["model"])
-    t5 = tokenizer = None
-    if checkpoint["t5"] is not None:
-        t5 = L.T5Encoder(L.T5Config(**checkpoint["t5_config"]))
-        t5.load_state_dict(checkpoint["t5"])
-        tokenizer = L.TextTokenizer(checkpoint["text_tokenizer"])
+    tokenizer, t5 = train.text_encoder_from_checkpoint(checkpoint) if checkpoint["t5"] is not None else (None, None)
     return Sampler(vq, gpt.eval(), t5, tokenizer, checkpoint["class_names"], checkpoint["prompts"],
                    cfg_scale=checkpoint["cfg_scale"])
 
@@ -123,6 +119,14 @@ def conditions(args, sampler):
     return OFFICIAL_C2I_CLASSES if cfg.num_classes == 1000 else list(range(min(8, cfg.num_classes)))
 
 
+def cast(gpt, device, dtype):
+    """Move and cast the GPT; its RoPE table stays float32, as in the official code."""
+    rope = gpt.rope.to(device)
+    gpt.to(device, dtype)
+    gpt.rope = rope
+    return gpt
+
+
 # -----------------------------------------------------------------------------
 # Sampling
 
@@ -153,7 +157,7 @@ def sample_tokens(sampler, rows, args, device):
 @torch.no_grad()
 def decode(vq, tokens, grid_size, batch_size=32):  # (N, h*w) -> images (N, 3, H, W) in [-1, 1]
     return torch.cat([vq.decode_indices(tokens[i:i + batch_size].view(-1, grid_size, grid_size)).float().clamp(-1, 1)
-                      for i in range(0, len(tokens), batch_size)])
+                      for i in range(0, len(tokens), batch_size)])  # each batch (b, h*w) -> (b, h, w) -> (b, 3, H, W)
 
 
 @torch.no_grad()
@@ -170,7 +174,7 @@ def generation_frames(vq, tokens, grid_size, tokens_per_frame, batch_size=32):
         images = decode(vq, partial, grid_size, batch_size)
         blank = torch.zeros(grid_size * grid_size, dtype=torch.bool, device=tokens.device)
         blank[end:] = True                                               # raster order
-        blank = blank.view(grid_size, grid_size).repeat_interleave(f, 0).repeat_interleave(f, 1)
+        blank = blank.view(grid_size, grid_size).repeat_interleave(f, 0).repeat_interleave(f, 1)  # (H, W)
         frames.append(images.masked_fill(blank, 0.0))                    # (N, 3, H, W)
     return frames
 
@@ -262,7 +266,7 @@ def benchmark(args, device, dtype):
     cfg = L.GPTConfig(**L.GPT_PRESETS[args.preset], vocab_size=16384, block_size=(image_size // 16) ** 2,
                       num_classes=1000)
     torch.manual_seed(args.seed)
-    gpt = L.GPT(cfg).to(device, dtype).eval()
+    gpt = cast(L.GPT(cfg), device, dtype).eval()
     labels = torch.arange(args.batch_size, device=device) % cfg.num_classes
     cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
     top_k = 2000 if args.top_k is None else args.top_k
@@ -358,7 +362,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     sampler.vq.to(device)
-    sampler.gpt.to(device, dtype)
+    cast(sampler.gpt, device, dtype)
     if sampler.t5 is not None:
         sampler.t5.to(device, dtype)
     tokens = sample_tokens(sampler, rows, args, device)

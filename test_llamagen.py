@@ -88,12 +88,19 @@ def test_official_checkpoint_files(fx, tmp_path):
         L.load_official_gpt(odd_width, block_size=16)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         L.load_official_vq(str(tmp_path / "missing.pt"))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint"):
+        L.load_official_gpt(str(tmp_path / "notes.pt"), block_size=64)
 
 
 def test_official_presets_build_the_official_shapes():
-    """GPT-B's feed-forward and attention shapes (c2i_B_256.pt) without allocating the model."""
+    """The shapes of one GPT-B block (c2i_B_256.pt), and the feed-forward widths of larger presets."""
     cfg = L.GPTConfig(**L.GPT_PRESETS["GPT-B"])
-    assert L.ffn_hidden_dim(cfg) == 2048
+    shapes = {name: tuple(p.shape) for name, p in L.TransformerBlock(cfg).state_dict().items()}
+    assert shapes == {"attention.wqkv.weight": (2304, 768), "attention.wo.weight": (768, 768),
+                      "feed_forward.w1.weight": (2048, 768), "feed_forward.w3.weight": (2048, 768),
+                      "feed_forward.w2.weight": (768, 2048), "attention_norm.weight": (768,),
+                      "ffn_norm.weight": (768,)}
     assert L.ffn_hidden_dim(L.GPTConfig(**L.GPT_PRESETS["GPT-XL"])) == 3584
     assert L.ffn_hidden_dim(L.GPTConfig(**L.GPT_PRESETS["GPT-3B"])) == 8704
 
@@ -357,6 +364,9 @@ def test_t5_matches_transformers(feed_forward_proj, tmp_path):
 def test_load_t5_encoder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         L.load_t5_encoder(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    with pytest.raises(ValueError, match="holds a 'bert' model, not a T5 encoder"):
+        L.load_t5_encoder(str(tmp_path))
 
 
 CAPTIONS = ["a small red circle at the top", "red circle, large, centered", "a blue square on the left",
@@ -412,11 +422,16 @@ def test_judge_reads_rendered_shapes():
         item = shapes[i]
         assert T.judge_shape(item["image"]) == {k: item[k] for k in ("color", "shape", "size", "position")}
     assert T.judge_shape(torch.full((3, 32, 32), -0.8)) is None  # background only
+    faint = shapes[0]["image"].clone()
+    faint[:] = torch.tensor(T.BACKGROUND)[:, None, None] / 127.5 - 1
+    faint[2, 10:16, 10:16] += 0.75  # a little blue: far from the background, but under half a shape
+    assert T.judge_shape(faint) is None
 
 
 def test_mirror_caption():
     assert T.mirror_caption("a red circle on the left") == "a red circle on the right"
     assert T.mirror_caption("right side, leftover") == "left side, leftover"
+    assert T.mirror_caption("a red square on the left, large") == "a red square on the right, large"
 
 
 def write_image(path, image):
@@ -463,11 +478,21 @@ def test_image_folder_errors(tmp_path):
     from PIL import Image
     Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
     args = T.parse_args(["--data", str(tmp_path), "--cond", "class"])
-    data, _ = T.load_data(args)
+    with pytest.warns(UserWarning, match="too few to hold some out"):
+        data, held_out = T.load_data(args)
+    assert torch.equal(held_out, data.images)  # one image: the PSNR is measured on it
     with pytest.raises(ValueError, match="not all in class subfolders"):
         T.check_args(args, data)
     with pytest.raises(ValueError, match="has no captions"):
         T.check_args(T.parse_args(["--data", str(tmp_path)]), data)
+    shapes, _ = T.load_data(T.parse_args(["--num-images", "4"]))
+    with pytest.raises(ValueError, match="not a multiple of VQ-mini's 4x downsampling"):
+        T.check_args(T.parse_args(["--image-size", "30"]), shapes)
+    with pytest.raises(ValueError, match="discriminator needs images of at least 32 px"):
+        T.check_args(T.parse_args(["--image-size", "16"]), shapes)
+    T.check_args(T.parse_args(["--image-size", "16", "--disc-start", "1100"]), shapes)  # no GAN: fine
+    with pytest.raises(FileNotFoundError, match="--t5 .* has no config.json"):
+        T.check_args(T.parse_args(["--t5", str(tmp_path)]), shapes)
 
 
 # ---- train.py: training
@@ -552,7 +577,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     for name in ("vq.pt", "gpt.pt"):
         straight = torch.load(tmp_path / "straight" / name, weights_only=True)
         resumed = torch.load(tmp_path / "resumed" / name, weights_only=True)
-        for key in ("model", "optimizer", "step", "ema", "discriminator", "t5", "text_tokenizer"):
+        for key in ("model", "optimizer", "step", "rng", "ema", "discriminator", "t5", "text_tokenizer"):
             if key in straight:
                 assert states_equal(straight[key], resumed[key]), (name, key)
 
@@ -564,9 +589,10 @@ def ddp_worker(rank, out_dir, port):
     args = T.parse_args(tiny_run(out_dir, "--vq-steps", "4", "--gpt-steps", "4", "--disc-start", "2"))
     run = T.Run(args)
     data, held_out = T.load_data(args)
-    vq = T.train_vq(args, run, data, held_out)
+    vq, criterion = T.train_vq(args, run, data, held_out)
     gpt = T.train_gpt(args, run, data, vq)
-    torch.save({"vq": vq.state_dict(), "gpt": gpt.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"vq": vq.state_dict(), "gpt": gpt.state_dict(), "discriminator": criterion.discriminator.state_dict()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     run.close()
 
 
@@ -577,6 +603,8 @@ def test_ddp_replicas_stay_identical(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(ddp_worker, args=(str(tmp_path), port), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for state in (rank0, rank1):  # BatchNorm statistics are each process's own; the weights are shared
+        state["discriminator"] = {k: v for k, v in state["discriminator"].items() if "running" not in k}
     assert states_equal(rank0, rank1)
     # the two processes trained on different halves of each batch: the averaged update is not the
     # update either half alone would give, so equality above is the work of the all-reduce

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -117,7 +118,9 @@ def judge_shape(image):
     nearest = torch.cdist(rgb[:, distance > 90].t(), palette).argmin(dim=1)
     color_index = torch.bincount(nearest, minlength=len(COLORS)).argmax().item()
     coverage = (distance / (palette[color_index] - background).norm()).clamp(0, 1)  # (H, W)
-    foreground = coverage > 0.5
+    foreground = coverage > 0.5                                         # (H, W)
+    if not foreground.any():
+        return None
     rows, cols = foreground.any(dim=1).nonzero()[:, 0], foreground.any(dim=0).nonzero()[:, 0]
     top, bottom, left, right = rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1
     box = coverage[top:bottom, left:right]                              # (h, w)
@@ -144,7 +147,7 @@ def judge_shape(image):
 
 def mirror_caption(text):
     """The caption of a horizontally flipped image: left and right swap."""
-    return " ".join({"left": "right", "right": "left"}.get(word, word) for word in text.split(" "))
+    return re.sub(r"\b(left|right)\b", lambda word: {"left": "right", "right": "left"}[word[0]], text)
 
 
 # -----------------------------------------------------------------------------
@@ -221,7 +224,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 skipped += 1  # not an image, truncated, or corrupt
                 continue
-            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
             self.paths.append(path)
             self.captions.append(metadata.get(os.path.normpath(path)) or read_txt_caption(root, path))
         if skipped:
@@ -252,8 +255,7 @@ class TrainingSet:
 def load_data(args):
     """The training set and the held-out images (N, 3, H, W) uint8 the tokenizer is measured on."""
     if args.data is None:
-        holdout = [name.strip() for name in args.holdout.split(",") if name.strip()]
-        shapes = ShapesDataset(args.num_images, args.image_size, args.seed, holdout)
+        shapes = ShapesDataset(args.num_images, args.image_size, args.seed, parse_holdout(args.holdout))
         items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
         held_out = ShapesDataset(256, args.image_size, args.seed + 1)
         data = TrainingSet(to_uint8(torch.stack([item["image"] for item in items])),
@@ -266,6 +268,10 @@ def load_data(args):
     train, held_out = order[n_held_out:].tolist(), order[:n_held_out]
     data = TrainingSet(folder.images[train], [folder.labels[i] for i in train] if folder.labels else None,
                        [folder.captions[i] for i in train], folder.class_names)
+    if n_held_out == 0:  # under 20 images: measure the tokenizer on (some of) its training images
+        warnings.warn(f"{args.data} has {len(folder)} images, too few to hold some out: the tokenizer's "
+                      "PSNR is measured on training images.", stacklevel=2)
+        return data, data.images[:256]
     return data, folder.images[held_out]
 
 
@@ -385,15 +391,16 @@ def load_checkpoint(path, kind):
     return checkpoint
 
 
-def rng_state():
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+def rng_state(device):
+    """The random state of this process. Every process starts from the same seed and draws the same
+    numbers, so the main process's state is every process's."""
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_grid(images, path, columns):
@@ -411,10 +418,6 @@ def grid_image(images, columns):
         grid[:, top:top + H, left:left + W] = image
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
-
-def unwrap(model):
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)      # DistributedDataParallel
 
 
 # -----------------------------------------------------------------------------
@@ -447,10 +450,19 @@ def load_vq(path):
     return vq.eval(), checkpoint
 
 
+QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", "commit_loss_beta",
+                     "entropy_loss_ratio")
+
+
+def vq_config(args):
+    """The preset's architecture with the quantizer options of the command line."""
+    options = {name: getattr(args, name) for name in QUANTIZER_OPTIONS if getattr(args, name) is not None}
+    return L.VQConfig(**{**L.VQ_PRESETS[args.vq_preset], **options})
+
+
 def train_vq(args, run, data, held_out, checkpoint=None):
     path = os.path.join(args.out_dir, "vq.pt")
-    cfg = (L.VQConfig(**checkpoint["config"]) if checkpoint else
-           L.VQConfig(**L.VQ_PRESETS[args.vq_preset], entropy_loss_ratio=args.entropy_loss_ratio))
+    cfg = L.VQConfig(**checkpoint["config"]) if checkpoint else vq_config(args)
     torch.manual_seed(args.seed)
     vq = L.VQModel(cfg).to(run.device)
     criterion = L.VQLoss(args.disc_start, args.disc_weight, args.perceptual_weight,
@@ -468,14 +480,14 @@ def train_vq(args, run, data, held_out, checkpoint=None):
             ema.module.load_state_dict(checkpoint["ema"])
             ema.n_averaged.fill_(checkpoint["step"])
         start = checkpoint["step"]
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], run.device)
         run.log(f"resuming the tokenizer from {path} at step {start}")
 
     def save(step, metrics=None):
         save_atomic(dict(kind="vq", config=dataclasses.asdict(cfg), model=vq.state_dict(),
                          ema=ema.module.state_dict() if ema else None,
                          discriminator=criterion.discriminator.state_dict(), optimizer=optimizer.state_dict(),
-                         disc_optimizer=disc_optimizer.state_dict(), step=step, rng=rng_state(),
+                         disc_optimizer=disc_optimizer.state_dict(), step=step, rng=rng_state(run.device),
                          image_size=args.image_size, args=vars(args), metrics=metrics), path)
 
     model = run.wrap(vq)
@@ -515,8 +527,8 @@ def train_vq(args, run, data, held_out, checkpoint=None):
                     f"{seen / (time.time() - timer):.0f} img/s")
             vq.quantize.reset_usage()  # usage is over the steps since the last line
         if run.is_main and (done % args.sample_every == 0 or done == args.vq_steps):
-            with torch.no_grad():
-                recon = (ema.module if ema else vq).eval().decode_indices(vq.encode_indices(shown))
+            shown_model = (ema.module if ema else vq).eval()  # the weights that will be saved
+            recon = shown_model.decode_indices(shown_model.encode_indices(shown))
             vq.train()
             rows = [torch.cat([shown[i:i + 8], recon[i:i + 8]]) for i in range(0, len(shown), 8)]
             save_grid(torch.cat(rows), os.path.join(args.out_dir, f"vq_step{done:06d}.png"), columns=8)
@@ -528,7 +540,7 @@ def train_vq(args, run, data, held_out, checkpoint=None):
             f"codebook usage {metrics['usage']:.0%}")
     if run.is_main:
         save(max(start, args.vq_steps), metrics)
-    return final
+    return final, criterion
 
 
 # -----------------------------------------------------------------------------
@@ -541,7 +553,7 @@ def encode_dataset(vq, images, device, batch_size=256):
     codes, mirrored = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="encoding images", leave=False):
         x = to_float(images[start:start + batch_size]).to(device)
-        codes.append(vq.encode_indices(x).flatten(1).cpu())
+        codes.append(vq.encode_indices(x).flatten(1).cpu())                # (B, h, w) -> (B, h*w)
         mirrored.append(vq.encode_indices(x.flip(-1)).flatten(1).cpu())
     return torch.cat(codes), torch.cat(mirrored)
 
@@ -568,14 +580,18 @@ class Conditioned(nn.Module):
         return self
 
 
+def text_encoder_from_checkpoint(checkpoint):  # -> (tokenizer, T5) stored in a gpt.pt
+    t5 = L.T5Encoder(L.T5Config(**checkpoint["t5_config"]))
+    t5.load_state_dict(checkpoint["t5"])
+    return L.TextTokenizer(checkpoint["text_tokenizer"]), t5
+
+
 def text_encoder(args, captions, checkpoint):
     """(tokenizer, T5, whether the T5 trains): from the checkpoint being resumed; from a pretrained
     Hugging Face directory (frozen); or a SentencePiece model trained on the captions and a small
     T5 trained from scratch together with the GPT."""
     if checkpoint:
-        t5 = L.T5Encoder(L.T5Config(**checkpoint["t5_config"]))
-        t5.load_state_dict(checkpoint["t5"])
-        return L.TextTokenizer(checkpoint["text_tokenizer"]), t5, checkpoint["train_t5"]
+        return *text_encoder_from_checkpoint(checkpoint), checkpoint["train_t5"]
     if args.t5:
         t5, tokenizer = L.load_t5_encoder(args.t5)
         if tokenizer is None:
@@ -611,7 +627,7 @@ def generate_images(gpt, vq, cond, cond_mask, cfg_scale, seed, **sampling):
     generator = torch.Generator(cond.device).manual_seed(seed)
     tokens = L.generate(gpt, cond, cond_mask, cfg_scale=cfg_scale, generator=generator, **sampling)
     grid = math.isqrt(tokens.shape[1])
-    return vq.decode_indices(tokens.view(-1, grid, grid))
+    return vq.decode_indices(tokens.view(-1, grid, grid))  # (B, h*w) -> (B, h, w) -> (B, 3, H, W)
 
 
 def demo_conditions(data, args):
@@ -671,12 +687,12 @@ def train_gpt(args, run, data, vq, checkpoint=None):
         gpt.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start = checkpoint["step"]
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], run.device)
         run.log(f"resuming the GPT from {path} at step {start}")
 
     def save(step, metrics=None):
         save_atomic(dict(kind="gpt", config=dataclasses.asdict(cfg), model=gpt.state_dict(),
-                         optimizer=optimizer.state_dict(), step=step, rng=rng_state(),
+                         optimizer=optimizer.state_dict(), step=step, rng=rng_state(run.device),
                          class_names=data.class_names, vq_config=dataclasses.asdict(vq.cfg),
                          prompts=conditions[::4] if text else None,  # one per grid row
                          image_size=args.image_size, cfg_scale=args.cfg_scale,
@@ -701,7 +717,7 @@ def train_gpt(args, run, data, vq, checkpoint=None):
             cond, cond_mask = labels[indices].to(run.device), None
         with run.autocast():
             logits = wrapped(tokens, cond, cond_mask)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())  # (B*T, vocab), (B*T,)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -811,6 +827,14 @@ def parse_args(argv=None):
     group.add_argument("--vq-steps", type=int, default=1100, help="training steps of the tokenizer")
     group.add_argument("--vq-batch-size", type=int, default=16, help="images per step (all processes together)")
     group.add_argument("--vq-lr", type=float, default=1e-3, help="peak learning rate (Adam)")
+    group.add_argument("--codebook-size", type=int, help="codes in the codebook (default: the preset's)")
+    group.add_argument("--codebook-embed-dim", type=int,
+                       help="dimensions per code; low dimensions use the codebook better (ViT-VQGAN)")
+    group.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=None,
+                       help="compare l2-normalised codes: cosine similarity (ViT-VQGAN; default: on)")
+    group.add_argument("--commit-loss-beta", type=float,
+                       help="weight of the commitment loss that keeps the encoder near its codes (VQ-VAE; "
+                            "default: 0.25)")
     group.add_argument("--entropy-loss-ratio", type=float, default=0.1,
                        help="weight of the entropy loss that keeps the whole codebook in use (MaskGIT)")
     group.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (0: off)")
@@ -863,6 +887,19 @@ def check_args(args, data):
     if args.stage != "vq" and args.cond == "class" and data.labels is None:
         raise ValueError(f"the images in {args.data} are not all in class subfolders ({args.data}/<class>/"
                          "image.png): sort them so, or use --cond text with captions.")
+    if args.stage != "gpt":
+        downsampling = 2 ** (len(vq_config(args).ch_mult) - 1)
+        if args.image_size % downsampling:
+            raise ValueError(f"--image-size {args.image_size} is not a multiple of {args.vq_preset}'s "
+                             f"{downsampling}x downsampling.")
+        if args.image_size < 32 and args.disc_start < args.vq_steps:
+            raise ValueError(f"the PatchGAN discriminator needs images of at least 32 px: use --image-size 32 "
+                             f"or more, or --disc-start {args.vq_steps} to train without it.")
+    if args.stage != "vq" and args.cond == "text" and args.t5:
+        for name in ("config.json", "spiece.model"):
+            if not os.path.isfile(os.path.join(args.t5, name)):
+                raise FileNotFoundError(f"--t5 {args.t5} has no {name}: pass a Hugging Face T5 directory with "
+                                        "its tokenizer (for example a download of google/flan-t5-base).")
 
 
 def main(argv=None):
@@ -889,7 +926,7 @@ def main(argv=None):
     run.log(f"{' '.join(sys.argv)}\n{len(data.images)} training images of {args.image_size} px on {run.device}"
             + (f" x {run.world} processes" if run.world > 1 else ""))
     if args.stage in ("all", "vq"):
-        vq = train_vq(args, run, data, held_out, vq_checkpoint)
+        vq, _ = train_vq(args, run, data, held_out, vq_checkpoint)
     if args.stage in ("all", "gpt"):
         train_gpt(args, run, data, vq, gpt_checkpoint)
     run.close()
