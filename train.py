@@ -1,6 +1,6 @@
 """Train LlamaGen's two stages on a small dataset: the VQ tokenizer, then the GPT on its tokens.
 
-    python train.py                          # the whole demo on built-in shapes, CPU: about 9 minutes
+    python train.py                          # the whole demo on built-in shapes: about 8 minutes on a 2-core CPU
     python train.py vq --data DIR            # the tokenizer on your images
     python train.py gpt --data DIR --cond class
     torchrun --nproc_per_node=2 train.py     # data-parallel on 2 GPUs (or CPU processes)
