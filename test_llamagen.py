@@ -297,7 +297,7 @@ def test_tiny_vq_overfits_one_batch():
     images = blob_images()
     opt = torch.optim.Adam(vq.parameters(), lr=2e-3, betas=(0.9, 0.95))
     losses = []
-    for _ in range(120):
+    for _ in range(70):
         recon, vq_losses = vq(images)
         loss = F.mse_loss(recon, images) + vq_losses["codebook_loss"] + vq_losses["commit_loss"]
         opt.zero_grad()

@@ -493,7 +493,8 @@ def train_vq(args, run, data, held_out, checkpoint=None):
     model = run.wrap(vq)
     shown = to_float(held_out[:32]).to(run.device)  # the same images in every reconstruction grid
     timer, seen = time.time(), 0
-    for step in run.progress(args.vq_steps, start, "tokenizer"):
+    bar = run.progress(args.vq_steps, start, "tokenizer")
+    for step in bar:
         lr = learning_rate(step, args.vq_steps, args.vq_lr, args.warmup)
         for group in optimizer.param_groups + disc_optimizer.param_groups:
             group["lr"] = lr
@@ -522,9 +523,10 @@ def train_vq(args, run, data, held_out, checkpoint=None):
         if done % args.log_every == 0 or done == args.vq_steps:
             terms = " | ".join(f"{name.removesuffix('_loss')} {value.item():.4f}"
                                for name, value in logs.items() if name != "usage")
-            run.log(f"vq step {done}/{args.vq_steps} | loss {loss.item():.4f} | {terms} | "
-                    f"usage {vq.quantize.usage().item():.0%} | lr {lr:.1e} | "
-                    f"{seen / (time.time() - timer):.0f} img/s")
+            usage = vq.quantize.usage().item()
+            run.log(f"vq step {done}/{args.vq_steps} | loss {loss.item():.4f} | {terms} | usage {usage:.0%} | "
+                    f"lr {lr:.1e} | {seen / (time.time() - timer):.0f} img/s")
+            bar.set_postfix_str(f"rec {logs['rec_loss'].item():.4f}, codebook usage {usage:.0%}")
             vq.quantize.reset_usage()  # usage is over the steps since the last line
         if run.is_main and (done % args.sample_every == 0 or done == args.vq_steps):
             shown_model = (ema.module if ema else vq).eval()  # the weights that will be saved
@@ -704,7 +706,8 @@ def train_gpt(args, run, data, vq, checkpoint=None):
     wrapped = run.wrap(model)
     conditions = demo_conditions(data, args)
     timer, seen = time.time(), 0
-    for step in run.progress(args.gpt_steps, start, "gpt"):
+    bar = run.progress(args.gpt_steps, start, "gpt")
+    for step in bar:
         lr = learning_rate(step, args.gpt_steps, args.gpt_lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -727,6 +730,7 @@ def train_gpt(args, run, data, vq, checkpoint=None):
         if done % args.log_every == 0 or done == args.gpt_steps:
             run.log(f"gpt step {done}/{args.gpt_steps} | loss {loss.item():.4f} | lr {lr:.1e} | "
                     f"{seen / (time.time() - timer):.0f} tokens/s")
+            bar.set_postfix_str(f"loss {loss.item():.4f}")
         if run.is_main and done % args.sample_every == 0:
             sample_demo_grid(gpt, vq, t5, tokenizer, conditions, args, run.device,
                              os.path.join(args.out_dir, f"gpt_step{done:06d}.png"))
