@@ -715,7 +715,8 @@ class GPT(nn.Module):
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row of logits (B, vocab) -> (B, 1), as the official sampler does."""
+    """One token per row of logits (B, vocab) -> (B, 1): temperature, top-k and top-p filtering as
+    in the official sampler, then a draw from what is left."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:  # keep the k largest logits (ties with the k-th included)
         kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
