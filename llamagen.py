@@ -719,7 +719,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     in the official sampler, then a draw from what is left."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:  # keep the k largest logits (ties with the k-th included)
-        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        vocab = logits.shape[-1]  # the k-th largest is the (vocab - k + 1)-th smallest
+        kth_largest = torch.kthvalue(logits, vocab - min(top_k, vocab) + 1, dim=-1, keepdim=True).values
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p < 1.0:  # keep the most likely tokens until their total probability passes top_p
         sorted_logits, order = torch.sort(logits, descending=True)
@@ -752,11 +753,12 @@ def decode_one_token(gpt, token, input_pos, mask):  # token (B, 1) at position i
 
 @torch.no_grad()
 def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
-             top_p=1.0, generator=None, use_kv_cache=True):
+             top_p=1.0, generator=None, use_kv_cache=True, compiled_decode=None):
     """Sample block_size image tokens (B, block_size) for cond: class ids (B,) or text features
     (B, L, caption_dim) with cond_mask (B, L). cfg_interval >= 0 stops guidance after the first
     cfg_interval + 2 tokens (the official convention). use_kv_cache=False recomputes the whole
-    sequence for every token: same tokens, the cost the cache saves."""
+    sequence for every token: same tokens, the cost the cache saves. compiled_decode: a
+    torch.compile'd decode_one_token (gpt-fast), called with the same shapes at every step."""
     cfg = gpt.config
     was_training = gpt.training
     gpt.eval()
@@ -786,10 +788,11 @@ def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperat
         tokens[:, t:t + 1] = sample(logits, temperature, top_k, top_p, generator)
         if use_kv_cache and t + 1 < cfg.block_size:
             input_pos = torch.tensor([cfg.cls_token_num + t], device=device)
-            # attend to the filled part of the cache only: less memory traffic on a CPU. On a GPU
-            # the full static width keeps one shape, so a compiled step replays as one CUDA graph.
-            width = max_seq_len if device.type == "cuda" else cfg.cls_token_num + t + 1
-            logits = decode_one_token(gpt, rows(tokens[:, t:t + 1]), input_pos, mask[..., :width])
+            if compiled_decode is None:  # attend to the filled part of the cache only: less to read
+                logits = decode_one_token(gpt, rows(tokens[:, t:t + 1]), input_pos,
+                                          mask[..., :cfg.cls_token_num + t + 1])
+            else:  # the whole static cache (the mask hides the empty part): one shape, one graph
+                logits = compiled_decode(gpt, rows(tokens[:, t:t + 1]), input_pos, mask)
     gpt.train(was_training)
     return tokens
 

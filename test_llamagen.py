@@ -189,6 +189,29 @@ def test_seed_reproduces():
     assert torch.equal(uncached, run(0))  # same random draws, same distributions: same tokens
 
 
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_compiled_decode_step_is_one_graph(model_type):
+    """What --compile needs (a CUDA graph replays one captured graph): dynamo traces the decode
+    step without a break and never recompiles over a whole generation, and the tokens are the
+    uncompiled ones. The backend records the traced graphs and runs them as they are."""
+    import torch._dynamo
+    gpt = tiny_gpt(model_type)
+    cond, mask = tiny_condition(gpt)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(L.decode_one_token, backend=recording_backend, fullgraph=True)
+
+    def run(compiled_decode):
+        return L.generate(gpt, cond, mask, cfg_scale=2.0, top_k=10, generator=torch.Generator().manual_seed(0),
+                          compiled_decode=compiled_decode)
+    assert torch.equal(run(compiled), run(None))
+    assert len(graphs) == 1
+    torch._dynamo.reset()
+
 def test_top_k_and_top_p_keep_exactly_the_allowed_tokens():
     probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04])
     logits = probs.log().expand(4000, -1).contiguous()
