@@ -204,11 +204,11 @@ def save_outputs(images, args, columns):
 
 def time_it(function, device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     result = function()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start, result
 
 

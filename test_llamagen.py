@@ -232,6 +232,18 @@ def test_top_k_and_top_p_keep_exactly_the_allowed_tokens():
     assert counts[0] > 3950
 
 
+@pytest.mark.parametrize("draw", [L.draw_inverse_cdf, L.draw_exponential_race])
+def test_draws_follow_the_distribution(draw):
+    """Both ways of drawing a token (CPU and GPU) pick token i with probability p_i and never a
+    removed one. 40,000 draws: each frequency within 5 standard deviations of its probability."""
+    probs = torch.tensor([0.0, 0.4, 0.0, 0.3, 0.2, 0.1, 0.0])
+    n = 40_000
+    picks = draw(probs.expand(n, -1).contiguous(), torch.Generator().manual_seed(0)).flatten()
+    frequency = torch.bincount(picks, minlength=len(probs)).float() / n
+    assert (frequency[probs == 0] == 0).all()
+    assert ((frequency - probs).abs() <= 5 * (probs * (1 - probs) / n).sqrt()).all()
+
+
 def test_rope_zero_at_condition_positions():
     rope = L.precompute_rope_2d(grid_size=4, head_dim=16, base=10000, cls_token_num=3)
     assert rope.shape == (3 + 16, 8, 2)

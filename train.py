@@ -628,6 +628,8 @@ def generate_images(gpt, vq, cond, cond_mask, cfg_scale, seed, **sampling):
     """Sample token grids for a batch of conditions and decode them: (B, 3, H, W) in [-1, 1]."""
     generator = torch.Generator(cond.device).manual_seed(seed)
     tokens = L.generate(gpt, cond, cond_mask, cfg_scale=cfg_scale, generator=generator, **sampling)
+    for layer in gpt.layers:  # give the KV cache's memory back to training
+        layer.attention.kv_cache = None
     grid = math.isqrt(tokens.shape[1])
     return vq.decode_indices(tokens.view(-1, grid, grid))  # (B, h*w) -> (B, h, w) -> (B, 3, H, W)
 
