@@ -116,6 +116,7 @@ def test_kv_cache_matches_full_forward(model_type):
     full = gpt(tokens, cond, mask)                                        # (B, T, vocab)
     cls = gpt.config.cls_token_num
     seq_len = cls + gpt.config.block_size - 1
+    L.generate(gpt, cond, mask)  # leaves a cache of this shape, made under inference_mode: not reusable here
     gpt.setup_caches(2, seq_len, torch.float32, "cpu")
     attn = L.attention_mask(seq_len, mask)
     attn = torch.ones(seq_len, seq_len, dtype=torch.bool).tril() if attn is None else attn
