@@ -696,8 +696,7 @@ class GPT(nn.Module):
         shape = (batch_size, n_kv_head, max_seq_len, head_dim)
         cache = self.layers[0].attention.kv_cache
         if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == dtype \
-                and cache.k_cache.device == torch.device(device) \
-                and cache.k_cache.is_inference() == torch.is_inference_mode_enabled():  # written in place
+                and cache.k_cache.device == torch.device(device):
             return
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, n_kv_head, head_dim, dtype, device)
@@ -768,7 +767,7 @@ def decode_one_token(gpt, token, input_pos, mask):  # token (B, 1) at position i
     return gpt.decode_step(gpt.tok_embeddings(token), input_pos, mask)
 
 
-@torch.inference_mode()  # like no_grad, minus autograd's bookkeeping: 3% faster for GPT-B on a CPU
+@torch.no_grad()
 def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
              top_p=1.0, generator=None, use_kv_cache=True, compiled_decode=None):
     """Sample block_size image tokens (B, block_size) for cond: class ids (B,) or text features
@@ -796,21 +795,26 @@ def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperat
         mask = attention_mask(max_seq_len, cond_mask)
         if mask is None:
             mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
-        logits = prefill(gpt, cond, mask)
-    for t in range(cfg.block_size):
-        if not use_kv_cache:  # tokens[:, t] is a placeholder: forward() reads only tokens[:, :t]
-            logits = gpt(rows(tokens[:, :t + 1]), cond, cond_mask)[:, t]
-        if use_cfg:
-            guided = cfg_interval < 0 or t <= cfg_interval + 1
-            logits = guide(logits, cfg_scale) if guided else logits[:B]
-        tokens[:, t:t + 1] = sample(logits, temperature, top_k, top_p, generator)
-        if use_kv_cache and t + 1 < cfg.block_size:
-            input_pos = positions[t:t + 1]
-            if compiled_decode is None:  # attend to the filled part of the cache only: less to read
-                logits = decode_one_token(gpt, rows(tokens[:, t:t + 1]), input_pos,
-                                          mask[..., :cfg.cls_token_num + t + 1])
-            else:  # the whole static cache (the mask hides the empty part): one shape, one graph
-                logits = compiled_decode(gpt, rows(tokens[:, t:t + 1]), input_pos, mask)
+    # The loop runs without any of autograd's bookkeeping (about 3% faster than no_grad alone for
+    # GPT-B on a CPU); tokens and the KV cache, made above, stay ordinary tensors that a training
+    # step or a later call can use.
+    with torch.inference_mode():
+        if use_kv_cache:
+            logits = prefill(gpt, cond, mask)
+        for t in range(cfg.block_size):
+            if not use_kv_cache:  # tokens[:, t] is a placeholder: forward() reads only tokens[:, :t]
+                logits = gpt(rows(tokens[:, :t + 1]), cond, cond_mask)[:, t]
+            if use_cfg:
+                guided = cfg_interval < 0 or t <= cfg_interval + 1
+                logits = guide(logits, cfg_scale) if guided else logits[:B]
+            tokens[:, t:t + 1] = sample(logits, temperature, top_k, top_p, generator)
+            if use_kv_cache and t + 1 < cfg.block_size:
+                input_pos = positions[t:t + 1]
+                if compiled_decode is None:  # attend to the filled part of the cache only: less to read
+                    logits = decode_one_token(gpt, rows(tokens[:, t:t + 1]), input_pos,
+                                              mask[..., :cfg.cls_token_num + t + 1])
+                else:  # the whole static cache (the mask hides the empty part): one shape, one graph
+                    logits = compiled_decode(gpt, rows(tokens[:, t:t + 1]), input_pos, mask)
     gpt.train(was_training)
     return tokens
 

@@ -116,7 +116,7 @@ def test_kv_cache_matches_full_forward(model_type):
     full = gpt(tokens, cond, mask)                                        # (B, T, vocab)
     cls = gpt.config.cls_token_num
     seq_len = cls + gpt.config.block_size - 1
-    L.generate(gpt, cond, mask)  # leaves a cache of this shape, made under inference_mode: not reusable here
+    L.generate(gpt, cond, mask)  # leaves a cache of this shape, reused below outside inference mode
     gpt.setup_caches(2, seq_len, torch.float32, "cpu")
     attn = L.attention_mask(seq_len, mask)
     attn = torch.ones(seq_len, seq_len, dtype=torch.bool).tril() if attn is None else attn
@@ -188,6 +188,16 @@ def test_seed_reproduces():
     uncached = L.generate(gpt, cond, mask, cfg_scale=2.0, top_k=10, top_p=0.9, temperature=1.5,
                           generator=torch.Generator().manual_seed(0), use_kv_cache=False)
     assert torch.equal(uncached, run(0))  # same random draws, same distributions: same tokens
+
+
+def test_generated_tokens_can_be_trained_on():
+    """generate's loop runs in inference mode, yet what it returns is an ordinary tensor: autograd
+    refuses to save an inference tensor for backward, and embedding lookups save their indices."""
+    gpt = tiny_gpt("c2i")
+    cond, _ = tiny_condition(gpt)
+    tokens = L.generate(gpt, cond, cfg_scale=2.0)
+    F.cross_entropy(gpt(tokens, cond).flatten(0, 1), tokens.flatten()).backward()
+    assert gpt.tok_embeddings.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("model_type", ["c2i", "t2i"])
