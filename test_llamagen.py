@@ -562,10 +562,11 @@ def logged(out_dir, stage, key):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    T.main(tiny_run(tmp_path, "--vq-steps", "40", "--gpt-steps", "40", "--disc-start", "30",
+    # 80 GPT steps: after 40 the drop was 14% to 25% over seeds and torch versions, too close to call
+    T.main(tiny_run(tmp_path, "--vq-steps", "40", "--gpt-steps", "80", "--disc-start", "30",
                     "--vq-lr", "3e-3", "--gpt-lr", "1e-2", "--eval-per-class", "1"))
     rec, gpt_loss = logged(tmp_path, "vq", "rec"), logged(tmp_path, "gpt", "loss")
-    assert len(rec) == 40 and len(gpt_loss) == 40
+    assert len(rec) == 40 and len(gpt_loss) == 80
     assert np.mean(rec[-5:]) < 0.5 * np.mean(rec[:5])
     assert np.mean(gpt_loss[-5:]) < 0.8 * np.mean(gpt_loss[:5])  # from ln(256) = 5.5
     assert "gen_adv" in open(tmp_path / "log.txt").read()  # the GAN phase ran
