@@ -12,24 +12,28 @@ Read it top to bottom:
   3. tokenizer losses L2 + LPIPS + PatchGAN hinge + codebook/commitment (taming, LlamaGen vq_loss.py)
   4. Llama decoder    RMSNorm, 2D RoPE, attention with a static KV cache, SwiGLU   (Llama, gpt-fast,
                       LlamaGen gpt.py)
-  5. generation       prefill / decode_one_token / sample with classifier-free guidance (gpt-fast,
-                      LlamaGen generate.py, CFG: Ho & Salimans 2022)
+  5. generation       prefill, then decode_one_token -> guide -> sample for every token, with
+                      classifier-free guidance (gpt-fast, LlamaGen generate.py, Ho & Salimans 2022)
   6. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
                       Hugging Face transformers' modeling_t5.py)
   7. official weights load the released LlamaGen checkpoints with a plain load_state_dict
+  8. our checkpoints  what train.py writes and sample.py reads, and the few helpers both need
 
 State-dict names and shapes follow the official code (FoundationVision/LlamaGen), so its released
 checkpoints load unchanged and give its outputs (test_llamagen.py checks this against a fixture).
 """
 import argparse
+import dataclasses
 import glob
+import hashlib
 import io
 import json
 import math
 import os
+import pickle
 import re
+import tempfile
 import warnings
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -37,9 +41,11 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # 1. Configs
+# The defaults are the paper's (the official code's), so that its checkpoints and presets load
+# as they are; train.py's command line picks smaller settings for a CPU and says why.
 
 
-@dataclass
+@dataclasses.dataclass
 class VQConfig:
     codebook_size: int = 16384
     codebook_embed_dim: int = 8      # low-dimensional codes look up better (ViT-VQGAN)
@@ -61,14 +67,12 @@ VQ_PRESETS = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class GPTConfig:
     dim: int = 768
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int = None            # None: as many key/value heads as query heads
     multiple_of: int = 256           # SwiGLU hidden size is rounded up to this
-    ffn_dim_multiplier: float = None
     rope_base: float = 10000
     norm_eps: float = 1e-5
     token_dropout_p: float = 0.1
@@ -80,8 +84,11 @@ class GPTConfig:
     class_dropout_prob: float = 0.1  # how often the condition is replaced by the null one (for CFG)
     model_type: str = "c2i"          # 'c2i' class-conditional, 't2i' text-conditional
     vocab_size: int = 16384          # = the tokenizer's codebook size
-    cls_token_num: int = 1           # condition positions before the image: 1 class, 120 text
+    # "cls" is the official name for the condition, class or text: cls_token_num is how many
+    # positions it takes before the image (1 class token, or 120 text tokens)
+    cls_token_num: int = 1
     block_size: int = 256            # image tokens = (image_size / downsampling) ** 2
+    rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise)
 
 
 GPT_PRESETS = {  # the official sizes (gpt.py), a CPU demo size and a tiny one for tests
@@ -97,7 +104,7 @@ GPT_PRESETS = {  # the official sizes (gpt.py), a CPU demo size and a tiny one f
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class T5Config:  # field names as in a Hugging Face config.json; defaults are flan-t5-xl's
     vocab_size: int = 32128
     d_model: int = 2048
@@ -115,22 +122,12 @@ class T5Config:  # field names as in a Hugging Face config.json; defaults are fl
 T5_PRESETS = {"T5-mini": dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, dropout_rate=0.0)}
 
 
-def config_from_dict(config_class, values):
-    """Build a config from a dict, ignoring keys the dataclass does not have."""
-    names = {f.name for f in fields(config_class)}
-    return config_class(**{k: v for k, v in values.items() if k in names})
-
-
 # -----------------------------------------------------------------------------
 # 2. Image tokenizer: Encoder -> VectorQuantizer -> Decoder
 
 
 def group_norm(channels):
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-
-def swish(x):
-    return x * torch.sigmoid(x)
 
 
 class ResnetBlock(nn.Module):
@@ -145,8 +142,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
@@ -247,7 +244,7 @@ class Encoder(nn.Module):
             h = level(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -271,7 +268,7 @@ class Decoder(nn.Module):
             h = block(h)
         for level in self.conv_blocks:
             h = level(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 def entropy_loss(affinity, temperature=0.01):
@@ -292,10 +289,6 @@ class VectorQuantizer(nn.Module):
         self.embedding.weight.data.uniform_(-1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
         if cfg.codebook_l2_norm:
             self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
-        # how often each code was picked since the last reset_usage(): shows dead codes while
-        # training. Not saved: the official `codebook_used` key is dropped when loading its weights.
-        self.register_buffer("code_counts", torch.zeros(cfg.codebook_size, dtype=torch.long),
-                             persistent=False)
 
     def codebook(self):  # (K, D); stored un-normalised, normalised at use
         weight = self.embedding.weight
@@ -305,12 +298,6 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook()
         distances = (z ** 2).sum(dim=1, keepdim=True) + (codebook ** 2).sum(dim=1) - 2 * z @ codebook.t()
         return distances.argmin(dim=1), distances
-
-    def usage(self):  # fraction of the codebook picked at least once since reset_usage()
-        return (self.code_counts > 0).float().mean()
-
-    def reset_usage(self):
-        self.code_counts.zero_()
 
     def forward(self, z):  # (B, D, h, w) -> quantised (B, D, h, w), indices (B, h, w), losses
         B, D, h, w = z.shape
@@ -325,9 +312,6 @@ class VectorQuantizer(nn.Module):
             losses["commit_loss"] = self.cfg.commit_loss_beta * F.mse_loss(z, z_q.detach())  # and back
             losses["entropy_loss"] = (self.cfg.entropy_loss_ratio * entropy_loss(-distances)
                                       if self.cfg.entropy_loss_ratio > 0 else z.new_zeros(()))
-            with torch.no_grad():
-                self.code_counts += torch.bincount(indices, minlength=self.cfg.codebook_size)
-            losses["usage"] = self.usage()
         # straight-through estimator: the forward pass uses z_q, the backward pass copies the
         # decoder's gradient onto z as if quantisation were the identity
         z_q = z + (z_q - z).detach()
@@ -348,9 +332,9 @@ class VQModel(nn.Module):
     def downsample_factor(self):
         return 2 ** (len(self.cfg.ch_mult) - 1)
 
-    def forward(self, images):  # (B, 3, H, W) in [-1, 1] -> reconstruction, dict of loss terms
-        z_q, _, losses = self.quantize(self.quant_conv(self.encoder(images)))
-        return self.decoder(self.post_quant_conv(z_q)), losses
+    def forward(self, images):  # (B, 3, H, W) in [-1, 1] -> reconstruction, indices (B, h, w), loss terms
+        z_q, indices, losses = self.quantize(self.quant_conv(self.encoder(images)))
+        return self.decoder(self.post_quant_conv(z_q)), indices, losses
 
     @torch.no_grad()
     def encode_indices(self, images):  # (B, 3, H, W) in [-1, 1] -> LongTensor (B, H / f, W / f)
@@ -365,22 +349,29 @@ class VQModel(nn.Module):
 # -----------------------------------------------------------------------------
 # 3. Tokenizer losses: LPIPS perceptual loss, PatchGAN discriminator, hinge loss
 
+LPIPS_WARNED = []  # the offline warning is given once per process
+
 
 def load_lpips():
-    """LPIPS with a VGG16 trunk (the `lpips` package), or None with one warning when torchvision's
-    VGG16 weights are not in the torch hub cache and so would have to be downloaded."""
-    from torchvision.models import VGG16_Weights
-    url = VGG16_Weights.IMAGENET1K_V1.url
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if not os.path.exists(path):
-        warnings.warn(f"LPIPS perceptual loss is off because its VGG16 weights are missing: download "
-                      f"{url} to {path}, or pass --perceptual-weight 0 to train without it.",
-                      stacklevel=2)
-        return None
+    """LPIPS with a VGG16 trunk (the `lpips` package), loaded the standard way: torchvision
+    downloads the ImageNet weights once into the torch hub cache. None, with one warning, when
+    that download fails (no internet)."""
     import lpips
-    with warnings.catch_warnings():  # torchvision's notice about the old `pretrained=` argument
-        warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net="vgg", verbose=False)
+    from torchvision.models import VGG16_Weights
+    try:
+        with warnings.catch_warnings():  # torchvision's notices about lpips' old `pretrained=True`
+            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated")
+            warnings.filterwarnings("ignore", message="Arguments other than a weight enum")
+            model = lpips.LPIPS(net="vgg", verbose=False)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:  # offline, or a broken cached file
+        if not LPIPS_WARNED:
+            url = VGG16_Weights.IMAGENET1K_V1.url
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+            warnings.warn(f"LPIPS perceptual loss is off: its VGG16 weights could not be loaded ({error}). "
+                          f"Download {url} to {path} and run again, or pass --perceptual-weight 0 to "
+                          "train without it.", stacklevel=2)
+            LPIPS_WARNED.append(True)
+        return None
     return model.eval().requires_grad_(False)
 
 
@@ -413,12 +404,21 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
+def adaptive_weight(nll_loss, gen_loss, last_layer):
+    """Scale the adversarial term so its gradient at the decoder's last layer is as large as the
+    reconstruction's (VQGAN)."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
 class VQLoss(nn.Module):
     """The tokenizer's training objective (LlamaGen vq_loss.py):
     L2 + perceptual_weight * LPIPS + codebook + commitment (+ entropy)
     + disc_weight * (-mean D(reconstruction)) once step >= disc_start.
-    The discriminator is trained in its own step on detached images, so its loss never reaches
-    the tokenizer."""
+    The discriminator starts late: early reconstructions are so poor that it would win at once and
+    its gradients would only add noise. It is trained in its own step on detached images, so its
+    loss never reaches the tokenizer."""
 
     def __init__(self, disc_start, disc_weight=0.5, perceptual_weight=1.0, adaptive_disc_weight=False):
         super().__init__()
@@ -457,16 +457,8 @@ class VQLoss(nn.Module):
         return self.disc_weight * hinge_d_loss(logits_real, logits_fake)
 
 
-def adaptive_weight(nll_loss, gen_loss, last_layer):
-    """Scale the adversarial term so its gradient at the decoder's last layer is as large as the
-    reconstruction's (VQGAN)."""
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
-
 # -----------------------------------------------------------------------------
-# 4. Llama decoder: RMSNorm, 2D RoPE, attention with KV cache, SwiGLU
+# 4. Llama decoder: RMSNorm, 2D RoPE, attention with a KV cache, SwiGLU
 
 
 class RMSNorm(nn.Module):
@@ -479,16 +471,20 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
 
 
-def precompute_rope_2d(grid_size, head_dim, base, cls_token_num):
+def precompute_rope_2d(grid_size, head_dim, base, cls_token_num, rope_2d=True):
     """(cos, sin) for every position: (cls_token_num + grid_size**2, head_dim // 2, 2).
-    Channels are rotated in interleaved pairs; the first half of the pairs turns with the image
-    row, the second half with the column."""
-    n_freqs = head_dim // 4
-    freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2)[:n_freqs].float() / (head_dim // 2))
-    angles = torch.outer(torch.arange(grid_size).float(), freqs)        # (grid, head_dim/4)
-    angles = torch.cat([angles[:, None, :].expand(-1, grid_size, -1),   # by row
-                        angles[None, :, :].expand(grid_size, -1, -1)],  # by column
-                       dim=-1).reshape(grid_size * grid_size, head_dim // 2)
+    Channels are rotated in interleaved pairs. 2D: the first half of the pairs turns with the
+    image row, the second half with the column. 1D (rope_2d=False): every pair turns with the
+    raster position, as in a language model."""
+    if rope_2d:
+        freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))  # (head_dim/4,)
+        angles = torch.outer(torch.arange(grid_size).float(), freqs)        # (grid, head_dim/4)
+        angles = torch.cat([angles[:, None, :].expand(-1, grid_size, -1),   # by row
+                            angles[None, :, :].expand(grid_size, -1, -1)],  # by column
+                           dim=-1).reshape(grid_size * grid_size, head_dim // 2)
+    else:
+        freqs = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (head_dim/2,)
+        angles = torch.outer(torch.arange(grid_size * grid_size).float(), freqs)  # (grid**2, head_dim/2)
     rope = torch.stack([angles.cos(), angles.sin()], dim=-1)            # (grid**2, head_dim/2, 2)
     # The condition positions get (cos, sin) = (0, 0), not the identity (1, 0): their queries and
     # keys become zero. This is what the official code does and the released checkpoints were
@@ -503,8 +499,26 @@ def apply_rope(x, rope):  # x (B, S, nh, hs), rope (S, hs/2, 2) -> (B, S, nh, hs
     return torch.view_as_real(pairs * turns).flatten(3).type_as(x)         # (B, S, nh, hs/2, 2) -> (B, S, nh, hs)
 
 
+def attention_mask(seq_len, cond_mask=None, device=None):
+    """Which keys each query may see, a bool mask (1 or B, 1, S, S): causal (a position sees the
+    condition and the image tokens before it, raster order), and for text the caption's left
+    padding is seen by no one but itself (every row of a softmax needs one visible key)."""
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()   # (S, S)
+    if cond_mask is None:
+        return visible[None, None]                                                  # (1, 1, S, S)
+    visible = visible.repeat(cond_mask.shape[0], 1, 1)                              # (B, S, S)
+    visible[:, :, :cond_mask.shape[1]] &= cond_mask.bool()[:, None, :]              # padding hidden as a key
+    visible |= torch.eye(seq_len, dtype=torch.bool, device=device)
+    return visible[:, None]                                                         # (B, 1, S, S)
+
+
 class KVCache(nn.Module):
-    """Keys and values of every position seen so far, in buffers allocated once (gpt-fast)."""
+    """The keys and values of every position seen so far, for one attention layer (gpt-fast).
+    Generating token t needs the keys and values of all earlier positions; the cache keeps them
+    instead of recomputing them, so each step runs only the one new token through the model: the
+    work per image drops from O(T^2) token passes to O(T). The buffers are allocated once, for the
+    longest sequence (GPT.setup_caches), and written in place; the attention mask hides the
+    positions not written yet, so every step has the same shapes."""
 
     def __init__(self, batch_size, max_seq_len, n_head, head_dim, dtype, device):
         super().__init__()
@@ -522,38 +536,33 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.dim // cfg.n_head
-        self.wqkv = nn.Linear(cfg.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # q, k, v in one matrix (official layout)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
-        self.kv_cache = None
+        self.kv_cache = None  # a KVCache while generating (GPT.setup_caches)
 
     def forward(self, x, rope, mask, input_pos=None):
+        """x (B, S, dim) at positions input_pos (S,). Without input_pos: the whole sequence at once
+        (training). With it: new positions whose keys and values join the cache, and attention
+        runs over the cache, so mask is (B or 1, 1, S, max_seq_len)."""
         B, S, C = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([C, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)     # (B, S, nh, hs)
-        k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope)  # (B, S, nkv, hs)
-        v = v.view(B, S, self.n_kv_head, self.head_dim)                    # (B, S, nkv, hs)
+        q, k, v = self.wqkv(x).split(C, dim=-1)                             # 3 x (B, S, dim)
+        q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)      # (B, S, nh, hs)
+        k = apply_rope(k.view(B, S, self.n_head, self.head_dim), rope)      # (B, S, nh, hs)
+        v = v.view(B, S, self.n_head, self.head_dim)                        # (B, S, nh, hs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, S, hs)
-        if input_pos is not None:  # decoding: keys and values of all earlier positions come from the cache
-            k, v = self.kv_cache.update(input_pos, k, v)                   # (B, nkv, max_seq_len, hs)
-            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]     # the positions the mask covers
-        if self.n_kv_head != self.n_head:  # grouped-query attention: share each key/value head
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)                   # (B, nh, max_seq_len, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,          # (B, nh, S, hs)
                                            dropout_p=self.attn_dropout_p if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, S, C)                             # (B, S, nh * hs)
+        y = y.transpose(1, 2).reshape(B, S, C)                              # (B, S, nh * hs)
         return self.resid_dropout(self.wo(y))
 
 
 def ffn_hidden_dim(cfg: GPTConfig):  # Llama's rule: 2/3 of 4 * dim, rounded up to multiple_of
     hidden = int(2 * (4 * cfg.dim) / 3)
-    if cfg.ffn_dim_multiplier is not None:
-        hidden = int(cfg.ffn_dim_multiplier * hidden)
     return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
 
 
@@ -634,25 +643,13 @@ class CaptionEmbedder(nn.Module):
         return self.uncond_embedding.expand_as(captions)
 
 
-def attention_mask(seq_len, cond_mask=None):
-    """Which keys each query may see: causal, and for text left padding hidden as keys.
-    Returns None (plain causal attention) or a bool mask (B, 1, S, S)."""
-    if cond_mask is None:
-        return None
-    B, L = cond_mask.shape
-    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=cond_mask.device).tril()
-    visible = visible.repeat(B, 1, 1)                                  # (B, S, S)
-    visible[:, :, :L] &= cond_mask.bool()[:, None, :]                  # no one attends to padding,
-    visible |= torch.eye(seq_len, dtype=torch.bool, device=cond_mask.device)  # but it sees itself
-    return visible[:, None]                                            # (B, 1, S, S)
-
-
 class GPT(nn.Module):
     """A Llama that reads [condition tokens, image tokens] and predicts the next image token."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
+        # the condition embedder; "cls_embedding" is the official name for classes and text alike
         self.cls_embedding = LabelEmbedder(cfg) if cfg.model_type == "c2i" else CaptionEmbedder(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
@@ -660,13 +657,22 @@ class GPT(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         grid_size = math.isqrt(cfg.block_size)
-        assert grid_size ** 2 == cfg.block_size, "block_size must be a square number (a token grid)"
+        if grid_size ** 2 != cfg.block_size:
+            raise ValueError(f"block_size {cfg.block_size} is not a square number: it is a grid of tokens.")
         self.register_buffer("rope", precompute_rope_2d(grid_size, cfg.dim // cfg.n_head, cfg.rope_base,
-                                                        cfg.cls_token_num), persistent=False)
+                                                        cfg.cls_token_num, cfg.rope_2d), persistent=False)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.output.weight)  # start from a uniform prediction
+
+    def cast(self, device, dtype):
+        """Move the model and cast its weights; the RoPE table stays float32, as the official
+        code keeps it, so that the rotation angles are exact in bf16 too."""
+        rope = self.rope.to(device)
+        self.to(device, dtype)
+        self.rope = rope
+        return self
 
     def embed_condition(self, cond):  # class ids (B,) or text features (B, L, caption_dim)
         if cond.dim() == 3 and cond.shape[1] != self.config.cls_token_num:
@@ -674,50 +680,57 @@ class GPT(nn.Module):
                              f"{self.config.cls_token_num}; pad or cut them to that length.")
         return self.cls_embedding(cond)   # (B, cls_token_num, dim)
 
-    def logits(self, h, rope, mask, input_pos=None):  # (B, S, dim) -> (B, S, vocab)
-        for layer in self.layers:
-            h = layer(h, rope, mask, input_pos)
-        return self.output(self.norm(h)).float()
-
     def forward(self, tokens, cond, cond_mask=None):
-        """tokens (B, T) -> logits (B, T, vocab); logits[:, t] predicts tokens[:, t] from the
-        condition and tokens[:, :t]. cond_mask (B, L): 1 = real text token (padding on the left)."""
+        """Teacher forcing: tokens (B, T) -> logits (B, T, vocab); logits[:, t] predicts tokens[:, t]
+        from the condition and tokens[:, :t]. cond_mask (B, L): 1 = real text token (padding on
+        the left)."""
         h = torch.cat([self.embed_condition(cond), self.tok_embeddings(tokens[:, :-1])], dim=1)
         h = self.tok_dropout(h)                                            # (B, S, dim): [condition, tokens]
         S = h.shape[1]                                                     # cls_token_num + T - 1
-        logits = self.logits(h, self.rope[:S], attention_mask(S, cond_mask))
+        rope, mask = self.rope[:S], attention_mask(S, cond_mask, h.device)
+        for layer in self.layers:
+            h = layer(h, rope, mask)
+        logits = self.output(self.norm(h)).float()                         # (B, S, vocab)
         return logits[:, self.config.cls_token_num - 1:]                   # (B, T, vocab)
 
     def setup_caches(self, batch_size, max_seq_len, dtype, device):
-        """Allocate the static KV cache, once: later calls of the same shape reuse it (a compiled
-        decode step keeps its buffers). Stale entries are never read: the mask hides them."""
+        """Give every attention layer its KV cache. A cache of the same shape is kept (a compiled
+        decode step holds on to its buffers); what a previous generation left in it is never read,
+        since the mask hides every position not written by this one."""
         head_dim = self.config.dim // self.config.n_head
-        n_kv_head = self.config.n_kv_head or self.config.n_head
-        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
+        shape = (batch_size, self.config.n_head, max_seq_len, head_dim)
         cache = self.layers[0].attention.kv_cache
         if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == dtype \
                 and cache.k_cache.device == torch.device(device):
             return
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, n_kv_head, head_dim, dtype, device)
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_head, head_dim, dtype, device)
 
-    def decode_step(self, h, input_pos, mask):
-        """Run new positions input_pos (S,) through the cache; logits of the last one (B, vocab)."""
+    def free_caches(self):  # give the caches' memory back (train.py samples between training steps)
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def forward_with_cache(self, h, input_pos, mask):
+        """Embedded inputs h (B, S, dim) at new positions input_pos (S,) -> logits (B, vocab) of the
+        last one. Their keys and values join the cache; mask (B or 1, 1, max_seq_len,
+        max_seq_len) says which cached positions each may see."""
         h = self.tok_dropout(h)
-        rope, mask = self.rope[input_pos], mask[..., input_pos, :]
+        rope, mask = self.rope[input_pos], mask[..., input_pos, :]  # (S, hs/2, 2), (B or 1, 1, S, max_seq_len)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos)
         return self.output(self.norm(h[:, -1])).float()
 
 
 # -----------------------------------------------------------------------------
-# 5. Generation: KV-cached sampling with classifier-free guidance
+# 5. Generation: prefill, then decode_one_token -> guide -> sample for every image token
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row of logits (B, vocab) -> (B, 1): temperature, top-k and top-p filtering as
-    in the official sampler, then a draw from what is left."""
-    logits = logits / max(temperature, 1e-5)
+    in the official sampler, then a draw from what is left. temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
     if top_k > 0:  # keep the k largest logits (ties with the k-th included)
         vocab = logits.shape[-1]  # the k-th largest is the (vocab - k + 1)-th smallest
         kth_largest = torch.kthvalue(logits, vocab - min(top_k, vocab) + 1, dim=-1, keepdim=True).values
@@ -736,7 +749,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 def draw_inverse_cdf(probs, generator=None):  # (B, vocab) -> (B, 1)
     """The first token whose running total of probability passes a uniform draw: one random
-    number per row, 20x faster on a CPU than torch.multinomial for 16384 codes. It relies on an
+    number per row, much faster on a CPU than torch.multinomial over 16384 codes. It relies on an
     exact running total, which a CPU computes in order: a removed token adds exactly 0, so no draw
     can land on it."""
     cdf = probs.cumsum(dim=-1)                                                   # (B, vocab)
@@ -752,69 +765,94 @@ def draw_exponential_race(probs, generator=None):  # (B, vocab) -> (B, 1)
     return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
+def with_null_condition(gpt, cond, cond_mask):
+    """The CFG batch: the conditional rows, then the same rows with the null condition (2B, ...).
+    A caption's padding mask is kept for its null half, as in the official sampler."""
+    cond = torch.cat([cond, gpt.cls_embedding.null(cond)])
+    return cond, None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+
+
 def guide(logits, cfg_scale):
-    """The CFG batch is [cond; null]: push the prediction away from the unconditional one."""
+    """Classifier-free guidance on the [cond; null] batch (2B, vocab) -> (B, vocab): push the
+    prediction away from the unconditional one, uncond + (cond - uncond) * cfg_scale."""
     cond_logits, uncond_logits = logits.chunk(2, dim=0)
     return uncond_logits + (cond_logits - uncond_logits) * cfg_scale
 
 
-def prefill(gpt, cond, mask):  # all condition positions at once -> logits for image token 0
+def prefill(gpt, cond, mask):  # all condition positions at once -> logits (B, vocab) for image token 0
     input_pos = torch.arange(gpt.config.cls_token_num, device=mask.device)
-    return gpt.decode_step(gpt.embed_condition(cond), input_pos, mask)
+    return gpt.forward_with_cache(gpt.embed_condition(cond), input_pos, mask)
 
 
-def decode_one_token(gpt, token, input_pos, mask):  # token (B, 1) at position input_pos (1,)
-    return gpt.decode_step(gpt.tok_embeddings(token), input_pos, mask)
+def decode_one_token(gpt, token, input_pos, mask):  # token (B, 1) at position input_pos (1,) -> logits (B, vocab)
+    return gpt.forward_with_cache(gpt.tok_embeddings(token), input_pos, mask)
+
+
+def compile_decode_one_token():
+    """gpt-fast's speed-up: compile the decode step once. Every token has the same shapes (one
+    token, the whole static cache), so one graph (a CUDA graph on a GPU) serves the whole
+    generation without Python in the loop. generate() calls decode_one_token by name, so it picks
+    up the compiled one."""
+    global decode_one_token
+    decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
 
 @torch.no_grad()
 def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
-             top_p=1.0, generator=None, use_kv_cache=True, compiled_decode=None):
-    """Sample block_size image tokens (B, block_size) for cond: class ids (B,) or text features
-    (B, L, caption_dim) with cond_mask (B, L). cfg_interval >= 0 stops guidance after the first
-    cfg_interval + 2 tokens (the official convention). use_kv_cache=False recomputes the whole
-    sequence for every token: same tokens, the cost the cache saves. compiled_decode: a
-    torch.compile'd decode_one_token (gpt-fast), called with the same shapes at every step."""
+             top_p=1.0, generator=None):
+    """Sample block_size image tokens (B, block_size) in raster order for cond: class ids (B,) or
+    text features (B, L, caption_dim) with cond_mask (B, L). cfg_scale 1: no guidance, 0: the
+    unconditional model. cfg_interval >= 0 stops guidance after the first cfg_interval + 2 tokens
+    (the official convention)."""
     cfg = gpt.config
     was_training = gpt.training
     gpt.eval()
     B, device = cond.shape[0], cond.device
-    use_cfg = cfg_scale > 1.0
-    if use_cfg:  # one batch of 2B: conditional rows first, then the same rows with the null condition
-        cond = torch.cat([cond, gpt.cls_embedding.null(cond)])        # (2B, ...)
-        cond_mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-
-    def rows(x):  # the same image tokens for both halves of the CFG batch
-        return torch.cat([x, x]) if use_cfg else x
-
+    guided = cfg_scale != 1.0
+    if guided:
+        cond, cond_mask = with_null_condition(gpt, cond, cond_mask)    # (2B, ...)
+    max_seq_len = cfg.cls_token_num + cfg.block_size - 1  # the last token is never fed back
+    gpt.setup_caches(cond.shape[0], max_seq_len, gpt.tok_embeddings.weight.dtype, device)
+    mask = attention_mask(max_seq_len, cond_mask, device)                 # (B or 1, 1, S, S)
+    positions = torch.arange(cfg.cls_token_num, max_seq_len, device=device)  # on the device: no host copy per token
     tokens = torch.zeros(B, cfg.block_size, dtype=torch.long, device=device)
-    if use_kv_cache:
-        max_seq_len = cfg.cls_token_num + cfg.block_size - 1  # the last token is never fed back
-        gpt.setup_caches(cond.shape[0], max_seq_len, gpt.tok_embeddings.weight.dtype, device)
-        positions = torch.arange(cfg.cls_token_num, max_seq_len, device=device)  # on the device: no host copy
-        mask = attention_mask(max_seq_len, cond_mask)
-        if mask is None:
-            mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
-    # The loop runs without any of autograd's bookkeeping (about 3% faster than no_grad alone for
-    # GPT-B on a CPU); tokens and the KV cache, made above, stay ordinary tensors that a training
-    # step or a later call can use.
+    # Only the loop runs in inference mode: the tokens and the KV cache, made above, stay ordinary
+    # tensors that a training step or a later call can use.
     with torch.inference_mode():
-        if use_kv_cache:
-            logits = prefill(gpt, cond, mask)
+        logits = prefill(gpt, cond, mask)
         for t in range(cfg.block_size):
-            if not use_kv_cache:  # tokens[:, t] is a placeholder: forward() reads only tokens[:, :t]
-                logits = gpt(rows(tokens[:, :t + 1]), cond, cond_mask)[:, t]
-            if use_cfg:
-                guided = cfg_interval < 0 or t <= cfg_interval + 1
-                logits = guide(logits, cfg_scale) if guided else logits[:B]
-            tokens[:, t:t + 1] = sample(logits, temperature, top_k, top_p, generator)
-            if use_kv_cache and t + 1 < cfg.block_size:
-                input_pos = positions[t:t + 1]
-                if compiled_decode is None:  # attend to the filled part of the cache only: less to read
-                    logits = decode_one_token(gpt, rows(tokens[:, t:t + 1]), input_pos,
-                                              mask[..., :cfg.cls_token_num + t + 1])
-                else:  # the whole static cache (the mask hides the empty part): one shape, one graph
-                    logits = compiled_decode(gpt, rows(tokens[:, t:t + 1]), input_pos, mask)
+            if guided:
+                in_interval = cfg_interval < 0 or t <= cfg_interval + 1
+                logits = guide(logits, cfg_scale) if in_interval else logits[:B]
+            next_token = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            tokens[:, t:t + 1] = next_token
+            if t + 1 < cfg.block_size:  # both halves of the CFG batch continue with the same token
+                fed_back = torch.cat([next_token, next_token]) if guided else next_token
+                logits = decode_one_token(gpt, fed_back, positions[t:t + 1], mask)
+    gpt.train(was_training)
+    return tokens
+
+
+@torch.no_grad()
+def generate_without_cache(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
+                           top_k=0, top_p=1.0, generator=None):
+    """generate() without the KV cache, as a contrast: every new token reruns the whole sequence so
+    far through the model, O(T^2) token passes per image instead of O(T). The same random draws
+    from the same distributions: the same tokens as generate()."""
+    was_training = gpt.training
+    gpt.eval()
+    B, T = cond.shape[0], gpt.config.block_size
+    guided = cfg_scale != 1.0
+    if guided:
+        cond, cond_mask = with_null_condition(gpt, cond, cond_mask)    # (2B, ...)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=cond.device)
+    for t in range(T):
+        so_far = tokens[:, :t + 1]  # tokens[:, t] is a placeholder: logits[:, t] reads only tokens[:, :t]
+        logits = gpt(torch.cat([so_far, so_far]) if guided else so_far, cond, cond_mask)[:, t]
+        if guided:
+            in_interval = cfg_interval < 0 or t <= cfg_interval + 1
+            logits = guide(logits, cfg_scale) if in_interval else logits[:B]
+        tokens[:, t:t + 1] = sample(logits, temperature, top_k, top_p, generator)
     gpt.train(was_training)
     return tokens
 
@@ -948,14 +986,18 @@ class TextTokenizer:
     def __call__(self, texts, max_length):  # -> ids (B, max_length), mask (B, max_length)
         ids = torch.zeros(len(texts), max_length, dtype=torch.long)  # 0 = pad
         mask = torch.zeros(len(texts), max_length, dtype=torch.long)
+        cut = 0
         for i, text in enumerate(texts):
             pieces = self.processor.encode(text)
             if len(pieces) > max_length - 1:
-                warnings.warn(f"text cut to {max_length} tokens: {text[:60]!r}", stacklevel=2)
+                cut += 1
                 pieces = pieces[:max_length - 1]
             pieces = pieces + [self.processor.eos_id()]
             ids[i, max_length - len(pieces):] = torch.tensor(pieces)
             mask[i, max_length - len(pieces):] = 1
+        if cut:
+            warnings.warn(f"{cut} of {len(texts)} texts were cut to {max_length} tokens, the length the "
+                          "model reads.", stacklevel=2)
         return ids, mask
 
     def decode(self, ids):
@@ -984,7 +1026,8 @@ def load_t5_encoder(hf_dir):
         hf_config = json.load(f)
     if hf_config.get("model_type") != "t5":
         raise ValueError(f"{hf_dir} holds a {hf_config.get('model_type')!r} model, not a T5 encoder.")
-    cfg = config_from_dict(T5Config, hf_config)
+    # a config.json has many more keys (the decoder's, the tokenizer's): take the encoder's
+    cfg = T5Config(**{f.name: hf_config[f.name] for f in dataclasses.fields(T5Config) if f.name in hf_config})
     weight_files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if weight_files:
         from safetensors.torch import load_file
@@ -993,8 +1036,7 @@ def load_t5_encoder(hf_dir):
         weight_files = sorted(glob.glob(os.path.join(hf_dir, "pytorch_model*.bin")))
         if not weight_files:
             raise FileNotFoundError(f"{hf_dir} has no *.safetensors or pytorch_model*.bin weights.")
-        hf_state = {k: v for path in weight_files
-                    for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+        hf_state = {k: v for path in weight_files for k, v in read_torch_file(path).items()}
     state = {}
     for name, tensor in hf_state.items():
         for pattern, replacement in HF_T5_NAMES:
@@ -1015,18 +1057,38 @@ def load_t5_encoder(hf_dir):
 # 7. Official weights: the released LlamaGen checkpoints, loaded with a plain load_state_dict
 
 
+def read_torch_file(path):
+    """torch.load(path) of tensors and plain values only (weights_only: nothing else is unpickled),
+    with one clear sentence for each way a file can be wrong."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; check the path.")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; pass the checkpoint file inside it.")
+    try:  # the official files carry their training script's argparse.Namespace: allow that one class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file can fail in torch.load in many ways
+        if "Unsupported global" in str(error):
+            raise ValueError(f"{path} holds Python objects besides weights, which are not loaded for safety; "
+                             "save its state dict alone (torch.save(model.state_dict(), path)).") from None
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path} is empty: copy it again, or retrain it.") from None
+        if is_zip:
+            raise ValueError(f"{path} is truncated or damaged, so it cannot be read: copy it again, or "
+                             "retrain it.") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this is "
+                         "not one): check the path.") from None
+
+
 def read_state_dict(path_or_state_dict):
     """A state dict from a checkpoint file or dict in any of the official containers."""
     checkpoint = path_or_state_dict
     if not isinstance(checkpoint, dict):
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; check the path.")
-        try:  # the official files may carry the training script's argparse.Namespace: allow that
-            with torch.serialization.safe_globals([argparse.Namespace]):  # one class, nothing else
-                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"{path_or_state_dict} is not a readable PyTorch checkpoint "
-                             f"({type(error).__name__}).") from None
+        checkpoint = read_torch_file(checkpoint)
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path_or_state_dict} holds a {type(checkpoint).__name__}, not a state dict.")
     for key in ("model", "ema", "module", "state_dict"):  # "model" first, as the official samplers
         if isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
@@ -1040,13 +1102,23 @@ def count_prefixed(state, pattern):  # how many i make pattern.format(i) a key o
     return n
 
 
+def ours_not_official(state, source):
+    """Our own checkpoints (train.py's) carry a "kind": say so rather than fail on shapes."""
+    if "kind" in state and "config" in state:
+        raise ValueError(f"{source} was written by train.py, not by the official LlamaGen code: pass "
+                         "its folder with --out-dir instead.")
+
+
 def load_official_vq(path_or_state_dict):
     """An official LlamaGen VQ tokenizer (vq_ds16_c2i.pt, vq_ds8_c2i.pt) -> VQModel in eval mode."""
-    state = dict(read_state_dict(path_or_state_dict))
+    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
+    checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    ours_not_official(checkpoint, source)
+    state = dict(read_state_dict(checkpoint))
     if "encoder.conv_in.weight" not in state or "quantize.embedding.weight" not in state:
-        raise ValueError("this is not a LlamaGen VQ tokenizer checkpoint (no encoder / codebook "
+        raise ValueError(f"{source} is not a LlamaGen VQ tokenizer checkpoint (no encoder / codebook "
                          "weights); pass vq_ds16_c2i.pt or vq_ds8_c2i.pt.")
-    state.pop("quantize.codebook_used", None)  # the official usage record; we count usage ourselves
+    state.pop("quantize.codebook_used", None)  # the official usage record, not needed to run
     ch = state["encoder.conv_in.weight"].shape[0]
     levels = count_prefixed(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
     cfg = VQConfig(
@@ -1062,25 +1134,25 @@ def load_official_vq(path_or_state_dict):
     return vq.eval()
 
 
-def load_official_gpt(path_or_state_dict, block_size, n_head=None):
+def load_official_gpt(path_or_state_dict, block_size):
     """An official LlamaGen GPT (c2i_B_256.pt ... c2i_3B_384.pt, t2i_XL_stage1_256.pt, ...) ->
     GPT in eval mode. block_size = (image_size / downsampling) ** 2, e.g. 256 for 256 px and VQ-16.
-    n_head comes from the official preset of that width when not given."""
-    state = read_state_dict(path_or_state_dict)
+    The number of heads is not in the weights: it is the preset's of that width."""
+    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
+    checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    ours_not_official(checkpoint, source)
+    state = read_state_dict(checkpoint)
     if "tok_embeddings.weight" not in state:
-        raise ValueError("this is not a LlamaGen GPT checkpoint (no tok_embeddings.weight); pass "
+        raise ValueError(f"{source} is not a LlamaGen GPT checkpoint (no tok_embeddings.weight); pass "
                          "one of the c2i_*.pt or t2i_*.pt files.")
     vocab_size, dim = state["tok_embeddings.weight"].shape
-    if n_head is None:
-        heads_by_dim = {p["dim"]: p["n_head"] for p in GPT_PRESETS.values()}
-        if dim not in heads_by_dim:
-            raise ValueError(f"no official preset has width {dim}; pass n_head.")
-        n_head = heads_by_dim[dim]
-    head_dim = dim // n_head
-    qkv_heads = state["layers.0.attention.wqkv.weight"].shape[0] // head_dim
-    cfg = dict(dim=dim, n_layer=count_prefixed(state, "layers.{}.attention_norm.weight"), n_head=n_head,
-               n_kv_head=(qkv_heads - n_head) // 2, vocab_size=vocab_size, block_size=block_size,
-               token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    heads_by_dim = {p["dim"]: p["n_head"] for p in GPT_PRESETS.values()}
+    if dim not in heads_by_dim or state["layers.0.attention.wqkv.weight"].shape[0] != 3 * dim:
+        raise ValueError(f"{source} is a GPT of width {dim} that matches none of the LlamaGen presets "
+                         f"({', '.join(GPT_PRESETS)}); pass one of the released c2i_*.pt or t2i_*.pt files.")
+    cfg = dict(dim=dim, n_layer=count_prefixed(state, "layers.{}.attention_norm.weight"), n_head=heads_by_dim[dim],
+               vocab_size=vocab_size, block_size=block_size, token_dropout_p=0.0, resid_dropout_p=0.0,
+               ffn_dropout_p=0.0)
     if "cls_embedding.cap_proj.fc1.weight" in state:
         uncond = state["cls_embedding.uncond_embedding"]
         cfg.update(model_type="t2i", cls_token_num=uncond.shape[0], caption_dim=uncond.shape[1])
@@ -1090,3 +1162,194 @@ def load_official_gpt(path_or_state_dict, block_size, n_head=None):
     gpt = GPT(GPTConfig(**cfg))
     gpt.load_state_dict(state)
     return gpt.eval()
+
+
+# -----------------------------------------------------------------------------
+# 8. Our checkpoints (train.py writes them, sample.py reads them) and what both scripts need
+
+CHECKPOINT_FORMAT = 1  # the layout of the dicts below; a file of another format is refused by name
+CHECKPOINT_KINDS = {"vq": "tokenizer (vq.pt)", "gpt": "GPT (gpt.pt)"}
+
+
+def save_checkpoint(checkpoint, path):
+    """Write a plain dict atomically: a temporary file, flushed to disk, then renamed over the old
+    one, so an interruption at any moment leaves the old checkpoint or the new one."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, kind):
+    """One of our checkpoints ("vq" or "gpt"), checked: written by train.py, of this kind, in the
+    format this code reads."""
+    checkpoint = read_torch_file(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in CHECKPOINT_KINDS:
+        raise ValueError(f"{path} was not written by train.py (an official LlamaGen file? pass it "
+                         "with --official-vq / --official-gpt).")
+    if checkpoint["kind"] != kind:
+        raise ValueError(f"{path} holds the {CHECKPOINT_KINDS[checkpoint['kind']]}, not the "
+                         f"{CHECKPOINT_KINDS[kind]}: were the two files swapped?")
+    version = checkpoint.get("format", 0)
+    if version > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by a newer version of this code (checkpoint format {version}, "
+                         f"this one reads {CHECKPOINT_FORMAT}): update llamagen.py, train.py and sample.py.")
+    if version < CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by an older version of this code (checkpoint format {version}, "
+                         f"this one reads {CHECKPOINT_FORMAT}): retrain it, or use the version that wrote it.")
+    return checkpoint
+
+
+def config_from_dict(config_class, values, path):
+    """A config stored in one of our checkpoints; a setting this version does not know means a
+    newer version wrote it."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
+    if unknown:
+        raise ValueError(f"{path} has settings this version does not know ({', '.join(unknown)}): it was "
+                         "written by a newer version of this code; update it.")
+    return config_class(**values)
+
+
+def tokenizer_fingerprint(vq):
+    """A short hash of the tokenizer's weights: gpt.pt stores the one it was trained on, so that it
+    is never paired with another tokenizer whose codes mean something else."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vq.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_vq(path):
+    """Our trained tokenizer in eval mode (its EMA weights when it has them), and its checkpoint."""
+    checkpoint = load_checkpoint(path, "vq")
+    vq = VQModel(config_from_dict(VQConfig, checkpoint["config"], path))
+    vq.load_state_dict(checkpoint["ema"] or checkpoint["model"])
+    return vq.eval(), checkpoint
+
+
+def load_gpt(path, vq, vq_path):
+    """Our trained GPT in eval mode, its text encoder (tokenizer, T5) or None, and its checkpoint;
+    refused when it was trained on another tokenizer than vq."""
+    checkpoint = load_checkpoint(path, "gpt")
+    if checkpoint["vq_fingerprint"] != tokenizer_fingerprint(vq):
+        raise ValueError(f"{path} was trained on another tokenizer than {vq_path}, so it would sample "
+                         "codes that mean something else: pair it with the vq.pt it was trained on, or "
+                         "retrain the GPT on this tokenizer (python train.py gpt).")
+    gpt = GPT(config_from_dict(GPTConfig, checkpoint["config"], path))
+    gpt.load_state_dict(checkpoint["model"])
+    text_encoder = None
+    if checkpoint["t5"] is not None:
+        t5 = T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path))
+        t5.load_state_dict(checkpoint["t5"])
+        text_encoder = TextTokenizer(checkpoint["text_tokenizer"]), t5.eval()
+    return gpt.eval(), text_encoder, checkpoint
+
+
+@torch.no_grad()
+def encode_text(t5, tokenizer, prompts, length, device):  # -> features (B, L, d_model), mask (B, L)
+    ids, mask = tokenizer(prompts, length)
+    ids, mask = ids.to(device), mask.to(device)
+    was_training = t5.training
+    features = t5.eval()(ids, mask)
+    t5.train(was_training)
+    return features, mask
+
+
+def pick_device(name=None):
+    """--device when given (checked), else the best there is: cuda, then mps, then cpu."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cuda, cuda:1, mps or cpu.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asks for a CUDA GPU, but torch sees none on this machine: "
+                         "use --device cpu (or leave --device out).")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"numbered from 0.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} asks for Apple's GPU (MPS), which is not available here: use --device cpu.")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device {name}: only cuda, mps and cpu are supported.")
+    return device
+
+
+def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def grid_image(images, columns):
+    """images (N, 3, H, W) in [-1, 1] -> one Pillow image, `columns` images per row, 2-pixel gaps."""
+    from PIL import Image
+    images = to_uint8(images.cpu())
+    N, _, H, W = images.shape
+    rows, gap = math.ceil(N / columns), 2
+    grid = torch.full((3, rows * (H + gap) + gap, columns * (W + gap) + gap), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        top, left = gap + (i // columns) * (H + gap), gap + (i % columns) * (W + gap)
+        grid[:, top:top + H, left:left + W] = image
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def plain_warning(message, category, filename, lineno, line=None):
+    """warnings.formatwarning for the scripts: one line for the user, without the source line."""
+    return f"warning: {message}\n"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, unless there is none."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with --help showing the defaults, and a mistake told in one line, not after the
+    whole usage text."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists the options)\n")
+
+
+def bounded(kind, minimum, maximum=None, above=False):
+    """An argparse type: a number of `kind` (int or float) at least `minimum` (above it with
+    above=True) and at most `maximum`. A value out of range gets one sentence from argparse."""
+    low = f"above {minimum}" if above else f"at least {minimum}"
+    allowed = low if maximum is None else f"{low} and at most {maximum}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not math.isfinite(value) or (value <= minimum if above else value < minimum) \
+                or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {allowed}")
+        return value
+    return parse
+
+
+def check_output_dir(path, flag):
+    """Make the folder an option names (and its parents) and check that files can be written in
+    it, so that a bad path stops a run before its work, not after."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a folder: pass a folder.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path} cannot be written ({error.strerror}): pass a folder you can "
+                         "write to.") from None

@@ -6,13 +6,14 @@
     python sample.py --official-vq vq_ds16_c2i.pt --official-gpt c2i_L_256.pt --image-size 256 --class-id 207
     python sample.py --official-vq vq_ds16_c2i.pt --official-gpt t2i_XL_stage1_256.pt --t5 flan-t5-xl \\
         --image-size 256 --prompt "a red fox in the snow"
-    python sample.py --benchmark --preset GPT-B --batch-size 2 --cfg-scale 4
+    python sample.py --benchmark --preset GPT-B --batch-size 2
 """
 import argparse
 import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -21,7 +22,6 @@ from PIL import Image
 from tqdm import tqdm
 
 import llamagen as L
-import train
 
 OFFICIAL_C2I_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample_c2i.py's
 OFFICIAL_T2I_PROMPTS = [  # the official sample_t2i.py's
@@ -39,12 +39,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Sampler:
-    """The tokenizer, the GPT, and what its conditions are: class names, or a text encoder."""
+    """The tokenizer, the GPT, and what its conditions are: class names, or a text encoder
+    (tokenizer, T5). cfg_scale and top_k are the defaults when the command line gives none."""
 
-    def __init__(self, vq, gpt, t5=None, tokenizer=None, class_names=None, prompts=None, cfg_scale=4.0, top_k=0):
-        self.vq, self.gpt, self.t5, self.tokenizer = vq, gpt, t5, tokenizer
+    def __init__(self, vq, gpt, text_encoder=None, class_names=None, prompts=None, cfg_scale=4.0, top_k=0):
+        self.vq, self.gpt, self.text_encoder = vq, gpt, text_encoder
         self.class_names, self.prompts = class_names, prompts
-        self.cfg_scale, self.top_k = cfg_scale, top_k  # defaults when not given on the command line
+        self.cfg_scale, self.top_k = cfg_scale, top_k
 
     @property
     def grid_size(self):
@@ -57,17 +58,9 @@ def load_ours(out_dir):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist: run python train.py first "
                                     "(or pass --out-dir, or --official-vq and --official-gpt).")
-    vq, _ = train.load_vq(vq_path)
-    checkpoint = train.load_checkpoint(gpt_path, "gpt")
-    cfg = L.GPTConfig(**checkpoint["config"])
-    if cfg.vocab_size != vq.cfg.codebook_size:
-        raise ValueError(f"{gpt_path} predicts {cfg.vocab_size} codes but {vq_path} has a codebook of "
-                         f"{vq.cfg.codebook_size}: they were not trained together; retrain the GPT on this "
-                         "tokenizer (python train.py gpt).")
-    gpt = L.GPT(cfg)
-    gpt.load_state_dict(checkpoint["model"])
-    tokenizer, t5 = train.text_encoder_from_checkpoint(checkpoint) if checkpoint["t5"] is not None else (None, None)
-    return Sampler(vq, gpt.eval(), t5, tokenizer, checkpoint["class_names"], checkpoint["prompts"],
+    vq, _ = L.load_vq(vq_path)
+    gpt, text_encoder, checkpoint = L.load_gpt(gpt_path, vq, vq_path)
+    return Sampler(vq, gpt, text_encoder, checkpoint["class_names"], checkpoint["prompts"],
                    cfg_scale=checkpoint["cfg_scale"])
 
 
@@ -91,7 +84,7 @@ def load_official(args):
     if t5.config.d_model != gpt.config.caption_dim:
         raise ValueError(f"{args.t5} gives {t5.config.d_model}-wide features but {args.official_gpt} reads "
                          f"{gpt.config.caption_dim}: pass the T5 it was trained with (flan-t5-xl).")
-    return Sampler(vq, gpt, t5, tokenizer, prompts=OFFICIAL_T2I_PROMPTS, cfg_scale=7.5, top_k=1000)
+    return Sampler(vq, gpt, (tokenizer, t5), prompts=OFFICIAL_T2I_PROMPTS, cfg_scale=7.5, top_k=1000)
 
 
 def conditions(args, sampler):
@@ -119,38 +112,30 @@ def conditions(args, sampler):
     return OFFICIAL_C2I_CLASSES if cfg.num_classes == 1000 else list(range(min(8, cfg.num_classes)))
 
 
-def cast(gpt, device, dtype):
-    """Move and cast the GPT; its RoPE table stays float32, as in the official code."""
-    rope = gpt.rope.to(device)
-    gpt.to(device, dtype)
-    gpt.rope = rope
-    return gpt
-
-
 # -----------------------------------------------------------------------------
 # Sampling
 
 
 @torch.no_grad()
-def sample_tokens(sampler, rows, args, device, compiled_decode=None):
+def sample_tokens(sampler, rows, args, device):
     """Token grids (N, block_size) for every row repeated num_samples times, in batches."""
     requests = [row for row in rows for _ in range(args.num_samples)]
     generator = torch.Generator(device).manual_seed(args.seed)
-    cfg_scale = sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    top_k = sampler.top_k if args.top_k is None else args.top_k
+    generate = L.generate_without_cache if args.no_kv_cache else L.generate
+    options = dict(cfg_scale=sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+                   cfg_interval=args.cfg_interval, temperature=args.temperature,
+                   top_k=sampler.top_k if args.top_k is None else args.top_k, top_p=args.top_p, generator=generator)
     tokens = []
     for start in tqdm(range(0, len(requests), args.batch_size), desc="sampling", leave=False,
                       disable=len(requests) <= args.batch_size):
         batch = requests[start:start + args.batch_size]
-        if sampler.t5 is not None:
-            cond, cond_mask = train.encode_text(sampler.t5, sampler.tokenizer, batch, sampler.gpt.config.cls_token_num,
-                                                device)
+        if sampler.text_encoder is not None:
+            tokenizer, t5 = sampler.text_encoder
+            cond, cond_mask = L.encode_text(t5, tokenizer, batch, sampler.gpt.config.cls_token_num, device)
             cond = cond.to(sampler.gpt.tok_embeddings.weight.dtype)
         else:
             cond, cond_mask = torch.tensor(batch, device=device), None
-        tokens.append(L.generate(sampler.gpt, cond, cond_mask, cfg_scale=cfg_scale, cfg_interval=args.cfg_interval,
-                                 temperature=args.temperature, top_k=top_k, top_p=args.top_p, generator=generator,
-                                 use_kv_cache=not args.no_kv_cache, compiled_decode=compiled_decode))
+        tokens.append(generate(sampler.gpt, cond, cond_mask, **options))
     return torch.cat(tokens)
 
 
@@ -181,17 +166,16 @@ def generation_frames(vq, tokens, grid_size, tokens_per_frame, batch_size=32):
 
 def save_gif(frames, path, columns):
     # each frame gets its own 256-color palette, undithered, so the last one stays close to the grid
-    pictures = [train.grid_image(frame, columns).quantize(256, dither=Image.Dither.NONE) for frame in frames]
+    pictures = [L.grid_image(frame, columns).quantize(256, dither=Image.Dither.NONE) for frame in frames]
     durations = [120] * (len(pictures) - 1) + [1500]  # hold the finished images
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
 
 def save_outputs(images, args, columns):
-    train.save_grid(images, args.output, columns)
+    L.grid_image(images, columns).save(args.output)
     print(f"wrote {args.output} ({len(images)} images)")
     if args.save_dir:
-        os.makedirs(args.save_dir, exist_ok=True)
-        pixels = train.to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
+        pixels = L.to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
         for i, picture in enumerate(pixels):
             Image.fromarray(picture).save(os.path.join(args.save_dir, f"{i:05d}.png"))
         np.savez(os.path.join(args.save_dir, "samples.npz"), arr_0=pixels)  # what FID tools read
@@ -234,10 +218,11 @@ def time_parts(gpt, rows, batch, top_k, device, dtype):
     each with the shapes and the amount of data it sees while decoding."""
     cfg = gpt.config
     head_dim = cfg.dim // cfg.n_head
+    max_seq_len = cfg.cls_token_num + cfg.block_size - 1
     q = torch.randn(rows, cfg.n_head, 1, head_dim, device=device, dtype=dtype)
-    caches = [torch.randn(2, rows, cfg.n_head, cfg.cls_token_num + cfg.block_size, head_dim, device=device,
-                          dtype=dtype) for _ in range(cfg.n_layer)]  # one (k, v) cache per layer
-    visible = torch.ones(1, cfg.cls_token_num + cfg.block_size, dtype=torch.bool, device=device)
+    caches = [torch.randn(2, rows, cfg.n_head, max_seq_len, head_dim, device=device, dtype=dtype)
+              for _ in range(cfg.n_layer)]  # one (k, v) cache per layer
+    mask = L.attention_mask(max_seq_len, device=device)
     x = torch.randn(rows, 1, cfg.dim, device=device, dtype=dtype)
     norms = [m for m in gpt.modules() if isinstance(m, L.RMSNorm)]
     logits = torch.randn(batch, cfg.vocab_size, device=device)
@@ -245,9 +230,8 @@ def time_parts(gpt, rows, batch, top_k, device, dtype):
 
     def attention():
         for t in range(cfg.block_size):
-            n = cfg.cls_token_num + t + 1
             for k, v in caches:
-                F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=visible[:, :n])
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., t:t + 1, :])
 
     def normalisation():
         for _ in range(cfg.block_size):
@@ -261,33 +245,32 @@ def time_parts(gpt, rows, batch, top_k, device, dtype):
             [("attention", attention), ("RMSNorm", normalisation), ("sampling", sampling)]}
 
 
-def benchmark(args, device, dtype, compiled_decode):
+def benchmark(args, device, dtype):
     image_size = args.image_size or 256
     cfg = L.GPTConfig(**L.GPT_PRESETS[args.preset], vocab_size=16384, block_size=(image_size // 16) ** 2,
                       num_classes=1000)
     torch.manual_seed(args.seed)
-    gpt = cast(L.GPT(cfg), device, dtype).eval()
+    gpt = L.GPT(cfg).cast(device, dtype).eval()
     labels = torch.arange(args.batch_size, device=device) % cfg.num_classes
     cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
     top_k = 2000 if args.top_k is None else args.top_k
-    rows = args.batch_size * (2 if cfg_scale > 1 else 1)
+    rows = args.batch_size * (2 if cfg_scale != 1 else 1)
     print(f"{args.preset} ({sum(p.numel() for p in gpt.parameters()) / 1e6:.0f}M parameters), class-conditional, "
           f"{cfg.block_size} tokens ({image_size} px with VQ-16), batch {args.batch_size}, CFG {cfg_scale} "
           f"({rows} rows), top-k {top_k}, {args.dtype} on {device}"
           + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
 
-    def run(use_kv_cache):
+    def run(generate):
         generator = torch.Generator(device).manual_seed(args.seed)
-        return time_it(lambda: L.generate(gpt, labels, cfg_scale=cfg_scale, top_k=top_k, generator=generator,
-                                          use_kv_cache=use_kv_cache, compiled_decode=compiled_decode), device)
-    run(True)  # warm-up (and compilation with --compile)
+        return time_it(lambda: generate(gpt, labels, cfg_scale=cfg_scale, top_k=top_k, generator=generator), device)
+    run(L.generate)  # warm-up (and compilation with --compile)
     cached, floor = math.inf, math.inf
     for _ in range(args.repeat):  # alternate the two so that both see the same machine; keep the best
-        cached = min(cached, run(True)[0])
+        cached = min(cached, run(L.generate)[0])
         floor = min(floor, matmul_floor(gpt, rows, cfg.block_size, device, dtype))
     report = [("KV cache", cached)]
     if args.no_kv_cache:
-        report.append(("no KV cache (full recompute)", run(False)[0]))
+        report.append(("no KV cache (full recompute)", run(L.generate_without_cache)[0]))
     report.append(("matrix products alone (floor)", floor))
     for name, seconds in report:
         print(f"  {name:32s} {seconds:7.2f} s  {args.batch_size * cfg.block_size / seconds:8.0f} tokens/s  "
@@ -307,73 +290,120 @@ def benchmark(args, device, dtype, compiled_decode):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Sample images from a trained LlamaGen (ours or official).",
-                                     formatter_class=train.HelpFormatter)
+    parser = L.ArgumentParser(description="Sample images from a trained LlamaGen (ours or official).")
     group = parser.add_argument_group("models")
     group.add_argument("--out-dir", default="out", help="where python train.py wrote vq.pt and gpt.pt")
     group.add_argument("--official-vq", help="an official tokenizer, e.g. vq_ds16_c2i.pt")
     group.add_argument("--official-gpt", help="an official GPT, e.g. c2i_L_256.pt or t2i_XL_stage1_256.pt")
-    group.add_argument("--image-size", type=int, help="with official checkpoints: 256, 384 or 512")
+    group.add_argument("--image-size", type=L.bounded(int, 1), help="with official checkpoints: 256, 384 or 512")
     group.add_argument("--t5", help="a Hugging Face flan-t5-xl directory, for official text-conditional GPTs")
     group = parser.add_argument_group("conditions")
-    group.add_argument("--prompt", action="append", help="a caption (repeat for several)")
+    group.add_argument("--prompt", action="append", type=prompt_text, help="a caption (repeat for several)")
     group.add_argument("--class-id", type=int, action="append", help="a class id (repeat for several)")
     group.add_argument("--class-name", action="append", help="a class name stored in our checkpoint")
     group = parser.add_argument_group("sampling")
-    group.add_argument("--num-samples", type=int, default=4, help="images per prompt or class")
-    group.add_argument("--cfg-scale", type=float, help="default: the checkpoint's (ours), 4.0 (c2i), 7.5 (t2i)")
-    group.add_argument("--cfg-interval", type=int, default=-1, help="stop guidance after this many tokens + 2")
-    group.add_argument("--temperature", type=float, default=1.0, help="below 1: sharper, above 1: more varied")
-    group.add_argument("--top-k", type=int, help="default: 0 (ours), 2000 (official c2i), 1000 (official t2i)")
-    group.add_argument("--top-p", type=float, default=1.0, help="keep the most likely tokens up to this mass")
+    group.add_argument("--num-samples", type=L.bounded(int, 1), default=4, help="images per prompt or class")
+    group.add_argument("--cfg-scale", type=L.bounded(float, 0),
+                       help="classifier-free guidance: 1 none, 0 the unconditional model, above 1 closer to the "
+                            "condition, less varied (default: the checkpoint's for ours, 4.0 official c2i, 7.5 t2i)")
+    group.add_argument("--cfg-interval", type=L.bounded(int, -1), default=-1,
+                       help="guide only the first N + 2 tokens (-1: all)")
+    group.add_argument("--temperature", type=L.bounded(float, 0), default=1.0,
+                       help="below 1: sharper, above 1: more varied, 0: always the most likely token")
+    group.add_argument("--top-k", type=L.bounded(int, 0),
+                       help="draw from the k most likely tokens only, 0: all (default: 0 ours, 2000 official c2i, "
+                            "1000 t2i)")
+    group.add_argument("--top-p", type=L.bounded(float, 0, 1, above=True), default=1.0,
+                       help="draw from the most likely tokens that make up this much probability, in (0, 1]")
     group.add_argument("--seed", type=int, default=0, help="same seed, same images")
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the GPT and T5")
-    group.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    group.add_argument("--batch-size", type=int, default=32, help="images generated at once")
+    group.add_argument("--compile", action="store_true", help="torch.compile the decode step (gpt-fast)")
+    group.add_argument("--batch-size", type=L.bounded(int, 1), default=32, help="images generated at once")
     group.add_argument("--no-kv-cache", action="store_true", help="recompute every step (slow; for teaching)")
     group = parser.add_argument_group("outputs")
-    group.add_argument("--output", default="samples.png", help="the grid")
+    group.add_argument("--output", default="samples.png", help="the grid, an image file (.png, .jpg, ...)")
     group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
-    group.add_argument("--gif", help="an animation of the token grid filling in, decoded at every step group")
-    group.add_argument("--gif-tokens-per-frame", type=int, help="tokens per GIF frame (default: one row)")
+    group.add_argument("--gif", help="an animation of the token grid filling in (.gif)")
+    group.add_argument("--gif-tokens-per-frame", type=L.bounded(int, 1), help="tokens per GIF frame (default: one row)")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark", action="store_true", help="time generation of a random-weight model")
     group.add_argument("--preset", choices=list(L.GPT_PRESETS), default="GPT-B", help="the model to time")
-    group.add_argument("--repeat", type=int, default=3, help="timed runs; the fastest is reported")
+    group.add_argument("--repeat", type=L.bounded(int, 1), default=3, help="timed runs; the fastest is reported")
     return parser.parse_args(argv)
+
+
+def prompt_text(text):  # an argparse type: an empty prompt is a mistake, not a request
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty prompt says nothing: write a caption, or sample the "
+                                         "unconditional model with --cfg-scale 0")
+    return text
+
+
+def image_extensions():  # the file extensions Pillow can write
+    return sorted(ext for ext, format in Image.registered_extensions().items() if format in Image.SAVE)
+
+
+def check_output_file(path, flag, extensions, example):
+    """An output file's name and folder, checked (the folder made) before any sampling starts."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder: pass a file name, such as {os.path.join(path, example)}.")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        shown = " ".join(extensions) if len(extensions) < 6 else ".png, .jpg, .webp, ..."
+        raise ValueError(f"{flag} {path} needs a file extension Pillow can write ({shown}).")
+    L.check_output_dir(os.path.dirname(path) or ".", f"the folder of {flag}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path} exists and cannot be overwritten: pass another file name.")
+
+
+def check_outputs(args):
+    """Every output path, checked before any sampling starts."""
+    check_output_file(args.output, "--output", image_extensions(), "samples.png")
+    if args.save_dir:
+        L.check_output_dir(args.save_dir, "--save-dir")
+    if args.gif:
+        check_output_file(args.gif, "--gif", [".gif"], "generation.gif")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = train.pick_device(args.device)
-    dtype = DTYPES[args.dtype]
-    compiled_decode = None
-    if args.compile:  # one graph for the decode step, replayed for every token (a CUDA graph on a GPU)
-        compiled_decode = torch.compile(L.decode_one_token, mode="reduce-overhead", fullgraph=True)
-    if args.benchmark:
-        return benchmark(args, device, dtype, compiled_decode)
+    warnings.formatwarning = L.plain_warning
     try:
-        if bool(args.official_vq) != bool(args.official_gpt):
-            raise ValueError("pass both --official-vq and --official-gpt.")
-        if args.official_gpt and not args.image_size:
-            raise ValueError("pass --image-size (256, 384 or 512) with official checkpoints.")
-        sampler = load_official(args) if args.official_gpt else load_ours(args.out_dir)
-        rows = conditions(args, sampler)
-    except (FileNotFoundError, ValueError) as error:
+        device = L.pick_device(args.device)
+        if args.benchmark:
+            if args.image_size and args.image_size % 16:
+                raise ValueError(f"--image-size {args.image_size} is not a multiple of 16 (VQ-16's downsampling).")
+        else:
+            check_outputs(args)
+            if bool(args.official_vq) != bool(args.official_gpt):
+                raise ValueError("pass both --official-vq and --official-gpt.")
+            if args.official_gpt and not args.image_size:
+                raise ValueError("pass --image-size (256, 384 or 512) with official checkpoints.")
+            sampler = load_official(args) if args.official_gpt else load_ours(args.out_dir)
+            rows = conditions(args, sampler)
+    except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
-    sampler.vq.to(device)
-    cast(sampler.gpt, device, dtype)
-    if sampler.t5 is not None:
-        sampler.t5.to(device, dtype)
-    tokens = sample_tokens(sampler, rows, args, device, compiled_decode)
-    columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
-    save_outputs(decode(sampler.vq, tokens, sampler.grid_size), args, columns)
-    if args.gif:
-        frames = generation_frames(sampler.vq, tokens, sampler.grid_size,
-                                   args.gif_tokens_per_frame or sampler.grid_size)
-        save_gif(frames, args.gif, columns)
-        print(f"wrote {args.gif} ({len(frames)} frames)")
+    dtype = DTYPES[args.dtype]
+    if args.compile:
+        L.compile_decode_one_token()
+    try:
+        if args.benchmark:
+            return benchmark(args, device, dtype)
+        sampler.vq.to(device)
+        sampler.gpt.cast(device, dtype)
+        if sampler.text_encoder is not None:
+            sampler.text_encoder[1].to(device, dtype)
+        tokens = sample_tokens(sampler, rows, args, device)
+        columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
+        save_outputs(decode(sampler.vq, tokens, sampler.grid_size), args, columns)
+        if args.gif:
+            frames = generation_frames(sampler.vq, tokens, sampler.grid_size,
+                                       args.gif_tokens_per_frame or sampler.grid_size)
+            save_gif(frames, args.gif, columns)
+            print(f"wrote {args.gif} ({len(frames)} frames)")
+    except KeyboardInterrupt:
+        print("interrupted: only the files listed above were written.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
     python train.py                          # the whole demo on built-in shapes: about 8 minutes on a 2-core CPU
     python train.py vq --data DIR            # the tokenizer on your images
     python train.py gpt --data DIR --cond class
+    python train.py --resume                 # continue an interrupted run (Ctrl-C saves one)
     torchrun --nproc_per_node=2 train.py     # data-parallel on 2 GPUs (or CPU processes)
 
 Everything goes to --out-dir: vq.pt, gpt.pt, log.txt and sample grids. The models and losses are
-in llamagen.py; this file holds the data, the training loops and the evaluation of the demo.
+in llamagen.py; this file holds the data, the two training stages and the command line.
 """
 import argparse
 import dataclasses
@@ -15,6 +16,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 import warnings
@@ -31,7 +33,156 @@ from tqdm import tqdm
 import llamagen as L
 
 # -----------------------------------------------------------------------------
-# The built-in dataset: one colored shape on a plain background, rendered with Pillow
+# Data: a folder of your images, with class subfolders and/or captions
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def to_rgb(image):
+    """Any Pillow image -> 8-bit RGB: 16-bit grayscale rescaled, transparency put over white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16") or pixels.max() > 255:
+            pixels = pixels / 257.0  # 0..65535 -> 0..255
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def center_crop_resize(image, size):
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+
+
+def read_metadata_captions(root):
+    """{image path relative to root: caption} from root/metadata.jsonl, one {"file_name", "text"} per line."""
+    path = os.path.join(root, "metadata.jsonl")
+    captions = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    captions[os.path.normpath(record["file_name"])] = str(record["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path} line {number} is not a JSON object with \"file_name\" and "
+                                     "\"text\"; fix or remove that line.") from None
+    return captions
+
+
+class ImageFolderDataset:
+    """All images under root, read once into memory at image_size (RGB, center-cropped). Class
+    labels come from subfolders (root/<class>/x.png) when every image is in one; captions from
+    root/metadata.jsonl or a .txt file next to each image. Unreadable files are skipped; each kind
+    of surprise gets one warning with a count."""
+
+    def __init__(self, root, image_size):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data {root} is not a folder; pass a folder of images.")
+        paths = sorted(os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root)
+                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not paths:
+            raise ValueError(f"--data {root} holds no images (looked for {' '.join(IMAGE_EXTENSIONS)}).")
+        metadata = read_metadata_captions(root)
+        images, self.paths, self.captions = [], [], []
+        unreadable, upscaled, not_utf8 = [], [], []
+        for path in tqdm(paths, desc=f"reading {root}", leave=False):
+            try:
+                with Image.open(os.path.join(root, path)) as image:
+                    image.load()
+                    if min(image.size) < image_size:
+                        upscaled.append(path)
+                    pixels = np.asarray(center_crop_resize(to_rgb(image), image_size))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                unreadable.append(path)  # not an image, truncated, or corrupt
+                continue
+            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+            self.paths.append(path)
+            caption = metadata.get(os.path.normpath(path))
+            if caption is None:
+                caption = self.read_txt_caption(root, path, not_utf8)
+            self.captions.append(caption)
+        if not images:
+            raise ValueError(f"none of the {len(paths)} image files in {root} could be read.")
+        missing = sorted(set(metadata) - {os.path.normpath(p) for p in paths})
+        for found, what in [(unreadable, "unreadable, truncated or corrupt image files were skipped"),
+                            (upscaled, f"images are smaller than {image_size} px and were upscaled (blurry)"),
+                            (not_utf8, "caption files are not UTF-8 text; their odd characters were replaced"),
+                            (missing, "metadata.jsonl lines name a file that is not there; they were ignored")]:
+            if found:
+                warnings.warn(f"{len(found)} {what}, for example {found[0]}.", stacklevel=2)
+        self.images = torch.stack(images)                       # (N, 3, H, W) uint8
+        folders = [path.split(os.sep)[0] if os.sep in path else None for path in self.paths]
+        self.class_names = sorted(set(folders)) if all(folders) else None
+        self.labels = [self.class_names.index(f) for f in folders] if self.class_names else None
+        if self.class_names:
+            empty = sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name))
+                           and name not in self.class_names)
+            if empty:
+                warnings.warn(f"{len(empty)} subfolders hold no readable images and are not classes: "
+                              f"{', '.join(empty)}.", stacklevel=2)
+
+    def __len__(self):
+        return len(self.images)
+
+    @staticmethod
+    def read_txt_caption(root, path, not_utf8):
+        txt = os.path.join(root, os.path.splitext(path)[0] + ".txt")
+        if not os.path.isfile(txt):
+            return None
+        with open(txt, "rb") as f:
+            raw = f.read()
+        try:
+            return raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            not_utf8.append(os.path.relpath(txt, root))
+            return raw.decode("utf-8", errors="replace").strip()
+
+
+@dataclasses.dataclass
+class TrainingSet:
+    images: torch.Tensor    # (N, 3, H, W) uint8
+    labels: list            # class ids, or None
+    captions: list          # strings (None where an image has none), or None
+    class_names: list       # or None
+    held_out: torch.Tensor  # (M, 3, H, W) uint8: the images the tokenizer's PSNR is measured on
+    held_out_name: str      # what they are, for the log
+
+
+def load_data(args):
+    """The training set, with the images the tokenizer is measured on: never trained on, or for
+    a folder of under 20 images, some of the training images."""
+    if args.data is None:
+        shapes = ShapesDataset(args.num_images, args.image_size, args.seed, parse_holdout(args.holdout))
+        items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
+        held_out = ShapesDataset(256, args.image_size, args.seed + 1)
+        return TrainingSet(L.to_uint8(torch.stack([item["image"] for item in items])),
+                           [item["label"] for item in items], [item["caption"] for item in items], SHAPE_CLASSES,
+                           L.to_uint8(torch.stack([held_out[i]["image"] for i in range(len(held_out))])), "held-out")
+    folder = ImageFolderDataset(args.data, args.image_size)
+    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(args.seed))
+    n_held_out = min(256, len(folder) // 20)  # 5% (at most 256) never trained on, for the PSNR
+    train, held_out = order[n_held_out:].tolist(), order[:n_held_out]
+    images = folder.images[train]
+    return TrainingSet(images, [folder.labels[i] for i in train] if folder.labels else None,
+                       [folder.captions[i] for i in train], folder.class_names,
+                       folder.images[held_out] if n_held_out else images[:256],
+                       "held-out" if n_held_out else "training (under 20 images: none held out)")
+
+
+def to_float(images):  # uint8 -> (N, 3, H, W) float in [-1, 1]
+    return images.float() / 127.5 - 1.0
+
+
+# -----------------------------------------------------------------------------
+# The built-in shapes world: one colored shape on a plain background, drawn with Pillow; its
+# captions; and the fixed-rule judge that checks whether a generated image shows what was asked
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (230, 50, 50), "green": (50, 190, 70), "blue": (60, 90, 235),
@@ -71,6 +222,11 @@ def render_shape(shape, color, size, position, image_size, rng):
     return np.asarray(image.resize((image_size, image_size), Image.BOX))
 
 
+def random_caption(rng, color, shape, size, position):
+    return rng.choice(CAPTION_TEMPLATES).format(size=rng.choice(SIZE_WORDS[size]), color=color, shape=shape,
+                                                where=rng.choice(POSITION_WORDS[position]))
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Procedural shapes, deterministic from the seed. `holdout` names (color, shape) combinations
     such as "blue triangle" that never appear."""
@@ -79,9 +235,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.num_images, self.image_size, self.seed = num_images, image_size, seed
         unknown = set(holdout) - set(SHAPE_CLASSES)
         if unknown:
-            raise ValueError(f"unknown holdout {sorted(unknown)}; choose from {SHAPE_CLASSES}.")
+            raise ValueError(f"unknown --holdout {', '.join(sorted(unknown))}; choose from {', '.join(SHAPE_CLASSES)}.")
         self.holdout = set(holdout)
-        self.class_names = SHAPE_CLASSES
 
     def __len__(self):
         return self.num_images
@@ -94,11 +249,19 @@ class ShapesDataset(torch.utils.data.Dataset):
                 break
         size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
         pixels = render_shape(shape, color, size, position, self.image_size, rng)
-        caption = rng.choice(CAPTION_TEMPLATES).format(
-            size=rng.choice(SIZE_WORDS[size]), color=color, shape=shape, where=rng.choice(POSITION_WORDS[position]))
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
-        return dict(image=image, label=SHAPE_CLASSES.index(f"{color} {shape}"), caption=caption,
+        return dict(image=image, label=SHAPE_CLASSES.index(f"{color} {shape}"),
+                    caption=random_caption(rng, color, shape, size, position),
                     shape=shape, color=color, size=size, position=position)
+
+
+def parse_holdout(text):
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def mirror_caption(text):
+    """The caption of a horizontally flipped image: left and right swap."""
+    return re.sub(r"\b(left|right)\b", lambda word: {"left": "right", "right": "left"}[word[0]], text)
 
 
 def judge_shape(image):
@@ -145,156 +308,46 @@ def judge_shape(image):
     return dict(color=list(COLORS)[color_index], shape=shape, size=size, position=position)
 
 
-def mirror_caption(text):
-    """The caption of a horizontally flipped image: left and right swap."""
-    return re.sub(r"\b(left|right)\b", lambda word: {"left": "right", "right": "left"}[word[0]], text)
+@torch.no_grad()
+def evaluate_shapes(gpt, vq, text_encoder, args, device, per_class, batch_size=128):
+    """Generate for every (color, shape) `per_class` samples (3x that for held-out ones), with
+    prompts in the training captions' varied wording, and judge every image. Returns, per group,
+    the fraction that shows the asked color and shape (and size and position, asked for in text)."""
+    rng = random.Random(args.seed + 2)
+    holdout = parse_holdout(args.holdout)
+    requests = []  # (class name, size, position, prompt)
+    for name in SHAPE_CLASSES:
+        color, shape = name.split()
+        for _ in range(per_class * (3 if name in holdout else 1)):
+            size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
+            requests.append((name, size, position, random_caption(rng, color, shape, size, position)))
+    judged = []
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        conditions = [r[3] for r in batch] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in batch]
+        images = generate_images(gpt, vq, text_encoder, conditions, args.cfg_scale, args.seed + start, device)
+        judged += [judge_shape(image.cpu()) for image in images]
+    results = {}
+    for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
+        pairs = [(r, j) for r, j in zip(requests, judged) if r[0] in names]
+        right = [j is not None and f"{j['color']} {j['shape']}" == r[0] for r, j in pairs]
+        results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs))
+        if args.cond == "text":
+            results[group]["size"] = sum(j is not None and j["size"] == r[1] for r, j in pairs) / len(pairs)
+            results[group]["position"] = sum(j is not None and j["position"] == r[2] for r, j in pairs) / len(pairs)
+    return results
+
+
+def report_shapes(metrics, run, cfg_scale):
+    for group, result in metrics.items():
+        name = "trained color/shape combinations" if group == "seen" else f"held-out combination '{group}'"
+        extras = "".join(f", {key} {result[key]:.0%}" for key in ("size", "position") if key in result)
+        run.log(f"{name}: {result['color_and_shape']:.1%} of {result['samples']} samples show the asked "
+                f"color and shape{extras} (CFG {cfg_scale})")
 
 
 # -----------------------------------------------------------------------------
-# Your own images: a folder with class subfolders and/or captions
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def to_rgb(image):
-    """Any Pillow image -> 8-bit RGB: 16-bit grayscale rescaled, transparency put over white."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        pixels = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16") or pixels.max() > 255:
-            pixels = pixels / 257.0  # 0..65535 -> 0..255
-        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    return image.convert("RGB")
-
-
-def center_crop_resize(image, size):
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-
-
-def read_metadata_captions(root):
-    """{image path relative to root: caption} from root/metadata.jsonl, one {"file_name", "text"} per line."""
-    path = os.path.join(root, "metadata.jsonl")
-    captions = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    captions[os.path.normpath(record["file_name"])] = str(record["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path} line {number} is not a JSON object with \"file_name\" and "
-                                     "\"text\"; fix or remove that line.") from None
-    return captions
-
-
-def read_txt_caption(root, path):
-    txt = os.path.join(root, os.path.splitext(path)[0] + ".txt")
-    if os.path.isfile(txt):
-        with open(txt) as f:
-            return f.read().strip()
-    return None
-
-
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """All images under root, read once into memory at image_size (RGB, center-cropped). Class
-    labels come from subfolders (root/<class>/x.png) when every image is in one; captions from
-    root/metadata.jsonl or a .txt file next to each image. Unreadable files are skipped."""
-
-    def __init__(self, root, image_size):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"--data {root} is not a folder; pass a folder of images.")
-        paths = sorted(os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root)
-                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
-        if not paths:
-            raise ValueError(f"--data {root} holds no images (looked for {' '.join(IMAGE_EXTENSIONS)}).")
-        metadata = read_metadata_captions(root)
-        images, self.paths, self.captions, skipped = [], [], [], 0
-        for path in tqdm(paths, desc=f"reading {root}", leave=False):
-            try:
-                with Image.open(os.path.join(root, path)) as image:
-                    image.load()
-                    pixels = np.asarray(center_crop_resize(to_rgb(image), image_size))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                skipped += 1  # not an image, truncated, or corrupt
-                continue
-            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
-            self.paths.append(path)
-            self.captions.append(metadata.get(os.path.normpath(path)) or read_txt_caption(root, path))
-        if skipped:
-            warnings.warn(f"skipped {skipped} unreadable or truncated image file(s) in {root}.", stacklevel=2)
-        if not images:
-            raise ValueError(f"none of the {len(paths)} image files in {root} could be read.")
-        self.images = torch.stack(images)                       # (N, 3, H, W) uint8
-        folders = [path.split(os.sep)[0] if os.sep in path else None for path in self.paths]
-        self.class_names = sorted(set(folders)) if all(folders) else None
-        self.labels = [self.class_names.index(f) for f in folders] if self.class_names else None
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return dict(image=self.images[index].float() / 127.5 - 1.0, caption=self.captions[index],
-                    label=self.labels[index] if self.labels else None)
-
-
-@dataclasses.dataclass
-class TrainingSet:
-    images: torch.Tensor  # (N, 3, H, W) uint8
-    labels: list          # class ids, or None
-    captions: list        # strings (None where an image has none), or None
-    class_names: list     # or None
-
-
-def load_data(args):
-    """The training set and the held-out images (N, 3, H, W) uint8 the tokenizer is measured on."""
-    if args.data is None:
-        shapes = ShapesDataset(args.num_images, args.image_size, args.seed, parse_holdout(args.holdout))
-        items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
-        held_out = ShapesDataset(256, args.image_size, args.seed + 1)
-        data = TrainingSet(to_uint8(torch.stack([item["image"] for item in items])),
-                           [item["label"] for item in items], [item["caption"] for item in items],
-                           SHAPE_CLASSES)
-        return data, to_uint8(torch.stack([held_out[i]["image"] for i in range(len(held_out))]))
-    folder = ImageFolderDataset(args.data, args.image_size)
-    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(args.seed))
-    n_held_out = min(256, len(folder) // 20)  # 5% (at most 256) never trained on, for the PSNR
-    train, held_out = order[n_held_out:].tolist(), order[:n_held_out]
-    data = TrainingSet(folder.images[train], [folder.labels[i] for i in train] if folder.labels else None,
-                       [folder.captions[i] for i in train], folder.class_names)
-    if n_held_out == 0:  # under 20 images: measure the tokenizer on (some of) its training images
-        warnings.warn(f"{args.data} has {len(folder)} images, too few to hold some out: the tokenizer's "
-                      "PSNR is measured on training images.", stacklevel=2)
-        return data, data.images[:256]
-    return data, folder.images[held_out]
-
-
-def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def to_float(images):  # uint8 -> (N, 3, H, W) float in [-1, 1]
-    return images.float() / 127.5 - 1.0
-
-
-# -----------------------------------------------------------------------------
-# Training helpers: device and processes, batches, schedule, checkpoints, grids
-
-
-def pick_device(name=None):
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+# Training machinery: device and processes, batches, learning rate, checkpoints, Ctrl-C
 
 
 class Run:
@@ -303,17 +356,15 @@ class Run:
 
     def __init__(self, args):
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.device = pick_device(args.device)
+        self.device = L.pick_device(args.device)
         if self.world > 1:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
-        self.compile = args.compile
         self.out_dir = args.out_dir
-        if self.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
+        self.save_every = args.save_every
 
     def log(self, line):
         if self.is_main:
@@ -324,18 +375,10 @@ class Run:
     def autocast(self):  # bf16 on CUDA, plain fp32 elsewhere
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def wrap(self, model):
-        """The module the training step calls: data-parallel and/or compiled. The plain module is
-        the one saved and sampled."""
-        if self.world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        if not self.compile:
+    def data_parallel(self, model):  # the module the training step calls; the plain one is saved
+        if self.world == 1:
             return model
-        # the adaptive GAN weight back-propagates twice through one graph, which compiled
-        # backward passes allow only without donated buffers
-        torch._functorch.config.donated_buffer = False
-        return torch.compile(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
     def average_gradients(self, module):  # for a module trained outside DistributedDataParallel
         if self.world > 1:
@@ -344,22 +387,76 @@ class Run:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world
 
+    def any_process(self, flag):  # True if it is True in any process (so that all stop together)
+        if self.world == 1:
+            return flag
+        flag = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def progress(self, steps, start, desc):
         return tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not self.is_main,
                     dynamic_ncols=True, mininterval=2.0)
 
     def close(self):
-        if self.world > 1:
+        if self.world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
 
-def batch_indices(num_examples, batch_size, seed, step, run):
+class Stopped(Exception):
+    """Training stopped early (Ctrl-C, or a loss that is not a number): the message says why and
+    what was kept; main() prints it and exits."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopOnCtrlC:
+    """Ctrl-C asks the training loop to finish its step, save a checkpoint and stop, so that what
+    is saved is a whole step; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: saving a checkpoint after this step (press it again to stop at once, unsaved)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def stop_if_not_finite(run, loss, step, path):
+    """Called before the update: a loss that is not a number stops training before it reaches the
+    weights, and the last checkpoint is kept."""
+    if run.any_process(not math.isfinite(loss)):
+        raise Stopped(f"the loss became {loss} at step {step}, so training stopped; {path} keeps the last "
+                      "checkpoint. Lower the learning rate and resume with --resume, or start over.", 1)
+
+
+def end_of_step(run, stop, done, total, save, path):
+    """After a training step: a checkpoint every save_every steps, or now if Ctrl-C asked for one."""
+    if run.is_main and done % run.save_every == 0 and done < total:
+        save(done)
+    if run.any_process(stop.requested):
+        if run.is_main:
+            save(done)
+        raise Stopped(f"stopped at step {done} of {total} and saved {path}; continue with the same "
+                      "command and --resume.", 130)
+
+
+def batch_indices(num_examples, batch_size, seed, step, run, flip):
     """This process's examples for one step and whether to flip each: a function of (seed, step)
     alone, so a resumed run draws the same batches as an uninterrupted one."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     indices = torch.randint(num_examples, (batch_size,), generator=generator)
-    flips = torch.rand(batch_size, generator=generator) < 0.5
+    flips = (torch.rand(batch_size, generator=generator) < 0.5) & flip
     share = slice(run.rank * batch_size // run.world, (run.rank + 1) * batch_size // run.world)
     return indices[share], flips[share]
 
@@ -370,25 +467,6 @@ def learning_rate(step, total_steps, peak, warmup):
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def save_atomic(checkpoint, path):
-    """Write to a temporary file, then rename: an interruption leaves the old file or the new one."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path, kind):
-    """One of our checkpoints (a plain dict), with one clear error when it is missing or wrong."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}).") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != kind:
-        raise ValueError(f"{path} is not a {kind} checkpoint written by train.py.")
-    return checkpoint
 
 
 def rng_state(device):
@@ -404,24 +482,21 @@ def set_rng_state(state, device):
 
 
 def save_grid(images, path, columns):
-    """images (N, 3, H, W) in [-1, 1] -> one PNG, `columns` images per row, 2-pixel gaps."""
-    grid_image(images, columns).save(path)
-
-
-def grid_image(images, columns):
-    images = to_uint8(images.float().cpu())
-    N, _, H, W = images.shape
-    rows, gap = math.ceil(N / columns), 2
-    grid = torch.full((3, rows * (H + gap) + gap, columns * (W + gap) + gap), 255, dtype=torch.uint8)
-    for i, image in enumerate(images):
-        top, left = gap + (i // columns) * (H + gap), gap + (i % columns) * (W + gap)
-        grid[:, top:top + H, left:left + W] = image
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
-
+    L.grid_image(images, columns).save(path)
 
 
 # -----------------------------------------------------------------------------
 # Stage 1: the VQ tokenizer
+
+
+def vq_config(args):
+    """The preset's architecture with the quantizer options of the command line."""
+    options = {name: getattr(args, name) for name in QUANTIZER_OPTIONS if getattr(args, name) is not None}
+    return L.VQConfig(**{**L.VQ_PRESETS[args.vq_preset], **options})
+
+
+def codebook_usage(indices, codebook_size):  # the fraction of the codebook that indices use
+    return indices.unique().numel() / codebook_size
 
 
 @torch.no_grad()
@@ -433,40 +508,22 @@ def evaluate_tokenizer(vq, images, device, batch_size=64):
     for start in range(0, len(images), batch_size):
         originals = images[start:start + batch_size]
         indices = vq.encode_indices(to_float(originals).to(device))
-        recon = to_uint8(vq.decode_indices(indices).float().cpu())
+        recon = L.to_uint8(vq.decode_indices(indices).cpu())
         mse = (recon.float() - originals.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
         psnrs.append(10 * torch.log10(255.0 ** 2 / mse))
         codes.append(indices.flatten().cpu())
     vq.train(was_training)
-    return dict(psnr=torch.cat(psnrs).mean().item(),
-                usage=torch.cat(codes).unique().numel() / vq.cfg.codebook_size)
+    return dict(psnr=torch.cat(psnrs).mean().item(), usage=codebook_usage(torch.cat(codes), vq.cfg.codebook_size))
 
 
-def load_vq(path):
-    """Our trained tokenizer (EMA weights when it has them) and its checkpoint."""
-    checkpoint = load_checkpoint(path, "vq")
-    vq = L.VQModel(L.VQConfig(**checkpoint["config"]))
-    vq.load_state_dict(checkpoint["ema"] or checkpoint["model"])
-    return vq.eval(), checkpoint
-
-
-QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", "commit_loss_beta",
-                     "entropy_loss_ratio")
-
-
-def vq_config(args):
-    """The preset's architecture with the quantizer options of the command line."""
-    options = {name: getattr(args, name) for name in QUANTIZER_OPTIONS if getattr(args, name) is not None}
-    return L.VQConfig(**{**L.VQ_PRESETS[args.vq_preset], **options})
-
-
-def train_vq(args, run, data, held_out, checkpoint=None):
+def train_vq(args, run, data, checkpoint=None):
     path = os.path.join(args.out_dir, "vq.pt")
-    cfg = L.VQConfig(**checkpoint["config"]) if checkpoint else vq_config(args)
+    cfg = L.config_from_dict(L.VQConfig, checkpoint["config"], path) if checkpoint else vq_config(args)
     torch.manual_seed(args.seed)
     vq = L.VQModel(cfg).to(run.device)
-    criterion = L.VQLoss(args.disc_start, args.disc_weight, args.perceptual_weight,
-                         args.adaptive_disc_weight).to(run.device)
+    criterion = L.VQLoss(disc_start=args.disc_start, disc_weight=args.disc_weight,
+                         perceptual_weight=args.perceptual_weight,
+                         adaptive_disc_weight=args.adaptive_disc_weight).to(run.device)
     optimizer = torch.optim.Adam(vq.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
     disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
     ema = AveragedModel(vq, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
@@ -484,80 +541,81 @@ def train_vq(args, run, data, held_out, checkpoint=None):
         run.log(f"resuming the tokenizer from {path} at step {start}")
 
     def save(step, metrics=None):
-        save_atomic(dict(kind="vq", config=dataclasses.asdict(cfg), model=vq.state_dict(),
-                         ema=ema.module.state_dict() if ema else None,
-                         discriminator=criterion.discriminator.state_dict(), optimizer=optimizer.state_dict(),
-                         disc_optimizer=disc_optimizer.state_dict(), step=step, rng=rng_state(run.device),
-                         image_size=args.image_size, args=vars(args), metrics=metrics), path)
+        L.save_checkpoint(dict(kind="vq", config=dataclasses.asdict(cfg), model=vq.state_dict(),
+                               ema=ema.module.state_dict() if ema else None,
+                               discriminator=criterion.discriminator.state_dict(), optimizer=optimizer.state_dict(),
+                               disc_optimizer=disc_optimizer.state_dict(), step=step, rng=rng_state(run.device),
+                               image_size=args.image_size, args=vars(args), metrics=metrics), path)
 
-    model = run.wrap(vq)
-    shown = to_float(held_out[:32]).to(run.device)  # the same images in every reconstruction grid
-    timer, seen = time.time(), 0
+    model = run.data_parallel(vq)
+    shown = to_float(data.held_out[:32]).to(run.device)  # the same images in every reconstruction grid
+    timer, seen, codes_seen = time.time(), 0, []
     bar = run.progress(args.vq_steps, start, "tokenizer")
-    for step in bar:
-        lr = learning_rate(step, args.vq_steps, args.vq_lr, args.warmup)
-        for group in optimizer.param_groups + disc_optimizer.param_groups:
-            group["lr"] = lr
-        indices, flips = batch_indices(len(data.images), args.vq_batch_size, args.seed, step, run)
-        images = to_float(data.images[indices]).to(run.device)
-        images = torch.where(flips[:, None, None, None].to(run.device), images.flip(-1), images)
-        with run.autocast():
-            recon, vq_losses = model(images)
-            loss, logs = criterion.generator_loss(images, recon, vq_losses, step, vq.decoder.conv_out.weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(vq.parameters(), args.grad_clip)
-        optimizer.step()
-        with run.autocast():
-            disc_loss = criterion.discriminator_loss(images, recon, step)
-        if disc_loss is not None:  # the discriminator's own step, on detached images
-            disc_optimizer.zero_grad(set_to_none=True)
-            disc_loss.backward()
-            run.average_gradients(criterion.discriminator)
-            disc_optimizer.step()
-            logs["disc_loss"] = disc_loss
-        if ema:
-            ema.update_parameters(vq)
-        seen += len(images) * run.world
-        done = step + 1
-        if done % args.log_every == 0 or done == args.vq_steps:
-            terms = " | ".join(f"{name.removesuffix('_loss')} {value.item():.4f}"
-                               for name, value in logs.items() if name != "usage")
-            usage = vq.quantize.usage().item()
-            run.log(f"vq step {done}/{args.vq_steps} | loss {loss.item():.4f} | {terms} | usage {usage:.0%} | "
-                    f"lr {lr:.1e} | {seen / (time.time() - timer):.0f} img/s")
-            bar.set_postfix_str(f"rec {logs['rec_loss'].item():.4f}, codebook usage {usage:.0%}")
-            vq.quantize.reset_usage()  # usage is over the steps since the last line
-        if run.is_main and (done % args.sample_every == 0 or done == args.vq_steps):
-            shown_model = (ema.module if ema else vq).eval()  # the weights that will be saved
-            recon = shown_model.decode_indices(shown_model.encode_indices(shown))
-            vq.train()
-            rows = [torch.cat([shown[i:i + 8], recon[i:i + 8]]) for i in range(0, len(shown), 8)]
-            save_grid(torch.cat(rows), os.path.join(args.out_dir, f"vq_step{done:06d}.png"), columns=8)
-        if run.is_main and done % args.save_every == 0 and done < args.vq_steps:
-            save(done)
+    with StopOnCtrlC() as stop:
+        for step in bar:
+            lr = learning_rate(step, args.vq_steps, args.vq_lr, args.warmup)
+            for group in optimizer.param_groups + disc_optimizer.param_groups:
+                group["lr"] = lr
+            indices, flips = batch_indices(len(data.images), args.vq_batch_size, args.seed, step, run, args.flip)
+            images = to_float(data.images[indices]).to(run.device)
+            images = torch.where(flips[:, None, None, None].to(run.device), images.flip(-1), images)
+            with run.autocast():
+                recon, codes, vq_losses = model(images)
+                loss, logs = criterion.generator_loss(images, recon, vq_losses, step, vq.decoder.conv_out.weight)
+            done = step + 1
+            stop_if_not_finite(run, loss.item(), done, path)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(vq.parameters(), args.grad_clip)
+            optimizer.step()
+            with run.autocast():
+                disc_loss = criterion.discriminator_loss(images, recon, step)
+            if disc_loss is not None:  # the discriminator's own step, on detached images
+                disc_optimizer.zero_grad(set_to_none=True)
+                disc_loss.backward()
+                run.average_gradients(criterion.discriminator)
+                disc_optimizer.step()
+                logs["disc_loss"] = disc_loss
+            if ema:
+                ema.update_parameters(vq)
+            seen += len(images) * run.world
+            codes_seen.append(codes.flatten())
+            if done % args.log_every == 0 or done == args.vq_steps:
+                terms = " | ".join(f"{name.removesuffix('_loss')} {value.item():.4f}" for name, value in logs.items())
+                usage = codebook_usage(torch.cat(codes_seen), cfg.codebook_size)  # since the last line
+                codes_seen = []
+                run.log(f"vq step {done}/{args.vq_steps} | loss {loss.item():.4f} | {terms} | usage {usage:.0%} | "
+                        f"lr {lr:.1e} | {seen / (time.time() - timer):.0f} img/s")
+                bar.set_postfix_str(f"rec {logs['rec_loss'].item():.4f}, codebook usage {usage:.0%}")
+            if run.is_main and (done % args.sample_every == 0 or done == args.vq_steps):
+                shown_model = (ema.module if ema else vq).eval()  # the weights that will be saved
+                recon = shown_model.decode_indices(shown_model.encode_indices(shown))
+                vq.train()
+                rows = [torch.cat([shown[i:i + 8], recon[i:i + 8]]) for i in range(0, len(shown), 8)]
+                save_grid(torch.cat(rows), os.path.join(args.out_dir, f"vq_step{done:06d}.png"), columns=8)
+            end_of_step(run, stop, done, args.vq_steps, save, path)
     final = (ema.module if ema else vq).eval()
-    metrics = evaluate_tokenizer(final, held_out, run.device)
-    run.log(f"tokenizer on {len(held_out)} held-out images: PSNR {metrics['psnr']:.2f} dB, "
-            f"codebook usage {metrics['usage']:.0%}")
+    metrics = evaluate_tokenizer(final, data.held_out, run.device)
+    run.log(f"tokenizer on {len(data.held_out)} {data.held_out_name} images: PSNR {metrics['psnr']:.2f} dB, codebook usage {metrics['usage']:.0%}")
     if run.is_main:
         save(max(start, args.vq_steps), metrics)
     return final, criterion
 
 
 # -----------------------------------------------------------------------------
-# Stage 2: the GPT on cached token grids
+# Stage 2: the GPT on the token grids of the training images
 
 
 @torch.no_grad()
-def encode_dataset(vq, images, device, batch_size=256):
-    """Token grids (N, h*w) of every image and of its mirror image, computed once."""
+def encode_dataset(vq, images, device, flip, batch_size=256):
+    """Token grids (N, h*w) of every image, and of its mirror image when flipping, computed once."""
     codes, mirrored = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="encoding images", leave=False):
         x = to_float(images[start:start + batch_size]).to(device)
         codes.append(vq.encode_indices(x).flatten(1).cpu())                # (B, h, w) -> (B, h*w)
-        mirrored.append(vq.encode_indices(x.flip(-1)).flatten(1).cpu())
-    return torch.cat(codes), torch.cat(mirrored)
+        if flip:
+            mirrored.append(vq.encode_indices(x.flip(-1)).flatten(1).cpu())
+    return torch.cat(codes), torch.cat(mirrored) if flip else None
 
 
 class Conditioned(nn.Module):
@@ -582,54 +640,32 @@ class Conditioned(nn.Module):
         return self
 
 
-def text_encoder_from_checkpoint(checkpoint):  # -> (tokenizer, T5) stored in a gpt.pt
-    t5 = L.T5Encoder(L.T5Config(**checkpoint["t5_config"]))
-    t5.load_state_dict(checkpoint["t5"])
-    return L.TextTokenizer(checkpoint["text_tokenizer"]), t5
-
-
 def text_encoder(args, captions, checkpoint):
     """(tokenizer, T5, whether the T5 trains): from the checkpoint being resumed; from a pretrained
     Hugging Face directory (frozen); or a SentencePiece model trained on the captions and a small
     T5 trained from scratch together with the GPT."""
     if checkpoint:
-        return *text_encoder_from_checkpoint(checkpoint), checkpoint["train_t5"]
+        t5 = L.T5Encoder(L.config_from_dict(L.T5Config, checkpoint["t5_config"], "gpt.pt"))
+        t5.load_state_dict(checkpoint["t5"])
+        return L.TextTokenizer(checkpoint["text_tokenizer"]), t5, checkpoint["train_t5"]
     if args.t5:
         t5, tokenizer = L.load_t5_encoder(args.t5)
-        if tokenizer is None:
-            raise FileNotFoundError(f"{args.t5} has no spiece.model: the T5 needs its own tokenizer.")
         return tokenizer, t5, False
     tokenizer = L.TextTokenizer.train(captions, args.text_vocab)
     return tokenizer, L.T5Encoder(L.T5Config(**L.T5_PRESETS[args.t5_preset], vocab_size=tokenizer.vocab_size)), True
 
 
-def tokenize_captions(tokenizer, captions, length):
-    with warnings.catch_warnings(record=True) as cut:
-        warnings.simplefilter("always")
-        ids, mask = tokenizer(captions, length)
-    if cut:
-        warnings.warn(f"{len(cut)} of {len(captions)} captions were cut to --text-length {length} tokens.",
-                      stacklevel=2)
-    return ids, mask
-
-
 @torch.no_grad()
-def encode_text(t5, tokenizer, prompts, length, device):  # -> features (B, L, d_model), mask (B, L)
-    ids, mask = tokenizer(prompts, length)
-    ids, mask = ids.to(device), mask.to(device)
-    was_training = t5.training
-    features = t5.eval()(ids, mask)
-    t5.train(was_training)
-    return features, mask
-
-
-@torch.no_grad()
-def generate_images(gpt, vq, cond, cond_mask, cfg_scale, seed, **sampling):
-    """Sample token grids for a batch of conditions and decode them: (B, 3, H, W) in [-1, 1]."""
-    generator = torch.Generator(cond.device).manual_seed(seed)
-    tokens = L.generate(gpt, cond, cond_mask, cfg_scale=cfg_scale, generator=generator, **sampling)
-    for layer in gpt.layers:  # give the KV cache's memory back to training
-        layer.attention.kv_cache = None
+def generate_images(gpt, vq, text_encoder, conditions, cfg_scale, seed, device):
+    """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1]."""
+    if text_encoder is not None:
+        tokenizer, t5 = text_encoder
+        cond, cond_mask = L.encode_text(t5, tokenizer, conditions, gpt.config.cls_token_num, device)
+    else:
+        cond, cond_mask = torch.tensor(conditions, device=device), None
+    generator = torch.Generator(device).manual_seed(seed)
+    tokens = L.generate(gpt, cond, cond_mask, cfg_scale=cfg_scale, generator=generator)
+    gpt.free_caches()  # give the KV cache's memory back to training
     grid = math.isqrt(tokens.shape[1])
     return vq.decode_indices(tokens.view(-1, grid, grid))  # (B, h*w) -> (B, h, w) -> (B, 3, H, W)
 
@@ -647,241 +683,218 @@ def demo_conditions(data, args):
     return [caption for caption in captions for _ in range(4)]
 
 
-def sample_demo_grid(gpt, vq, t5, tokenizer, conditions, args, device, path):
-    if isinstance(conditions[0], str):
-        cond, cond_mask = encode_text(t5, tokenizer, conditions, gpt.config.cls_token_num, device)
-    else:
-        cond, cond_mask = torch.tensor(conditions, device=device), None
-    images = generate_images(gpt, vq, cond, cond_mask, args.cfg_scale, args.seed)
-    save_grid(images, path, columns=4)
-
-
 def train_gpt(args, run, data, vq, checkpoint=None):
     path = os.path.join(args.out_dir, "gpt.pt")
     text = args.cond == "text"
     keep = [i for i, caption in enumerate(data.captions) if caption] if text else list(range(len(data.images)))
-    codes, mirrored_codes = encode_dataset(vq, data.images[keep], run.device)
+    codes, mirrored_codes = encode_dataset(vq, data.images[keep], run.device, args.flip)
     torch.manual_seed(args.seed)
     t5 = tokenizer = None
     if text:
         captions = [data.captions[i] for i in keep]
         tokenizer, t5, train_t5 = text_encoder(args, captions, checkpoint)
-        ids, mask = tokenize_captions(tokenizer, captions, args.text_length)
-        mirrored_ids, mirrored_mask = tokenize_captions(tokenizer, [mirror_caption(c) for c in captions],
-                                                        args.text_length)
+        ids, mask = tokenizer(captions, args.text_length)
+        if args.flip:  # a mirrored image goes with its mirrored caption
+            mirrored_ids, mirrored_mask = tokenizer([mirror_caption(c) for c in captions], args.text_length)
     else:
         labels, train_t5 = torch.tensor([data.labels[i] for i in keep]), False
     if checkpoint:
-        cfg = L.GPTConfig(**checkpoint["config"])
+        cfg = L.config_from_dict(L.GPTConfig, checkpoint["config"], path)
     else:
         cfg = L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], vocab_size=vq.cfg.codebook_size,
                           block_size=codes.shape[1], model_type="t2i" if text else "c2i",
-                          num_classes=len(data.class_names or []),
-                          caption_dim=t5.config.d_model if text else 0,
+                          num_classes=len(data.class_names or []), caption_dim=t5.config.d_model if text else 0,
                           cls_token_num=args.text_length if text else 1, class_dropout_prob=args.class_dropout,
-                          token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
+                          token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout,
+                          rope_2d=args.rope == "2d")
     gpt = L.GPT(cfg)
     model = Conditioned(gpt, t5, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([  # weight decay on matrices and embeddings only
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=args.gpt_lr, betas=(0.9, 0.95))
+    fingerprint = L.tokenizer_fingerprint(vq)
     start = 0
     if checkpoint:
+        if checkpoint["vq_fingerprint"] != fingerprint:
+            raise ValueError(f"{path} was trained on another tokenizer than the one in {args.out_dir}: start "
+                             "the GPT anew with --overwrite.")
         gpt.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start = checkpoint["step"]
         set_rng_state(checkpoint["rng"], run.device)
         run.log(f"resuming the GPT from {path} at step {start}")
+    conditions = demo_conditions(data, args)
+    text_encoder_pair = (tokenizer, t5) if text else None
 
     def save(step, metrics=None):
-        save_atomic(dict(kind="gpt", config=dataclasses.asdict(cfg), model=gpt.state_dict(),
-                         optimizer=optimizer.state_dict(), step=step, rng=rng_state(run.device),
-                         class_names=data.class_names, vq_config=dataclasses.asdict(vq.cfg),
-                         prompts=conditions[::4] if text else None,  # one per grid row
-                         image_size=args.image_size, cfg_scale=args.cfg_scale,
-                         text_tokenizer=tokenizer.model_bytes if text else None,
-                         t5_config=dataclasses.asdict(t5.config) if text else None,
-                         t5=t5.state_dict() if text else None, train_t5=train_t5,
-                         args=vars(args), metrics=metrics), path)
+        L.save_checkpoint(dict(kind="gpt", config=dataclasses.asdict(cfg), model=gpt.state_dict(),
+                               optimizer=optimizer.state_dict(), step=step, rng=rng_state(run.device),
+                               class_names=data.class_names, vq_fingerprint=fingerprint,
+                               prompts=conditions[::4] if text else None,  # one per grid row
+                               image_size=args.image_size, cfg_scale=args.cfg_scale,
+                               text_tokenizer=tokenizer.model_bytes if text else None,
+                               t5_config=dataclasses.asdict(t5.config) if text else None,
+                               t5=t5.state_dict() if text else None, train_t5=train_t5,
+                               args=vars(args), metrics=metrics), path)
 
-    wrapped = run.wrap(model)
-    conditions = demo_conditions(data, args)
+    # --compile compiles this stage only: the tokenizer's adaptive GAN weight differentiates its
+    # graph twice per step, which compiled backward passes refuse
+    wrapped = run.data_parallel(model)
+    if args.compile:
+        wrapped = torch.compile(wrapped)
     timer, seen = time.time(), 0
     bar = run.progress(args.gpt_steps, start, "gpt")
-    for step in bar:
-        lr = learning_rate(step, args.gpt_steps, args.gpt_lr, args.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        indices, flips = batch_indices(len(codes), args.gpt_batch_size, args.seed, step, run)
-        tokens = torch.where(flips[:, None], mirrored_codes[indices], codes[indices]).to(run.device)
-        if text:  # a mirrored image goes with its mirrored caption
-            cond = torch.where(flips[:, None], mirrored_ids[indices], ids[indices]).to(run.device)
-            cond_mask = torch.where(flips[:, None], mirrored_mask[indices], mask[indices]).to(run.device)
-        else:
-            cond, cond_mask = labels[indices].to(run.device), None
-        with run.autocast():
-            logits = wrapped(tokens, cond, cond_mask)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())  # (B*T, vocab), (B*T,)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        seen += tokens.numel() * run.world
-        done = step + 1
-        if done % args.log_every == 0 or done == args.gpt_steps:
-            run.log(f"gpt step {done}/{args.gpt_steps} | loss {loss.item():.4f} | lr {lr:.1e} | "
-                    f"{seen / (time.time() - timer):.0f} tokens/s")
-            bar.set_postfix_str(f"loss {loss.item():.4f}")
-        if run.is_main and done % args.sample_every == 0:
-            sample_demo_grid(gpt, vq, t5, tokenizer, conditions, args, run.device,
-                             os.path.join(args.out_dir, f"gpt_step{done:06d}.png"))
-        if run.is_main and done % args.save_every == 0 and done < args.gpt_steps:
-            save(done)
+    with StopOnCtrlC() as stop:
+        for step in bar:
+            lr = learning_rate(step, args.gpt_steps, args.gpt_lr, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            indices, flips = batch_indices(len(codes), args.gpt_batch_size, args.seed, step, run, args.flip)
+            tokens = torch.where(flips[:, None], mirrored_codes[indices], codes[indices]) if args.flip else codes[indices]
+            tokens = tokens.to(run.device)
+            if text and args.flip:
+                cond = torch.where(flips[:, None], mirrored_ids[indices], ids[indices]).to(run.device)
+                cond_mask = torch.where(flips[:, None], mirrored_mask[indices], mask[indices]).to(run.device)
+            elif text:
+                cond, cond_mask = ids[indices].to(run.device), mask[indices].to(run.device)
+            else:
+                cond, cond_mask = labels[indices].to(run.device), None
+            with run.autocast():
+                logits = wrapped(tokens, cond, cond_mask)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())  # (B*T, vocab), (B*T,)
+            done = step + 1
+            stop_if_not_finite(run, loss.item(), done, path)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            seen += tokens.numel() * run.world
+            if done % args.log_every == 0 or done == args.gpt_steps:
+                run.log(f"gpt step {done}/{args.gpt_steps} | loss {loss.item():.4f} | lr {lr:.1e} | "
+                        f"{seen / (time.time() - timer):.0f} tokens/s")
+                bar.set_postfix_str(f"loss {loss.item():.4f}")
+            if run.is_main and done % args.sample_every == 0:
+                images = generate_images(gpt, vq, text_encoder_pair, conditions, args.cfg_scale, args.seed, run.device)
+                save_grid(images, os.path.join(args.out_dir, f"gpt_step{done:06d}.png"), columns=4)
+            end_of_step(run, stop, done, args.gpt_steps, save, path)
     gpt.eval()
     metrics = None
     if run.is_main:
-        sample_demo_grid(gpt, vq, t5, tokenizer, conditions, args, run.device,
-                         os.path.join(args.out_dir, "samples.png"))
+        images = generate_images(gpt, vq, text_encoder_pair, conditions, args.cfg_scale, args.seed, run.device)
+        save_grid(images, os.path.join(args.out_dir, "samples.png"), columns=4)
         if args.data is None and args.eval_per_class > 0:
-            metrics = evaluate_shapes(gpt, vq, t5, tokenizer, args, run.device, args.eval_per_class)
+            metrics = evaluate_shapes(gpt, vq, text_encoder_pair, args, run.device, args.eval_per_class)
             report_shapes(metrics, run, args.cfg_scale)
         save(max(start, args.gpt_steps), metrics)
     return gpt
 
 
 # -----------------------------------------------------------------------------
-# How well the demo follows its prompts, judged by judge_shape
+# Command line. Each default lives here once; where it differs from the paper's (the config
+# classes in llamagen.py), the reason is next to it.
 
-
-def parse_holdout(text):
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-@torch.no_grad()
-def evaluate_shapes(gpt, vq, t5, tokenizer, args, device, per_class=20, batch_size=128):
-    """Generate for every (color, shape), `per_class` samples each (3x that for held-out ones),
-    with prompts in the training captions' varied wording, and judge every image."""
-    rng = random.Random(args.seed + 2)
-    holdout = parse_holdout(args.holdout)
-    requests = []  # (class name, size, position, prompt)
-    for name in SHAPE_CLASSES:
-        color, shape = name.split()
-        for _ in range(per_class * (3 if name in holdout else 1)):
-            size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
-            prompt = rng.choice(CAPTION_TEMPLATES).format(size=rng.choice(SIZE_WORDS[size]), color=color,
-                                                          shape=shape, where=rng.choice(POSITION_WORDS[position]))
-            requests.append((name, size, position, prompt))
-    judged = []
-    for start in range(0, len(requests), batch_size):
-        batch = requests[start:start + batch_size]
-        if args.cond == "text":
-            cond, cond_mask = encode_text(t5, tokenizer, [r[3] for r in batch], gpt.config.cls_token_num, device)
-        else:
-            cond, cond_mask = torch.tensor([SHAPE_CLASSES.index(r[0]) for r in batch], device=device), None
-        images = generate_images(gpt, vq, cond, cond_mask, args.cfg_scale, args.seed + start)
-        judged += [judge_shape(image.cpu()) for image in images]
-    results = {}
-    for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
-        pairs = [(r, j) for r, j in zip(requests, judged) if r[0] in names]
-        right = [j is not None and f"{j['color']} {j['shape']}" == r[0] for r, j in pairs]
-        results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs))
-        if args.cond == "text":  # size and position are asked for only in the captions
-            results[group]["size"] = sum(j is not None and j["size"] == r[1] for r, j in pairs) / len(pairs)
-            results[group]["position"] = sum(j is not None and j["position"] == r[2] for r, j in pairs) / len(pairs)
-    return results
-
-
-def report_shapes(metrics, run, cfg_scale):
-    for group, result in metrics.items():
-        name = "trained color/shape combinations" if group == "seen" else f"held-out combination '{group}'"
-        extras = "".join(f", {key} {result[key]:.0%}" for key in ("size", "position") if key in result)
-        run.log(f"{name}: {result['color_and_shape']:.1%} of {result['samples']} samples show the asked "
-                f"color and shape{extras} (CFG {cfg_scale})")
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, unless there is none."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.help is None:
-            return action.help
-        return super()._get_help_string(action)
+QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", "commit_loss_beta",
+                     "entropy_loss_ratio")
+# What a resumed run must share with the run that wrote the checkpoint (the rest, such as
+# --log-every or --device, may change between the two)
+DATA_SETTINGS = ("data", "image_size", "num_images", "holdout", "seed", "flip", "warmup", "grad_clip")
+VQ_SETTINGS = DATA_SETTINGS + QUANTIZER_OPTIONS + (
+    "vq_preset", "vq_steps", "vq_batch_size", "vq_lr", "perceptual_weight", "disc_start", "disc_weight",
+    "adaptive_disc_weight", "ema")
+GPT_SETTINGS = DATA_SETTINGS + ("cond", "gpt_preset", "gpt_steps", "gpt_batch_size", "gpt_lr", "weight_decay",
+                                "dropout", "class_dropout", "text_length", "text_vocab", "t5_preset", "t5", "rope")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = L.ArgumentParser(
         description="Train the VQ tokenizer, then the GPT. With no arguments: the whole demo on the "
-                    "built-in shapes, text-conditional, about 8 minutes on a 2-core CPU.",
-        formatter_class=HelpFormatter)
+                    "built-in shapes, text-conditional, about 8 minutes on a 2-core CPU.")
     parser.add_argument("stage", nargs="?", default="all", choices=["all", "vq", "gpt"],
                         help="both stages, or one (gpt reads --out-dir/vq.pt)")
+    positive, fraction = L.bounded(int, 1), L.bounded(float, 0, 1)
     group = parser.add_argument_group("data")
     group.add_argument("--data", help="a folder of images (class subfolders and/or captions in "
                                       "metadata.jsonl or .txt files); default: the built-in shapes")
-    group.add_argument("--image-size", type=int, default=32, help="images are center-cropped and resized to this")
-    group.add_argument("--num-images", type=int, default=4000, help="how many shapes to render")
+    group.add_argument("--image-size", type=positive, default=32, help="images are center-cropped and resized to this")
+    group.add_argument("--num-images", type=positive, default=4000, help="how many shapes to render")
     group.add_argument("--holdout", default="blue triangle",
                        help="comma-separated color/shape combinations left out of the shapes training set")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="random horizontal flips: only for data whose mirror image means the same "
+                            "(default: on for the shapes, whose captions are mirrored too; off for a folder, "
+                            "where a flip turns writing, digits and faces into something else)")
     group.add_argument("--cond", choices=["text", "class"], default="text", help="what the GPT is conditioned on")
     group = parser.add_argument_group("tokenizer (stage vq)")
     group.add_argument("--vq-preset", choices=list(L.VQ_PRESETS), default="VQ-mini")
-    group.add_argument("--vq-steps", type=int, default=800, help="training steps of the tokenizer")
-    group.add_argument("--vq-batch-size", type=int, default=16, help="images per step (all processes together)")
-    group.add_argument("--vq-lr", type=float, default=1e-3, help="peak learning rate (Adam)")
-    group.add_argument("--codebook-size", type=int, help="codes in the codebook (default: the preset's)")
-    group.add_argument("--codebook-embed-dim", type=int,
-                       help="dimensions per code; low dimensions use the codebook better (ViT-VQGAN)")
+    group.add_argument("--vq-steps", type=positive, default=800, help="training steps of the tokenizer")
+    group.add_argument("--vq-batch-size", type=positive, default=16, help="images per step (all processes together)")
+    group.add_argument("--vq-lr", type=L.bounded(float, 0, above=True), default=1e-3, help="peak learning rate (Adam)")
+    group.add_argument("--codebook-size", type=L.bounded(int, 2), help="codes in the codebook (default: the preset's)")
+    group.add_argument("--codebook-embed-dim", type=positive,
+                       help="dimensions per code; low dimensions use the codebook better (ViT-VQGAN; default: 8)")
     group.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="compare l2-normalised codes: cosine similarity (ViT-VQGAN; default: on)")
-    group.add_argument("--commit-loss-beta", type=float,
+    group.add_argument("--commit-loss-beta", type=L.bounded(float, 0),
                        help="weight of the commitment loss that keeps the encoder near its codes (VQ-VAE; "
                             "default: 0.25)")
-    group.add_argument("--entropy-loss-ratio", type=float, default=0.1,
-                       help="weight of the entropy loss that keeps the whole codebook in use (MaskGIT)")
-    group.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (0: off)")
-    group.add_argument("--disc-start", type=int, default=600, help="step at which the PatchGAN loss starts")
-    group.add_argument("--disc-weight", type=float, default=0.5, help="weight of the adversarial loss")
+    # 0.1 rather than the official 0: on the simple shapes most codes die without it
+    group.add_argument("--entropy-loss-ratio", type=L.bounded(float, 0), default=0.1,
+                       help="weight of the entropy loss that keeps the whole codebook in use (MaskGIT; 0: off)")
+    group.add_argument("--perceptual-weight", type=L.bounded(float, 0), default=1.0, help="LPIPS weight (0: off)")
+    group.add_argument("--disc-start", type=L.bounded(int, 0), default=600,
+                       help="step at which the PatchGAN loss starts")
+    group.add_argument("--disc-weight", type=L.bounded(float, 0), default=0.5, help="weight of the adversarial loss")
+    # on rather than the official off: with a fixed weight the discriminator wrecks the small
+    # demo tokenizer's reconstructions
     group.add_argument("--adaptive-disc-weight", action=argparse.BooleanOptionalAction, default=True,
                        help="scale the adversarial loss by the gradient-norm ratio at the decoder's last layer (VQGAN)")
-    group.add_argument("--ema", type=float, default=0.0, help="EMA decay of the tokenizer weights (0: no EMA)")
+    group.add_argument("--ema", type=L.bounded(float, 0, 1), default=0.0,
+                       help="EMA decay of the tokenizer weights (0: no EMA)")
     group = parser.add_argument_group("GPT (stage gpt)")
     group.add_argument("--gpt-preset", choices=list(L.GPT_PRESETS), default="GPT-mini")
-    group.add_argument("--gpt-steps", type=int, default=1400, help="training steps of the GPT")
-    group.add_argument("--gpt-batch-size", type=int, default=32, help="token grids per step (all processes together)")
-    group.add_argument("--gpt-lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    group.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, on matrices only")
-    group.add_argument("--dropout", type=float, default=0.0, help="token, residual and feed-forward dropout")
-    group.add_argument("--class-dropout", type=float, default=0.1,
-                       help="how often the condition is dropped, so that CFG works")
-    group.add_argument("--text-length", type=int, default=16, help="text tokens the GPT reads (official: 120)")
-    group.add_argument("--text-vocab", type=int, default=128, help="SentencePiece vocabulary trained on the captions")
+    group.add_argument("--gpt-steps", type=positive, default=1400, help="training steps of the GPT")
+    group.add_argument("--gpt-batch-size", type=positive, default=32, help="token grids per step (all processes together)")
+    group.add_argument("--gpt-lr", type=L.bounded(float, 0, above=True), default=2e-3, help="peak learning rate (AdamW)")
+    group.add_argument("--weight-decay", type=L.bounded(float, 0), default=0.05, help="AdamW weight decay, on matrices only")
+    # 0 rather than the official 0.1: the official models train for hundreds of epochs, the demo
+    # for a few minutes
+    group.add_argument("--dropout", type=fraction, default=0.0, help="token, residual and feed-forward dropout")
+    group.add_argument("--class-dropout", type=fraction, default=L.GPTConfig.class_dropout_prob,
+                       help="how often the condition is replaced by the null one while training, so that CFG works")
+    group.add_argument("--rope", choices=["2d", "1d"], default="2d",
+                       help="rotary positions by (row, column) of the token grid, or by raster position")
+    group.add_argument("--text-length", type=L.bounded(int, 2), default=16, help="text tokens the GPT reads (official: 120)")
+    group.add_argument("--text-vocab", type=L.bounded(int, 16), default=128,
+                       help="SentencePiece vocabulary trained on the captions")
     group.add_argument("--t5-preset", choices=list(L.T5_PRESETS), default="T5-mini",
                        help="the text encoder trained jointly with the GPT")
     group.add_argument("--t5", help="a pretrained Hugging Face T5 directory to use, frozen, instead")
-    group.add_argument("--cfg-scale", type=float, default=2.0, help="CFG for the sample grids and the evaluation")
-    group.add_argument("--eval-per-class", type=int, default=20,
+    group.add_argument("--cfg-scale", type=L.bounded(float, 0), default=2.0,
+                       help="classifier-free guidance for the sample grids and the evaluation (1: none)")
+    group.add_argument("--eval-per-class", type=L.bounded(int, 0), default=20,
                        help="samples per color/shape combination judged at the end of the shapes demo (0: none)")
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", default="out", help="checkpoints, log.txt and sample grids go here")
+    group.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out-dir")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new run even where --out-dir holds the checkpoints of another")
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--seed", type=int, default=0, help="data, initialisation and batches follow from it")
-    group.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    group.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out-dir")
-    group.add_argument("--warmup", type=int, default=100, help="learning-rate warmup steps")
-    group.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
-    group.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    group.add_argument("--sample-every", type=int, default=500, help="steps between sample grids")
-    group.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-    return parser.parse_args(argv)
+    group.add_argument("--compile", action="store_true", help="torch.compile the GPT's training step")
+    group.add_argument("--warmup", type=L.bounded(int, 0), default=100, help="learning-rate warmup steps")
+    group.add_argument("--grad-clip", type=L.bounded(float, 0, above=True), default=1.0, help="gradient norm clipping")
+    group.add_argument("--log-every", type=positive, default=100, help="steps between log lines")
+    group.add_argument("--sample-every", type=positive, default=500, help="steps between sample grids")
+    group.add_argument("--save-every", type=positive, default=500, help="steps between checkpoints (Ctrl-C saves one too)")
+    args = parser.parse_args(argv)
+    if args.flip is None:
+        args.flip = args.data is None
+    return args
 
 
 def check_args(args, data):
-    """Errors a user can make, found before any training starts."""
+    """Errors a user can make with the data and the settings, found before any training starts."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("vq_batch_size", "gpt_batch_size"):
         if getattr(args, name) % world:
@@ -908,34 +921,72 @@ def check_args(args, data):
                                         "its tokenizer (for example a download of google/flan-t5-base).")
 
 
+def checkpoints_to_resume(args):
+    """The checkpoints this run continues from ({"vq": ..., "gpt": ...}, None where a stage starts
+    afresh). Without --resume, a checkpoint this run would overwrite stops it unless --overwrite;
+    with --resume, the settings must be the ones the checkpoints were trained with."""
+    writes = {"all": ("vq", "gpt"), "vq": ("vq",), "gpt": ("gpt",)}[args.stage]
+    paths = {kind: os.path.join(args.out_dir, f"{kind}.pt") for kind in ("vq", "gpt")}
+    existing = {kind: L.load_checkpoint(paths[kind], kind) for kind in writes if os.path.exists(paths[kind])}
+    if not args.resume:
+        if existing and not args.overwrite:
+            kind, checkpoint = next(iter(existing.items()))
+            total = checkpoint["args"][f"{kind}_steps"]
+            state = "a finished run" if checkpoint["step"] >= total else f"a run stopped at step {checkpoint['step']} of {total}"
+            raise ValueError(f"{paths[kind]} holds {state}: continue it with --resume, start over with "
+                             "--overwrite, or pass another --out-dir.")
+        return {}
+    if not existing:
+        raise ValueError(f"--resume, but {args.out_dir} holds no {' or '.join(f'{k}.pt' for k in writes)} to "
+                         "continue: leave --resume out to start a new run.")
+    for kind, checkpoint in existing.items():
+        settings = VQ_SETTINGS if kind == "vq" else GPT_SETTINGS
+        changed = [name for name in settings if checkpoint["args"].get(name) != getattr(args, name)]
+        if changed:
+            differences = ", ".join(f"--{name.replace('_', '-')} {checkpoint['args'].get(name)} -> {getattr(args, name)}"
+                                    for name in changed)
+            raise ValueError(f"--resume with other settings than {paths[kind]} was trained with ({differences}): "
+                             "run with the same settings, or start a new run (--overwrite or another --out-dir).")
+    return existing
+
+
 def main(argv=None):
     args = parse_args(argv)
-    run = Run(args)
+    warnings.formatwarning = L.plain_warning
+    run = None
     try:
-        data, held_out = load_data(args)
+        L.check_output_dir(args.out_dir, "--out-dir")
+        run = Run(args)
+        resumed = checkpoints_to_resume(args)
+        data = load_data(args)
         check_args(args, data)
-        vq_path, gpt_path = os.path.join(args.out_dir, "vq.pt"), os.path.join(args.out_dir, "gpt.pt")
-        vq_checkpoint = load_checkpoint(vq_path, "vq") if args.resume and os.path.isfile(vq_path) else None
-        gpt_checkpoint = load_checkpoint(gpt_path, "gpt") if args.resume and os.path.isfile(gpt_path) else None
+        vq_path = os.path.join(args.out_dir, "vq.pt")
         if args.stage == "gpt":
             if not os.path.isfile(vq_path):
                 raise FileNotFoundError(f"{vq_path} does not exist: train the tokenizer first "
                                         "(python train.py vq), or run both stages (python train.py).")
-            vq, vq_checkpoint = load_vq(vq_path)
+            vq, vq_checkpoint = L.load_vq(vq_path)
             if vq_checkpoint["image_size"] != args.image_size:
                 raise ValueError(f"{vq_path} was trained at {vq_checkpoint['image_size']} px but --image-size "
                                  f"is {args.image_size}: pass --image-size {vq_checkpoint['image_size']}.")
             vq = vq.to(run.device)
-    except (FileNotFoundError, ValueError) as error:
-        run.close()
+        run.log(f"{' '.join(sys.argv)}\n{len(data.images)} training images of {args.image_size} px on {run.device}"
+                + (f" x {run.world} processes" if run.world > 1 else ""))
+        if args.stage in ("all", "vq"):
+            vq, _ = train_vq(args, run, data, resumed.get("vq"))
+        if args.stage in ("all", "gpt"):
+            train_gpt(args, run, data, vq, resumed.get("gpt"))
+    except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
-    run.log(f"{' '.join(sys.argv)}\n{len(data.images)} training images of {args.image_size} px on {run.device}"
-            + (f" x {run.world} processes" if run.world > 1 else ""))
-    if args.stage in ("all", "vq"):
-        vq, _ = train_vq(args, run, data, held_out, vq_checkpoint)
-    if args.stage in ("all", "gpt"):
-        train_gpt(args, run, data, vq, gpt_checkpoint)
-    run.close()
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was saved since the last checkpoint.", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if run is not None:
+            run.close()
 
 
 if __name__ == "__main__":
