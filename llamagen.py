@@ -14,10 +14,12 @@ Read it top to bottom:
                       LlamaGen gpt.py)
   5. generation       prefill, then decode_one_token -> guide -> sample for every token, with
                       classifier-free guidance (gpt-fast, LlamaGen generate.py, Ho & Salimans 2022)
-  6. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
+  6. beyond VQ        MAR: continuous tokens from a KL tokenizer, and a diffusion loss per token on
+                      the same Llama (Li et al. 2024, LTH14/mar; DDPM: Ho et al. 2020)
+  7. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
                       Hugging Face transformers' modeling_t5.py)
-  7. official weights load the released LlamaGen checkpoints with a plain load_state_dict
-  8. our checkpoints  what train.py writes and sample.py reads, and the few helpers both need
+  8. official weights load the released LlamaGen checkpoints with a plain load_state_dict
+  9. our checkpoints  what train.py writes and sample.py reads, and the few helpers both need
 
 State-dict names and shapes follow the official code (FoundationVision/LlamaGen), so its released
 checkpoints load unchanged and give its outputs (test_llamagen.py checks this against a fixture).
@@ -414,13 +416,14 @@ def adaptive_weight(nll_loss, gen_loss, last_layer):
 
 class VQLoss(nn.Module):
     """The tokenizer's training objective (LlamaGen vq_loss.py):
-    L2 + perceptual_weight * LPIPS + codebook + commitment (+ entropy)
+    L2 + perceptual_weight * LPIPS + the tokenizer's own terms (codebook + commitment (+ entropy)
+    for the VQ, KL for section 6's continuous tokenizer)
     + disc_weight * (-mean D(reconstruction)) once step >= disc_start.
     The discriminator starts late: early reconstructions are so poor that it would win at once and
     its gradients would only add noise. It is trained in its own step on detached images, so its
     loss never reaches the tokenizer."""
 
-    def __init__(self, disc_start, disc_weight=0.5, perceptual_weight=1.0, adaptive_disc_weight=False):
+    def __init__(self, disc_start, disc_weight, perceptual_weight, adaptive_disc_weight):
         super().__init__()
         self.discriminator = PatchGANDiscriminator()
         self.lpips = load_lpips() if perceptual_weight > 0 else None
@@ -429,15 +432,15 @@ class VQLoss(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.adaptive_disc_weight = adaptive_disc_weight
 
-    def generator_loss(self, images, recon, vq_losses, step, last_layer):
+    def generator_loss(self, images, recon, tokenizer_losses, step, last_layer):
         reconstruction = F.mse_loss(recon, images)
         logs = dict(rec_loss=reconstruction)
         nll = reconstruction
         if self.lpips is not None:
             logs["perceptual_loss"] = self.lpips(images, recon).mean()
             nll = nll + self.perceptual_weight * logs["perceptual_loss"]
-        loss = nll + vq_losses["codebook_loss"] + vq_losses["commit_loss"] + vq_losses["entropy_loss"]
-        logs.update(vq_losses)
+        loss = nll + sum(tokenizer_losses.values())
+        logs.update(tokenizer_losses)
         if step >= self.disc_start:  # before that the adversarial weight is zero
             self.discriminator.requires_grad_(False)  # this step trains the tokenizer, not D
             gen_adv = -self.discriminator(recon).mean()  # hinge generator loss
@@ -690,8 +693,16 @@ class GPT(nn.Module):
         rope, mask = self.rope[:S], attention_mask(S, cond_mask, h.device)
         for layer in self.layers:
             h = layer(h, rope, mask)
-        logits = self.output(self.norm(h)).float()                         # (B, S, vocab)
+        logits = self.head(self.norm(h))                                   # (B, S, vocab)
         return logits[:, self.config.cls_token_num - 1:]                   # (B, T, vocab)
+
+    def head(self, h):  # final hidden states (.., dim) -> logits over the codes (.., vocab), in float32
+        return self.output(h).float()
+
+    def loss(self, tokens, cond, cond_mask=None):
+        """The training objective: next-token cross-entropy over the codes, every position at once."""
+        logits = self(tokens, cond, cond_mask)                             # (B, T, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())     # (B*T, vocab), (B*T,)
 
     def setup_caches(self, batch_size, max_seq_len, dtype, device):
         """Give every attention layer its KV cache. A cache of the same shape is kept (a compiled
@@ -711,14 +722,14 @@ class GPT(nn.Module):
             layer.attention.kv_cache = None
 
     def forward_with_cache(self, h, input_pos, mask):
-        """Embedded inputs h (B, S, dim) at new positions input_pos (S,) -> logits (B, vocab) of the
-        last one. Their keys and values join the cache; mask (B or 1, 1, max_seq_len,
+        """Embedded inputs h (B, S, dim) at new positions input_pos (S,) -> the head's output for the
+        last one: logits (B, vocab). Their keys and values join the cache; mask (B or 1, 1, max_seq_len,
         max_seq_len) says which cached positions each may see."""
         h = self.tok_dropout(h)
         rope, mask = self.rope[input_pos], mask[..., input_pos, :]  # (S, hs/2, 2), (B or 1, 1, S, max_seq_len)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos)
-        return self.output(self.norm(h[:, -1])).float()
+        return self.head(self.norm(h[:, -1]))
 
 
 # -----------------------------------------------------------------------------
@@ -858,7 +869,266 @@ def generate_without_cache(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interva
 
 
 # -----------------------------------------------------------------------------
-# 6. Text conditioner: compact T5 encoder and SentencePiece tokenizer
+# 6. Beyond vector quantization (MAR): continuous tokens, a diffusion loss per token
+# "Autoregressive Image Generation without Vector Quantization" (Li, Tian, Li, Deng, He 2024,
+# https://arxiv.org/abs/2406.11838; official code LTH14/mar). The codebook goes away: the tokenizer
+# gives each grid cell a continuous vector, and the same Llama, reading those vectors, outputs for
+# each position a condition z on which a small diffusion model draws the next token. LlamaGen's
+# softmax over codes becomes MAR's Diffusion Loss; everything else (raster order, causal attention,
+# the KV cache, CFG with the doubled batch) stays. This is MAR's causal raster-order variant; MAR's
+# main model predicts tokens in random order with bidirectional attention.
+
+
+@dataclasses.dataclass
+class KLConfig:  # the encoder and decoder of VQConfig with a continuous latent (MAR's KL-16)
+    embed_dim: int = 16              # channels per token
+    kl_weight: float = 1e-6          # KL(q(z|x) || N(0, I)) per latent element, against the L2 loss
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dropout: float = 0.0
+
+
+KL_PRESETS = {
+    "KL-16": dict(),                                                                         # MAR's KL-16
+    "KL-mini": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, embed_dim=4),  # CPU demo
+    "KL-tiny": dict(ch=32, ch_mult=(1, 2), z_channels=32, embed_dim=4),                      # tests
+}
+
+
+class KLModel(nn.Module):
+    """The tokenizer with a continuous latent (LDM's AutoencoderKL, MAR's KL-16): the encoder gives
+    a mean and a log-variance for every latent value; training decodes a sample
+    z = mean + std * noise and pays kl_weight * KL(q(z|x) || N(0, I)), so that the latent stays
+    bounded and the decoder tolerates small errors in it. latent_scale, fixed after training, makes
+    the tokens the GPT sees have about unit variance (MAR's 0.2325 for KL-16 on ImageNet)."""
+
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, 2 * cfg.embed_dim, 1)      # mean and log-variance
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.register_buffer("latent_scale", torch.ones(()))
+
+    @property
+    def downsample_factor(self):
+        return 2 ** (len(self.cfg.ch_mult) - 1)
+
+    def posterior(self, images):  # (B, 3, H, W) -> mean, log-variance (B, D, h, w)
+        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def forward(self, images):  # -> reconstruction, latent sample (B, D, h, w), loss terms
+        mean, logvar = self.posterior(images)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
+        return self.decoder(self.post_quant_conv(z)), z, dict(kl_loss=self.cfg.kl_weight * kl)
+
+    @torch.no_grad()
+    def encode_latents(self, images):  # (B, 3, H, W) -> the posterior mean as tokens (B, h*w, D), scaled
+        mean, _ = self.posterior(images)
+        return mean.flatten(2).transpose(1, 2) * self.latent_scale   # (B, D, h, w) -> (B, h*w, D)
+
+    @torch.no_grad()
+    def decode_latents(self, tokens):  # tokens (B, h*w, D), scaled -> images (B, 3, H, W)
+        B, T, D = tokens.shape
+        grid = math.isqrt(T)
+        z = (tokens / self.latent_scale).transpose(1, 2).reshape(B, D, grid, grid)  # (B, D, h, w)
+        return self.decoder(self.post_quant_conv(z))
+
+
+def cosine_schedule(num_steps=1000, offset=0.008):
+    """alpha_bar_t for t = 0 .. num_steps - 1 (Nichol & Dhariwal 2021, as MAR): how much of the
+    token is left in x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise; from about 1 at
+    t = 0 down to about 0 at the last step. float64, as the official code keeps it."""
+    def f(u):
+        return math.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2
+    betas = torch.tensor([min(1 - f((t + 1) / num_steps) / f(t / num_steps), 0.999) for t in range(num_steps)],
+                         dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def timestep_embedding(t, dim, max_period=10000):  # t (N,) -> (N, dim): [cos(t f), sin(t f)]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class AdaLNBlock(nn.Module):
+    """A residual MLP block whose LayerNorm is shifted and scaled, and whose output is gated, by a
+    function of the condition (the timestep and the transformer's z): adaptive LayerNorm (DiT)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        nn.init.zeros_(self.modulation[1].weight)  # gate 0: each block starts as the identity
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x, c):  # x, c (N, width)
+        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+
+
+class DiffusionHead(nn.Module):
+    """MAR's denoiser (SimpleMLPAdaLN): predicts the noise in a noisy token x_t, given the timestep t
+    and the transformer's output z at that position. Small: it runs once per token per diffusion
+    step, while the transformer runs once per token."""
+
+    def __init__(self, token_dim, z_dim, width, depth, frequency_dim=256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.input_proj = nn.Linear(token_dim, width)
+        self.time_embed = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.cond_embed = nn.Linear(z_dim, width)
+        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.final_linear = nn.Linear(width, token_dim)
+        for layer in (self.final_modulation[1], self.final_linear):  # predict 0 noise at first
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, z):  # x_t (N, D), t (N,) integer timesteps in [0, 1000), z (N, z_dim) -> noise (N, D)
+        c = self.time_embed(timestep_embedding(t, self.frequency_dim)) + self.cond_embed(z)   # (N, width)
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
+        return self.final_linear(modulate(self.final_norm(h), shift, scale))
+
+
+def diffusion_loss(head, tokens, z, alphas_cumprod, repeats=4):
+    """MAR's Diffusion Loss for tokens (N, D) given their conditions z (N, z_dim): noise each token
+    at a random timestep and ask the head for the noise, E ||noise - head(x_t, t, z)||^2. Each token
+    is noised `repeats` times with other timesteps; z is computed once and shared (the transformer
+    is the expensive part)."""
+    tokens, z = tokens.repeat(repeats, 1), z.repeat(repeats, 1)                   # (repeats * N, ...)
+    t = torch.randint(0, len(alphas_cumprod), (len(tokens),), device=tokens.device)
+    alpha_bar = alphas_cumprod.to(tokens.device)[t].float()[:, None]             # (repeats * N, 1)
+    noise = torch.randn_like(tokens)
+    noisy = alpha_bar.sqrt() * tokens + (1 - alpha_bar).sqrt() * noise
+    return F.mse_loss(head(noisy, t, z), noise)
+
+
+@dataclasses.dataclass
+class ContinuousGPTConfig(GPTConfig):
+    vocab_size: int = 0              # no codebook
+    token_dim: int = 16              # = the KL tokenizer's embed_dim
+    diffusion_width: int = 1024      # MAR's training recipe: 3 blocks of width 1024
+    diffusion_depth: int = 3
+    diffusion_repeats: int = 4       # timesteps drawn per token per training step (diffusion_batch_mul)
+
+
+class ContinuousGPT(GPT):
+    """The same Llama on continuous tokens: a linear projection reads them in, and its output at each
+    position is z, the condition on which the diffusion head draws the next token (instead of
+    logits over a codebook). With vocab_size 0, GPT's code embedding and output layer are empty."""
+
+    def __init__(self, cfg: ContinuousGPTConfig):
+        with warnings.catch_warnings():  # GPT's output layer over 0 codes is empty, and removed below
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            super().__init__(cfg)
+        del self.output
+        self.tok_embeddings = nn.Linear(cfg.token_dim, cfg.dim)  # (B, T, token_dim) -> (B, T, dim)
+        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        self.diffusion = DiffusionHead(cfg.token_dim, cfg.dim, cfg.diffusion_width, cfg.diffusion_depth)
+        self.register_buffer("alphas_cumprod", cosine_schedule(), persistent=False)
+
+    def head(self, h):  # final hidden states (.., dim) -> the conditions z of the diffusion head
+        return h
+
+    def loss(self, tokens, cond, cond_mask=None):
+        """The training objective: the Diffusion Loss of every token (B, T, D) given z, the
+        transformer's output one position earlier (teacher forcing, as the cross-entropy)."""
+        z = self(tokens, cond, cond_mask)                                          # (B, T, dim)
+        return diffusion_loss(self.diffusion, tokens.flatten(0, 1), z.flatten(0, 1), self.alphas_cumprod,
+                              self.config.diffusion_repeats)
+
+
+def respaced_schedule(alphas_cumprod, num_steps):
+    """The num_steps of the 1000 training steps that sampling visits, evenly spaced with both ends
+    kept (MAR's '100'), with alpha_bar there and the betas between them."""
+    T = len(alphas_cumprod)
+    timesteps = [round(i * (T - 1) / (num_steps - 1)) for i in range(num_steps)] if num_steps > 1 else [T - 1]
+    alpha_bar = alphas_cumprod[timesteps]                                        # (num_steps,)
+    alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return timesteps, alpha_bar, alpha_bar_prev, 1 - alpha_bar / alpha_bar_prev
+
+
+@torch.no_grad()
+def sample_token(head, z, token_dim, alphas_cumprod, cfg_scale=1.0, temperature=1.0, num_steps=100, generator=None,
+                 x0_bound=5.0):
+    """Draw one token per row of z by reverse diffusion (DDPM ancestral sampling over num_steps
+    respaced steps): start from noise, and at each step predict the noise, estimate x_0 from it,
+    and step to the posterior mean plus fresh noise of variance beta~_t (times temperature: below 1
+    sharper, as MAR). With CFG, z is the [cond; null] batch (2B, z_dim): both halves see the same
+    x_t and the predicted noise is guided, uncond + (cond - uncond) * cfg_scale. -> (B, D)
+
+    The estimate of x_0 is clipped to +-x0_bound (the tokens have unit variance), as ADM clips
+    images to [-1, 1]: at the first steps alpha_bar is about 1e-9, so x_0 = (x_t - sqrt(1 - a) noise)
+    / sqrt(a) multiplies any error in the predicted noise by thousands. MAR's large, long-trained
+    head predicts it precisely enough not to need this; a small head trained for minutes does not."""
+    guided = cfg_scale != 1.0
+    B = z.shape[0] // 2 if guided else z.shape[0]
+    timesteps, alpha_bar, alpha_bar_prev, betas = respaced_schedule(alphas_cumprod.cpu(), num_steps)
+    alpha_bar, alpha_bar_prev, betas = (v.float().tolist() for v in (alpha_bar, alpha_bar_prev, betas))
+    x = torch.randn(B, token_dim, device=z.device, generator=generator)
+    for i in reversed(range(num_steps)):
+        t = torch.full((z.shape[0],), timesteps[i], device=z.device)
+        noise_pred = head((torch.cat([x, x]) if guided else x).to(z.dtype), t, z).float()
+        if guided:
+            noise_pred = guide(noise_pred, cfg_scale)
+        x0 = ((x - math.sqrt(1 - alpha_bar[i]) * noise_pred) / math.sqrt(alpha_bar[i])).clamp(-x0_bound, x0_bound)
+        # the mean of the posterior q(x_{t-1} | x_t, x_0) at the estimated x_0
+        mean = (betas[i] * math.sqrt(alpha_bar_prev[i]) * x0 + (1 - alpha_bar_prev[i]) * math.sqrt(1 - betas[i]) * x) \
+            / (1 - alpha_bar[i])
+        if i == 0:
+            return mean
+        variance = betas[i] * (1 - alpha_bar_prev[i]) / (1 - alpha_bar[i])
+        x = mean + temperature * math.sqrt(variance) * torch.randn(B, token_dim, device=z.device, generator=generator)
+
+
+@torch.no_grad()
+def generate_continuous(gpt, cond, cond_mask=None, cfg_scale=1.0, temperature=1.0, num_steps=100, generator=None):
+    """generate() for continuous tokens: (B, block_size, token_dim) in raster order. The same
+    prefill, KV cache and decode_one_token; where generate samples a code from logits, a token is
+    drawn here by reverse diffusion conditioned on the transformer's output z."""
+    cfg = gpt.config
+    was_training = gpt.training
+    gpt.eval()
+    B, device = cond.shape[0], cond.device
+    guided = cfg_scale != 1.0
+    if guided:
+        cond, cond_mask = with_null_condition(gpt, cond, cond_mask)
+    max_seq_len = cfg.cls_token_num + cfg.block_size - 1
+    gpt.setup_caches(cond.shape[0], max_seq_len, gpt.tok_embeddings.weight.dtype, device)
+    mask = attention_mask(max_seq_len, cond_mask, device)
+    positions = torch.arange(cfg.cls_token_num, max_seq_len, device=device)
+    tokens = torch.zeros(B, cfg.block_size, cfg.token_dim, device=device)
+    with torch.inference_mode():
+        z = prefill(gpt, cond, mask)                                               # (B or 2B, dim)
+        for t in range(cfg.block_size):
+            next_token = sample_token(gpt.diffusion, z, cfg.token_dim, gpt.alphas_cumprod, cfg_scale, temperature,
+                                      num_steps, generator)                        # (B, D)
+            tokens[:, t] = next_token
+            if t + 1 < cfg.block_size:
+                fed_back = torch.cat([next_token, next_token]) if guided else next_token
+                z = decode_one_token(gpt, fed_back[:, None], positions[t:t + 1], mask)  # (B, 1, D) in
+    gpt.train(was_training)
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# 7. Text conditioner: compact T5 encoder and SentencePiece tokenizer
 
 
 def relative_position_bucket(relative_position, num_buckets, max_distance):
@@ -1054,7 +1324,7 @@ def load_t5_encoder(hf_dir):
 
 
 # -----------------------------------------------------------------------------
-# 7. Official weights: the released LlamaGen checkpoints, loaded with a plain load_state_dict
+# 8. Official weights: the released LlamaGen checkpoints, loaded with a plain load_state_dict
 
 
 def read_torch_file(path):
@@ -1165,10 +1435,10 @@ def load_official_gpt(path_or_state_dict, block_size):
 
 
 # -----------------------------------------------------------------------------
-# 8. Our checkpoints (train.py writes them, sample.py reads them) and what both scripts need
+# 9. Our checkpoints (train.py writes them, sample.py reads them) and what both scripts need
 
 CHECKPOINT_FORMAT = 1  # the layout of the dicts below; a file of another format is refused by name
-CHECKPOINT_KINDS = {"vq": "tokenizer (vq.pt)", "gpt": "GPT (gpt.pt)"}
+CHECKPOINT_KINDS = {"tokenizer": "tokenizer (tokenizer.pt)", "gpt": "GPT (gpt.pt)"}
 
 
 def save_checkpoint(checkpoint, path):
@@ -1183,8 +1453,8 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, kind):
-    """One of our checkpoints ("vq" or "gpt"), checked: written by train.py, of this kind, in the
-    format this code reads."""
+    """One of our checkpoints ("tokenizer" or "gpt"), checked: written by train.py, of this kind,
+    in the format this code reads. checkpoint["tokens"] says "discrete" (VQ) or "continuous" (KL)."""
     checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in CHECKPOINT_KINDS:
         raise ValueError(f"{path} was not written by train.py (an official LlamaGen file? pass it "
@@ -1212,33 +1482,44 @@ def config_from_dict(config_class, values, path):
     return config_class(**values)
 
 
-def tokenizer_fingerprint(vq):
+def tokenizer_fingerprint(tokenizer):
     """A short hash of the tokenizer's weights: gpt.pt stores the one it was trained on, so that it
-    is never paired with another tokenizer whose codes mean something else."""
+    is never paired with another tokenizer whose tokens mean something else."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(vq.state_dict().items()):
+    for name, tensor in sorted(tokenizer.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def load_vq(path):
-    """Our trained tokenizer in eval mode (its EMA weights when it has them), and its checkpoint."""
-    checkpoint = load_checkpoint(path, "vq")
-    vq = VQModel(config_from_dict(VQConfig, checkpoint["config"], path))
-    vq.load_state_dict(checkpoint["ema"] or checkpoint["model"])
-    return vq.eval(), checkpoint
+def load_tokenizer(path):
+    """Our trained tokenizer in eval mode, a VQModel or a KLModel (its EMA weights when it has
+    them), and its checkpoint."""
+    checkpoint = load_checkpoint(path, "tokenizer")
+    if checkpoint["tokens"] == "discrete":
+        tokenizer = VQModel(config_from_dict(VQConfig, checkpoint["config"], path))
+    else:
+        tokenizer = KLModel(config_from_dict(KLConfig, checkpoint["config"], path))
+    tokenizer.load_state_dict(checkpoint["ema"] or checkpoint["model"])
+    return tokenizer.eval(), checkpoint
 
 
-def load_gpt(path, vq, vq_path):
-    """Our trained GPT in eval mode, its text encoder (tokenizer, T5) or None, and its checkpoint;
-    refused when it was trained on another tokenizer than vq."""
+def load_gpt(path, tokenizer, tokenizer_path):
+    """Our trained GPT (a GPT or a ContinuousGPT) in eval mode, its text encoder (tokenizer, T5) or
+    None, and its checkpoint; refused when it was trained on another tokenizer."""
     checkpoint = load_checkpoint(path, "gpt")
-    if checkpoint["vq_fingerprint"] != tokenizer_fingerprint(vq):
-        raise ValueError(f"{path} was trained on another tokenizer than {vq_path}, so it would sample "
-                         "codes that mean something else: pair it with the vq.pt it was trained on, or "
-                         "retrain the GPT on this tokenizer (python train.py gpt).")
-    gpt = GPT(config_from_dict(GPTConfig, checkpoint["config"], path))
+    tokens = "continuous" if isinstance(tokenizer, KLModel) else "discrete"
+    if checkpoint["tokens"] != tokens:
+        raise ValueError(f"{path} models {checkpoint['tokens']} tokens but {tokenizer_path} makes {tokens} ones: "
+                         "pair it with the tokenizer it was trained on.")
+    if checkpoint["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{path} was trained on another tokenizer than {tokenizer_path}, so it would sample "
+                         "tokens that mean something else: pair it with the tokenizer it was trained on, or "
+                         "retrain the GPT on this one (python train.py gpt).")
+    if tokens == "discrete":
+        gpt = GPT(config_from_dict(GPTConfig, checkpoint["config"], path))
+    else:
+        gpt = ContinuousGPT(config_from_dict(ContinuousGPTConfig, checkpoint["config"], path))
     gpt.load_state_dict(checkpoint["model"])
     text_encoder = None
     if checkpoint["t5"] is not None:
@@ -1246,6 +1527,16 @@ def load_gpt(path, vq, vq_path):
         t5.load_state_dict(checkpoint["t5"])
         text_encoder = TextTokenizer(checkpoint["text_tokenizer"]), t5.eval()
     return gpt.eval(), text_encoder, checkpoint
+
+
+@torch.no_grad()
+def decode_tokens(tokenizer, tokens):
+    """What a GPT generates -> images (B, 3, H, W) in [-1, 1]: code grids (B, h*w) through a
+    VQModel, continuous tokens (B, h*w, D) through a KLModel."""
+    if isinstance(tokenizer, KLModel):
+        return tokenizer.decode_latents(tokens).float().clamp(-1, 1)
+    grid = math.isqrt(tokens.shape[1])
+    return tokenizer.decode_indices(tokens.view(-1, grid, grid)).float().clamp(-1, 1)  # (B, h*w) -> (B, h, w)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Sample images from a trained LlamaGen: ours (python train.py) or the official checkpoints.
 
-    python sample.py                                     # a grid from out/vq.pt and out/gpt.pt
+    python sample.py                                     # a grid from out/tokenizer.pt and out/gpt.pt
     python sample.py --prompt "a small red circle at the top" --num-samples 8
     python sample.py --class-name "red circle" --gif generation.gif
     python sample.py --official-vq vq_ds16_c2i.pt --official-gpt c2i_L_256.pt --image-size 256 --class-id 207
@@ -39,11 +39,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Sampler:
-    """The tokenizer, the GPT, and what its conditions are: class names, or a text encoder
-    (tokenizer, T5). cfg_scale and top_k are the defaults when the command line gives none."""
+    """The tokenizer (VQ or KL), the GPT, and what its conditions are: class names, or a text
+    encoder (tokenizer, T5). cfg_scale and top_k are the defaults when the command line gives none."""
 
-    def __init__(self, vq, gpt, text_encoder=None, class_names=None, prompts=None, cfg_scale=4.0, top_k=0):
-        self.vq, self.gpt, self.text_encoder = vq, gpt, text_encoder
+    def __init__(self, tokenizer, gpt, text_encoder=None, class_names=None, prompts=None, cfg_scale=4.0, top_k=0):
+        self.tokenizer, self.gpt, self.text_encoder = tokenizer, gpt, text_encoder
         self.class_names, self.prompts = class_names, prompts
         self.cfg_scale, self.top_k = cfg_scale, top_k
 
@@ -53,14 +53,14 @@ class Sampler:
 
 
 def load_ours(out_dir):
-    vq_path, gpt_path = os.path.join(out_dir, "vq.pt"), os.path.join(out_dir, "gpt.pt")
-    for path in (vq_path, gpt_path):
+    tokenizer_path, gpt_path = os.path.join(out_dir, "tokenizer.pt"), os.path.join(out_dir, "gpt.pt")
+    for path in (tokenizer_path, gpt_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist: run python train.py first "
                                     "(or pass --out-dir, or --official-vq and --official-gpt).")
-    vq, _ = L.load_vq(vq_path)
-    gpt, text_encoder, checkpoint = L.load_gpt(gpt_path, vq, vq_path)
-    return Sampler(vq, gpt, text_encoder, checkpoint["class_names"], checkpoint["prompts"],
+    tokenizer, _ = L.load_tokenizer(tokenizer_path)
+    gpt, text_encoder, checkpoint = L.load_gpt(gpt_path, tokenizer, tokenizer_path)
+    return Sampler(tokenizer, gpt, text_encoder, checkpoint["class_names"], checkpoint["prompts"],
                    cfg_scale=checkpoint["cfg_scale"])
 
 
@@ -121,10 +121,15 @@ def sample_tokens(sampler, rows, args, device):
     """Token grids (N, block_size) for every row repeated num_samples times, in batches."""
     requests = [row for row in rows for _ in range(args.num_samples)]
     generator = torch.Generator(device).manual_seed(args.seed)
-    generate = L.generate_without_cache if args.no_kv_cache else L.generate
     options = dict(cfg_scale=sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                   cfg_interval=args.cfg_interval, temperature=args.temperature,
-                   top_k=sampler.top_k if args.top_k is None else args.top_k, top_p=args.top_p, generator=generator)
+                   temperature=args.temperature, generator=generator)
+    if isinstance(sampler.gpt, L.ContinuousGPT):
+        generate = L.generate_continuous
+        options.update(num_steps=args.diffusion_steps)
+    else:
+        generate = L.generate_without_cache if args.no_kv_cache else L.generate
+        options.update(cfg_interval=args.cfg_interval, top_k=sampler.top_k if args.top_k is None else args.top_k,
+                       top_p=args.top_p)
     tokens = []
     for start in tqdm(range(0, len(requests), args.batch_size), desc="sampling", leave=False,
                       disable=len(requests) <= args.batch_size):
@@ -140,23 +145,22 @@ def sample_tokens(sampler, rows, args, device):
 
 
 @torch.no_grad()
-def decode(vq, tokens, grid_size, batch_size=32):  # (N, h*w) -> images (N, 3, H, W) in [-1, 1]
-    return torch.cat([vq.decode_indices(tokens[i:i + batch_size].view(-1, grid_size, grid_size)).float().clamp(-1, 1)
-                      for i in range(0, len(tokens), batch_size)])  # each batch (b, h*w) -> (b, h, w) -> (b, 3, H, W)
+def decode(tokenizer, tokens, batch_size=32):  # (N, h*w) codes or (N, h*w, D) tokens -> images (N, 3, H, W)
+    return torch.cat([L.decode_tokens(tokenizer, tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
 
 
 @torch.no_grad()
-def generation_frames(vq, tokens, grid_size, tokens_per_frame, batch_size=32):
+def generation_frames(tokenizer, tokens, grid_size, tokens_per_frame, batch_size=32):
     """What raster-order generation looks like: frame k decodes the first k * tokens_per_frame
     tokens of every sample, with the tokens not generated yet shown blank (gray). The last frame
     is the finished image."""
-    f = vq.downsample_factor
+    f = tokenizer.downsample_factor
     frames = []
     for end in range(tokens_per_frame, tokens.shape[1] + tokens_per_frame, tokens_per_frame):
         end = min(end, tokens.shape[1])
         partial = tokens.clone()
-        partial[:, end:] = 0  # any code: those pixels are blanked below
-        images = decode(vq, partial, grid_size, batch_size)
+        partial[:, end:] = 0  # any token: those pixels are blanked below
+        images = decode(tokenizer, partial, batch_size)
         blank = torch.zeros(grid_size * grid_size, dtype=torch.bool, device=tokens.device)
         blank[end:] = True                                               # raster order
         blank = blank.view(grid_size, grid_size).repeat_interleave(f, 0).repeat_interleave(f, 1)  # (H, W)
@@ -321,6 +325,8 @@ def parse_args(argv=None):
     group.add_argument("--compile", action="store_true", help="torch.compile the decode step (gpt-fast)")
     group.add_argument("--batch-size", type=L.bounded(int, 1), default=32, help="images generated at once")
     group.add_argument("--no-kv-cache", action="store_true", help="recompute every step (slow; for teaching)")
+    group.add_argument("--diffusion-steps", type=L.bounded(int, 1), default=100,
+                       help="continuous tokens (MAR): reverse diffusion steps per token")
     group = parser.add_argument_group("outputs")
     group.add_argument("--output", default="samples.png", help="the grid, an image file (.png, .jpg, ...)")
     group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
@@ -356,6 +362,18 @@ def check_output_file(path, flag, extensions, example):
         raise ValueError(f"{flag} {path} exists and cannot be overwritten: pass another file name.")
 
 
+def check_options_fit(args, sampler):
+    """Options that belong to the other kind of tokens: say so rather than ignore them."""
+    discrete_only = dict(top_k=None, top_p=1.0, cfg_interval=-1, no_kv_cache=False)
+    if isinstance(sampler.gpt, L.ContinuousGPT):
+        for name, default in discrete_only.items():
+            if getattr(args, name) != default:
+                raise ValueError(f"--{name.replace('_', '-')} is for discrete tokens; this GPT draws continuous "
+                                 "tokens by diffusion (see --diffusion-steps and --temperature).")
+    elif args.diffusion_steps != 100:
+        raise ValueError("--diffusion-steps is for continuous tokens; this GPT samples discrete codes.")
+
+
 def check_outputs(args):
     """Every output path, checked before any sampling starts."""
     check_output_file(args.output, "--output", image_extensions(), "samples.png")
@@ -381,6 +399,7 @@ def main(argv=None):
                 raise ValueError("pass --image-size (256, 384 or 512) with official checkpoints.")
             sampler = load_official(args) if args.official_gpt else load_ours(args.out_dir)
             rows = conditions(args, sampler)
+            check_options_fit(args, sampler)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     dtype = DTYPES[args.dtype]
@@ -389,15 +408,15 @@ def main(argv=None):
     try:
         if args.benchmark:
             return benchmark(args, device, dtype)
-        sampler.vq.to(device)
+        sampler.tokenizer.to(device)
         sampler.gpt.cast(device, dtype)
         if sampler.text_encoder is not None:
             sampler.text_encoder[1].to(device, dtype)
         tokens = sample_tokens(sampler, rows, args, device)
         columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
-        save_outputs(decode(sampler.vq, tokens, sampler.grid_size), args, columns)
+        save_outputs(decode(sampler.tokenizer, tokens), args, columns)
         if args.gif:
-            frames = generation_frames(sampler.vq, tokens, sampler.grid_size,
+            frames = generation_frames(sampler.tokenizer, tokens, sampler.grid_size,
                                        args.gif_tokens_per_frame or sampler.grid_size)
             save_gif(frames, args.gif, columns)
             print(f"wrote {args.gif} ({len(frames)} frames)")

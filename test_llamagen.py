@@ -491,6 +491,139 @@ def test_tiny_gpt_overfits_one_batch():
 
 
 # -----------------------------------------------------------------------------
+# 3b. Beyond VQ (MAR): continuous tokens and the diffusion loss
+
+
+def tiny_continuous_gpt(model_type="c2i", seed=0, token_dim=4):
+    torch.manual_seed(seed)
+    cfg = L.ContinuousGPTConfig(**L.GPT_PRESETS["GPT-tiny"], token_dim=token_dim, block_size=16, num_classes=5,
+                                model_type=model_type, caption_dim=12, cls_token_num=1 if model_type == "c2i" else 6,
+                                token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, diffusion_width=32,
+                                diffusion_depth=2)
+    gpt = L.ContinuousGPT(cfg)
+    for p in gpt.parameters():  # zero-initialised layers would hide mistakes: give everything weights
+        torch.nn.init.normal_(p, std=0.3)
+    return gpt.eval()
+
+
+def test_cosine_schedule_falls_from_one_to_zero():
+    alpha_bar = L.cosine_schedule()
+    assert len(alpha_bar) == 1000 and alpha_bar[0] > 0.9999 and alpha_bar[-1] < 1e-8
+    assert (alpha_bar[1:] < alpha_bar[:-1]).all()                       # strictly decreasing
+    timesteps, respaced, respaced_prev, betas = L.respaced_schedule(alpha_bar, 100)
+    assert len(timesteps) == 100 and timesteps[0] == 0 and timesteps[-1] == 999 and timesteps[6] == 61  # as MAR
+    assert torch.equal(respaced, alpha_bar[timesteps]) and respaced_prev[0] == 1
+    assert ((betas > 0) & (betas <= 1)).all()
+    assert torch.allclose(torch.cumprod(1 - betas, 0), respaced)       # the respaced chain has the same alpha_bar
+
+
+def exact_denoiser(mean, std, alpha_bar):
+    """The best noise prediction for tokens ~ N(mean, std^2): E[noise | x_t]."""
+    def head(x, t, z):
+        a = alpha_bar[t].float()[:, None]
+        return (1 - a).sqrt() * (x - a.sqrt() * mean) / (a * std ** 2 + 1 - a)
+    return head
+
+
+def test_sampler_recovers_a_known_gaussian():
+    alpha_bar = L.cosine_schedule()
+    mean, std = torch.tensor([0.7, -1.2]), torch.tensor([0.5, 1.5])
+    z = torch.zeros(20_000, 1)
+    draws = L.sample_token(exact_denoiser(mean, std, alpha_bar), z, 2, alpha_bar, num_steps=1000,
+                           generator=torch.Generator().manual_seed(0))
+    assert ((draws.mean(0) - mean).abs() < 4 * std / 20_000 ** 0.5).all()       # within 4 standard errors
+    assert ((draws.std(0) / std - 1).abs() < 0.02).all()
+    fewer = L.sample_token(exact_denoiser(mean, std, alpha_bar), z, 2, alpha_bar, num_steps=100,
+                           generator=torch.Generator().manual_seed(0))        # respaced, as MAR samples
+    assert ((fewer.mean(0) - mean).abs() < 0.02).all() and ((fewer.std(0) / std - 1).abs() < 0.06).all()
+    cooler = L.sample_token(exact_denoiser(mean, std, alpha_bar), z, 2, alpha_bar, num_steps=100, temperature=0.5,
+                            generator=torch.Generator().manual_seed(0))
+    assert (cooler.std(0) < 0.8 * fewer.std(0)).all()                           # temperature narrows
+
+
+def test_diffusion_head_learns_one_batch_and_samples_it():
+    """The Diffusion Loss falls on a fixed batch, and the trained head then draws each token back
+    from its own condition z."""
+    torch.manual_seed(0)
+    head = L.DiffusionHead(token_dim=4, z_dim=8, width=64, depth=2)
+    tokens, z = torch.randn(4, 4) * 0.8, torch.randn(4, 8)
+    alpha_bar = L.cosine_schedule()
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = L.diffusion_loss(head, tokens, z, alpha_bar, repeats=64)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:20])
+    draws = L.sample_token(head, z.repeat(25, 1), 4, alpha_bar, num_steps=50, generator=torch.Generator().manual_seed(0))
+    errors = (draws - tokens.repeat(25, 1)).norm(dim=1)
+    assert errors.median() < 0.1 * torch.cdist(tokens, tokens).mean()
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_continuous_kv_cache_matches_full_forward(model_type):
+    gpt = tiny_continuous_gpt(model_type)
+    cond, cond_mask = tiny_condition(gpt)
+    tokens = torch.randn(2, gpt.config.block_size, gpt.config.token_dim)
+    full = gpt(tokens, cond, cond_mask)                                   # (B, T, dim): the conditions z
+    cls = gpt.config.cls_token_num
+    max_seq_len = cls + gpt.config.block_size - 1
+    gpt.setup_caches(2, max_seq_len, torch.float32, "cpu")
+    mask = L.attention_mask(max_seq_len, cond_mask)
+    stepwise = [L.prefill(gpt, cond, mask)]
+    for t in range(gpt.config.block_size - 1):
+        stepwise.append(L.decode_one_token(gpt, tokens[:, t:t + 1], torch.tensor([cls + t]), mask))
+    assert (torch.stack(stepwise, dim=1) - full).abs().max() < 1e-4
+    generated = L.generate_continuous(gpt, cond, cond_mask, cfg_scale=2.0, num_steps=5,
+                                      generator=torch.Generator().manual_seed(0))
+    again = L.generate_continuous(gpt, cond, cond_mask, cfg_scale=2.0, num_steps=5,
+                                  generator=torch.Generator().manual_seed(0))
+    assert generated.shape == (2, 16, 4) and torch.equal(generated, again)   # the same seed, the same tokens
+
+
+def test_continuous_cfg_follows_its_formula_on_the_noise():
+    """With CFG, each reverse step uses uncond + (cond - uncond) * scale of the predicted noise,
+    both halves seeing the same x_t: the same draws as an unguided sampler whose head returns
+    exactly that."""
+    gpt = tiny_continuous_gpt(seed=3)
+    head, alpha_bar = gpt.diffusion, gpt.alphas_cumprod
+    z_cond, z_null = torch.randn(3, 64), torch.randn(3, 64)
+    scale = 3.0
+    guided = L.sample_token(head, torch.cat([z_cond, z_null]), 4, alpha_bar, cfg_scale=scale, num_steps=10,
+                            generator=torch.Generator().manual_seed(0))
+
+    def combined_head(x, t, z):
+        cond, null = head(x, t, z_cond), head(x, t, z_null)
+        return null + (cond - null) * scale
+    expected = L.sample_token(combined_head, z_cond, 4, alpha_bar, num_steps=10,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(guided, expected, atol=1e-5)
+    unguided = L.sample_token(head, z_cond, 4, alpha_bar, num_steps=10, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(guided, unguided, atol=1e-3)
+
+
+def test_kl_tokenizer_samples_its_posterior_and_pays_the_kl():
+    torch.manual_seed(0)
+    kl = L.KLModel(L.KLConfig(**L.KL_PRESETS["KL-tiny"], kl_weight=0.5)).train()
+    images = blob_images()
+    recon, z, losses = kl(images)
+    mean, logvar = kl.posterior(images)
+    assert recon.shape == images.shape and z.shape == mean.shape == (4, 4, 8, 8)
+    assert not torch.allclose(z, mean)                                     # a sample, not the mean
+    expected = 0.5 * 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+    assert torch.allclose(losses["kl_loss"], expected)
+    torch.nn.init.zeros_(kl.quant_conv.weight)
+    torch.nn.init.zeros_(kl.quant_conv.bias)                               # q(z|x) = N(0, I): no KL to pay
+    assert kl(images)[2]["kl_loss"].abs() < 1e-7
+    kl.latent_scale.fill_(0.25)
+    tokens = kl.encode_latents(images)                                     # (B, h*w, D), scaled
+    assert tokens.shape == (4, 64, 4) and tokens.abs().max() == 0
+    assert torch.allclose(kl.decode_latents(tokens), kl.decoder(kl.post_quant_conv(torch.zeros(4, 4, 8, 8))))
+
+
+# -----------------------------------------------------------------------------
 # 4. The text conditioner
 
 CAPTIONS = ["a small red circle at the top", "red circle, large, centered", "a blue square on the left",
@@ -654,14 +787,14 @@ def test_data_and_setting_errors(tmp_path):
         T.check_args(T.parse_args(["--image-size", "30"]), shapes)
     with pytest.raises(ValueError, match="discriminator needs images of at least 32 px"):
         T.check_args(T.parse_args(["--image-size", "16"]), shapes)
-    T.check_args(T.parse_args(["--image-size", "16", "--vq-steps", "10", "--disc-start", "10"]), shapes)  # no GAN: fine
+    T.check_args(T.parse_args(["--image-size", "16", "--tokenizer-steps", "10", "--disc-start", "10"]), shapes)  # no GAN: fine
     with pytest.raises(FileNotFoundError, match="--t5 .* has no config.json"):
         T.check_args(T.parse_args(["--t5", str(tmp_path)]), shapes)
 
 
 def tiny_run(out_dir, *extra):
-    return ["--out-dir", str(out_dir), "--image-size", "32", "--num-images", "48", "--vq-preset", "VQ-mini",
-            "--gpt-preset", "GPT-tiny", "--vq-batch-size", "4", "--gpt-batch-size", "8", "--warmup", "2",
+    return ["--out-dir", str(out_dir), "--image-size", "32", "--num-images", "48", "--tokenizer-preset", "VQ-mini",
+            "--gpt-preset", "GPT-tiny", "--tokenizer-batch-size", "4", "--gpt-batch-size", "8", "--warmup", "2",
             "--text-length", "16", "--text-vocab", "128", "--log-every", "1", "--sample-every", "1000",
             "--save-every", "1000", "--eval-per-class", "0", "--perceptual-weight", "0", *extra]
 
@@ -678,26 +811,26 @@ def logged(out_dir, stage, key):
 
 @slow
 def test_training_lowers_the_loss(tmp_path):
-    T.main(tiny_run(tmp_path, "--vq-steps", "40", "--gpt-steps", "80", "--disc-start", "30",
-                    "--vq-lr", "3e-3", "--gpt-lr", "1e-2", "--eval-per-class", "1"))
-    rec, gpt_loss = logged(tmp_path, "vq", "rec"), logged(tmp_path, "gpt", "loss")
+    T.main(tiny_run(tmp_path, "--tokenizer-steps", "40", "--gpt-steps", "80", "--disc-start", "30",
+                    "--tokenizer-lr", "3e-3", "--gpt-lr", "1e-2", "--eval-per-class", "1"))
+    rec, gpt_loss = logged(tmp_path, "tokenizer", "rec"), logged(tmp_path, "gpt", "loss")
     assert len(rec) == 40 and len(gpt_loss) == 80
     assert np.mean(rec[-5:]) < 0.5 * np.mean(rec[:5])
     assert np.mean(gpt_loss[-5:]) < 0.8 * np.mean(gpt_loss[:5])  # from ln(256) = 5.5
     assert "gen_adv" in open(tmp_path / "log.txt").read()  # the GAN phase ran
-    vq_ckpt = L.load_checkpoint(str(tmp_path / "vq.pt"), "vq")
+    vq_ckpt = L.load_checkpoint(str(tmp_path / "tokenizer.pt"), "tokenizer")
     gpt_ckpt = L.load_checkpoint(str(tmp_path / "gpt.pt"), "gpt")
     assert vq_ckpt["step"] == 40 and vq_ckpt["metrics"]["psnr"] > 10
     assert gpt_ckpt["config"]["model_type"] == "t2i" and gpt_ckpt["text_tokenizer"] and gpt_ckpt["t5"]
     assert gpt_ckpt["metrics"]["blue triangle"]["samples"] == 3  # the held-out combination was judged
-    assert os.path.isfile(tmp_path / "samples.png") and os.path.isfile(tmp_path / "vq_step000040.png")
+    assert os.path.isfile(tmp_path / "samples.png") and os.path.isfile(tmp_path / "tokenizer_step000040.png")
 
 
 @slow
 def test_same_seed_same_first_losses(tmp_path):
     for name in ("a", "b"):
-        T.main(tiny_run(tmp_path / name, "--vq-steps", "3", "--gpt-steps", "3", "--disc-start", "100"))
-    for stage, key in (("vq", "loss"), ("gpt", "loss")):
+        T.main(tiny_run(tmp_path / name, "--tokenizer-steps", "3", "--gpt-steps", "3", "--disc-start", "100"))
+    for stage, key in (("tokenizer", "loss"), ("gpt", "loss")):
         assert logged(tmp_path / "a", stage, key) == logged(tmp_path / "b", stage, key)
     assert states_equal(torch.load(tmp_path / "a" / "gpt.pt", weights_only=True)["model"],
                         torch.load(tmp_path / "b" / "gpt.pt", weights_only=True)["model"])
@@ -705,7 +838,7 @@ def test_same_seed_same_first_losses(tmp_path):
 
 @slow
 def test_class_conditional_stage_on_an_existing_tokenizer(tmp_path):
-    T.main(tiny_run(tmp_path, "vq", "--vq-steps", "2", "--disc-start", "100"))
+    T.main(tiny_run(tmp_path, "tokenizer", "--tokenizer-steps", "2", "--disc-start", "100"))
     T.main(tiny_run(tmp_path, "gpt", "--cond", "class", "--gpt-steps", "3"))
     checkpoint = L.load_checkpoint(str(tmp_path / "gpt.pt"), "gpt")
     assert checkpoint["config"]["model_type"] == "c2i" and checkpoint["config"]["num_classes"] == 18
@@ -718,8 +851,8 @@ def test_class_conditional_stage_on_an_existing_tokenizer(tmp_path):
 
 @slow
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    steps = ["--vq-steps", "6", "--gpt-steps", "6", "--disc-start", "2", "--save-every", "3", "--ema", "0.9",
-             "--dropout", "0.1", "--vq-lr", "1e-3", "--gpt-lr", "2e-3"]
+    steps = ["--tokenizer-steps", "6", "--gpt-steps", "6", "--disc-start", "2", "--save-every", "3", "--ema", "0.9",
+             "--dropout", "0.1", "--tokenizer-lr", "1e-3", "--gpt-lr", "2e-3"]
     T.main(tiny_run(tmp_path / "straight", *steps))
     learning_rate = T.learning_rate
 
@@ -735,15 +868,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "learning_rate", crash_at_step_4(stage_lr=1e-3))  # the tokenizer's
     with pytest.raises(Crash):
         T.main(tiny_run(tmp_path / "resumed", *steps))
-    assert torch.load(tmp_path / "resumed" / "vq.pt", weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "resumed" / "tokenizer.pt", weights_only=True)["step"] == 3
     monkeypatch.setattr(T, "learning_rate", crash_at_step_4(stage_lr=2e-3))  # the GPT's
     with pytest.raises(Crash):  # the tokenizer resumes and finishes, the GPT stops at 4
         T.main(tiny_run(tmp_path / "resumed", *steps, "--resume"))
-    assert torch.load(tmp_path / "resumed" / "vq.pt", weights_only=True)["step"] == 6
+    assert torch.load(tmp_path / "resumed" / "tokenizer.pt", weights_only=True)["step"] == 6
     assert torch.load(tmp_path / "resumed" / "gpt.pt", weights_only=True)["step"] == 3
     monkeypatch.setattr(T, "learning_rate", learning_rate)
     T.main(tiny_run(tmp_path / "resumed", *steps, "--resume"))
-    for name in ("vq.pt", "gpt.pt"):
+    for name in ("tokenizer.pt", "gpt.pt"):
         straight = torch.load(tmp_path / "straight" / name, weights_only=True)
         resumed = torch.load(tmp_path / "resumed" / name, weights_only=True)
         for key in ("model", "optimizer", "step", "rng", "ema", "discriminator", "t5", "text_tokenizer"):
@@ -755,10 +888,10 @@ def ddp_worker(rank, out_dir, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    args = T.parse_args(tiny_run(out_dir, "--vq-steps", "4", "--gpt-steps", "4", "--disc-start", "2"))
+    args = T.parse_args(tiny_run(out_dir, "--tokenizer-steps", "4", "--gpt-steps", "4", "--disc-start", "2"))
     run = T.Run(args)
     data = T.load_data(args)
-    vq, criterion = T.train_vq(args, run, data)
+    vq, criterion = T.train_tokenizer(args, run, data)
     gpt = T.train_gpt(args, run, data, vq)
     torch.save({"vq": vq.state_dict(), "gpt": gpt.state_dict(), "discriminator": criterion.discriminator.state_dict()},
                os.path.join(out_dir, f"rank{rank}.pt"))
@@ -792,7 +925,7 @@ def test_pretrained_t5_stays_frozen(tmp_path):
                                                            d_ff=64, num_layers=2, num_heads=4))
     hf.save_pretrained(hf_dir)
     (hf_dir / "spiece.model").write_bytes(tokenizer.model_bytes)
-    T.main(tiny_run(tmp_path, "--vq-steps", "2", "--gpt-steps", "3", "--disc-start", "100", "--t5", str(hf_dir)))
+    T.main(tiny_run(tmp_path, "--tokenizer-steps", "2", "--gpt-steps", "3", "--disc-start", "100", "--t5", str(hf_dir)))
     checkpoint = torch.load(tmp_path / "gpt.pt", weights_only=True)
     loaded, _ = L.load_t5_encoder(str(hf_dir))
     assert checkpoint["train_t5"] is False and checkpoint["config"]["caption_dim"] == 32
@@ -809,8 +942,8 @@ def test_pretrained_t5_stays_frozen(tmp_path):
 def trained(tmp_path_factory):
     """Tiny text- and class-conditional checkpoints, as python train.py writes them."""
     text, classes = tmp_path_factory.mktemp("text"), tmp_path_factory.mktemp("class")
-    T.main(tiny_run(text, "--vq-steps", "2", "--gpt-steps", "2", "--disc-start", "100"))
-    T.main(tiny_run(classes, "--vq-steps", "2", "--gpt-steps", "2", "--disc-start", "100", "--cond", "class"))
+    T.main(tiny_run(text, "--tokenizer-steps", "2", "--gpt-steps", "2", "--disc-start", "100"))
+    T.main(tiny_run(classes, "--tokenizer-steps", "2", "--gpt-steps", "2", "--disc-start", "100", "--cond", "class"))
     return text, classes
 
 
@@ -858,10 +991,10 @@ def test_gif_shows_raster_order_generation(trained, tmp_path):
     # a GIF frame holds 256 colors: close to the grid (these untrained images are noise), and exact
     # before encoding (below)
     assert np.abs(last - read_rgb(tmp_path / "g.png")).mean() < 8
-    vq, _ = L.load_vq(str(classes / "vq.pt"))
+    vq, _ = L.load_tokenizer(str(classes / "tokenizer.pt"))
     tokens = torch.randint(0, 256, (2, 64))
     frames = S.generation_frames(vq, tokens, 8, tokens_per_frame=8)
-    assert len(frames) == 8 and torch.equal(frames[-1], S.decode(vq, tokens, 8))
+    assert len(frames) == 8 and torch.equal(frames[-1], S.decode(vq, tokens))
     assert (frames[0][:, :, 4:] == 0).all()           # after the first row of tokens, the rest is blank
     assert not (frames[1][:, :, 4:8] == 0).all()      # ... and the second row appears in frame 2
 
@@ -870,10 +1003,10 @@ def test_gif_shows_raster_order_generation(trained, tmp_path):
 def test_official_checkpoints_end_to_end(fx, tmp_path):
     """The official path on the fixture's official-layout files: greedy CFG images are the
     official tokens decoded by the official tokenizer."""
-    torch.save({"model": fx["vq"]["state_dict"]}, tmp_path / "vq.pt")
+    torch.save({"model": fx["vq"]["state_dict"]}, tmp_path / "vq_ds8.pt")
     torch.save({"model": fx["gpt_c2i"]["state_dict"], "args": argparse.Namespace(gpt_model="GPT-tiny")},
                tmp_path / "c2i.pt")
-    S.main(["--official-vq", str(tmp_path / "vq.pt"), "--official-gpt", str(tmp_path / "c2i.pt"), "--image-size", "16",
+    S.main(["--official-vq", str(tmp_path / "vq_ds8.pt"), "--official-gpt", str(tmp_path / "c2i.pt"), "--image-size", "16",
             "--class-id", "3", "--class-id", "7", "--num-samples", "1", "--top-k", "1", "--cfg-scale", "4",
             "--output", str(tmp_path / "c2i.png"), "--save-dir", str(tmp_path / "c2i")])
     vq = L.load_official_vq(fx["vq"]["state_dict"])
@@ -881,7 +1014,7 @@ def test_official_checkpoints_end_to_end(fx, tmp_path):
     assert np.array_equal(np.load(tmp_path / "c2i" / "samples.npz")["arr_0"], expected.permute(0, 2, 3, 1).numpy())
     torch.save({"model": fx["gpt_t2i"]["state_dict"]}, tmp_path / "t2i.pt")
     with pytest.raises(SystemExit, match="text-conditional: pass --t5 DIR"):
-        S.main(["--official-vq", str(tmp_path / "vq.pt"), "--official-gpt", str(tmp_path / "t2i.pt"),
+        S.main(["--official-vq", str(tmp_path / "vq_ds8.pt"), "--official-gpt", str(tmp_path / "t2i.pt"),
                 "--image-size", "16"])
     transformers = pytest.importorskip("transformers")
     tokenizer = L.TextTokenizer.train(CAPTIONS, vocab_size=40)
@@ -889,10 +1022,47 @@ def test_official_checkpoints_end_to_end(fx, tmp_path):
                                                            d_ff=64, num_layers=2, num_heads=4))
     hf.save_pretrained(tmp_path / "t5")
     (tmp_path / "t5" / "spiece.model").write_bytes(tokenizer.model_bytes)
-    S.main(["--official-vq", str(tmp_path / "vq.pt"), "--official-gpt", str(tmp_path / "t2i.pt"), "--image-size", "16",
+    S.main(["--official-vq", str(tmp_path / "vq_ds8.pt"), "--official-gpt", str(tmp_path / "t2i.pt"), "--image-size", "16",
             "--t5", str(tmp_path / "t5"), "--prompt", "a red circle", "--num-samples", "2",
             "--output", str(tmp_path / "t2i.png")])
     assert read_rgb(tmp_path / "t2i.png").shape == (2 + 18, 2 + 2 * 18, 3)
+
+
+@slow
+def test_continuous_tokens_end_to_end(trained, tmp_path, capsys):
+    """train.py --tokens continuous writes a KL tokenizer and a ContinuousGPT that sample.py reads
+    by itself: grid, files, GIF, seeds; and the two kinds of tokens are never mixed up."""
+    run = tiny_run(tmp_path / "mar", "--tokens", "continuous", "--tokenizer-preset", "KL-mini", "--cond", "class",
+                   "--tokenizer-steps", "3", "--gpt-steps", "3", "--disc-start", "100", "--diffusion-steps", "5")
+    T.main(run)
+    tokenizer = L.load_checkpoint(str(tmp_path / "mar" / "tokenizer.pt"), "tokenizer")
+    gpt = L.load_checkpoint(str(tmp_path / "mar" / "gpt.pt"), "gpt")
+    assert tokenizer["tokens"] == gpt["tokens"] == "continuous" and gpt["config"]["token_dim"] == 4
+    assert tokenizer["ema"] is None and tokenizer["model"]["latent_scale"] != 1.0  # fixed after training
+    out = tmp_path / "out"
+
+    def sample(name, *extra):
+        S.main(["--out-dir", str(tmp_path / "mar"), "--class-name", "red circle", "--num-samples", "3",
+                "--diffusion-steps", "5", "--output", str(out / name), *extra])
+        return read_rgb(out / name)
+    grid = sample("a.png", "--save-dir", str(out / "each"), "--gif", str(out / "a.gif"))
+    assert grid.shape == (2 + 34, 2 + 3 * 34, 3) and np.load(out / "each" / "samples.npz")["arr_0"].shape == (3, 32, 32, 3)
+    with Image.open(out / "a.gif") as gif:
+        assert gif.n_frames == 8
+    assert np.array_equal(sample("b.png"), grid) and not np.array_equal(sample("c.png", "--seed", "1"), grid)
+    _, message = fails(S.main, ["--out-dir", str(tmp_path / "mar"), "--top-k", "10", "--output", str(out / "x.png")],
+                       capsys)
+    assert "--top-k is for discrete tokens" in message
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "tokenizer.pt").write_bytes((trained[1] / "tokenizer.pt").read_bytes())  # a VQ
+    (mixed / "gpt.pt").write_bytes((tmp_path / "mar" / "gpt.pt").read_bytes())
+    _, message = fails(S.main, ["--out-dir", str(mixed), "--output", str(out / "x.png")], capsys)
+    assert "gpt.pt models continuous tokens but" in message and "makes discrete ones" in message
+    _, message = fails(T.main, [*run, "--codebook-size", "64", "--overwrite"], capsys)
+    assert "--codebook-size is for discrete tokens" in message
+    _, message = fails(T.main, tiny_run(tmp_path / "mar", "gpt", "--cond", "class", "--overwrite"), capsys)
+    assert "tokenizer.pt makes continuous tokens: pass --tokens continuous" in message
 
 
 # -----------------------------------------------------------------------------
@@ -914,9 +1084,9 @@ def fails(main, argv, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["--image-size", "0"], "--image-size: 0 is out of range: it must be at least 1"),
     (["--image-size", "-32"], "--image-size: -32 is out of range"),
-    (["--vq-batch-size", "0"], "--vq-batch-size: 0 is out of range"),
+    (["--tokenizer-batch-size", "0"], "--tokenizer-batch-size: 0 is out of range"),
     (["--gpt-steps", "-1"], "--gpt-steps: -1 is out of range"),
-    (["--vq-lr", "0"], "--vq-lr: 0 is out of range: it must be above 0"),
+    (["--tokenizer-lr", "0"], "--tokenizer-lr: 0 is out of range: it must be above 0"),
     (["--ema", "1.5"], "--ema: 1.5 is out of range"),
     (["--cfg-scale", "-1"], "--cfg-scale: -1 is out of range"),
     (["--num-images", "many"], "--num-images: 'many' is not a whole number"),
@@ -951,7 +1121,7 @@ def test_train_out_dir_that_is_a_file(tmp_path, capsys):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
     (["--output", "grid.xyz"], "needs a file extension Pillow can write"),
     (["--gif", "animation.png"], "--gif animation.png needs a file extension Pillow can write (.gif)"),
-    (["--official-vq", "vq.pt"], "pass both --official-vq and --official-gpt"),
+    (["--official-vq", "vq_ds16_c2i.pt"], "pass both --official-vq and --official-gpt"),
 ])
 def test_sample_argument_errors(argv, expected, capsys, trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -979,16 +1149,16 @@ def test_sample_checkpoint_errors(trained, tmp_path, capsys):
     def folder(name, vq, gpt):  # an out-dir holding the given checkpoint dicts or bytes
         path = tmp_path / name
         path.mkdir()
-        for file, content in (("vq.pt", vq), ("gpt.pt", gpt)):
+        for file, content in (("tokenizer.pt", vq), ("gpt.pt", gpt)):
             if isinstance(content, bytes):
                 (path / file).write_bytes(content)
             else:
                 torch.save(content, path / file)
         return str(path)
-    vq = torch.load(classes / "vq.pt", weights_only=True)
+    vq = torch.load(classes / "tokenizer.pt", weights_only=True)
     gpt = torch.load(classes / "gpt.pt", weights_only=True)
-    checks.append(([folder("swapped", gpt, vq)], "holds the GPT (gpt.pt), not the tokenizer (vq.pt): were the two "
-                                                 "files swapped?"))
+    checks.append(([folder("swapped", gpt, vq)], "holds the GPT (gpt.pt), not the tokenizer (tokenizer.pt): were the "
+                                                 "two files swapped?"))
     newer = dict(vq, format=L.CHECKPOINT_FORMAT + 1)
     checks.append(([folder("newer", newer, gpt)], "written by a newer version of this code"))
     older = {k: v for k, v in vq.items() if k != "format"}
@@ -1001,7 +1171,7 @@ def test_sample_checkpoint_errors(trained, tmp_path, capsys):
     checks.append(([folder("truncated", vq, (classes / "gpt.pt").read_bytes()[:5000])], "is truncated or damaged"))
     checks.append(([folder("not_torch", vq, b"hello, I am a text file\n")], "is not a PyTorch checkpoint"))
     checks.append(([folder("empty", vq, b"")], "is empty"))
-    checks.append((["--official-vq", str(classes / "vq.pt"), "--official-gpt", str(classes / "gpt.pt"),
+    checks.append((["--official-vq", str(classes / "tokenizer.pt"), "--official-gpt", str(classes / "gpt.pt"),
                     "--image-size", "32"], "was written by train.py, not by the official LlamaGen code"))
     for argv, expected in checks:
         if not argv[0].startswith("--"):
@@ -1025,9 +1195,9 @@ def test_sample_condition_errors(trained, tmp_path, capsys):
 def test_fuzzed_checkpoints_get_clear_errors(trained, tmp_path):
     """Random bytes, truncations and flipped bytes of a real checkpoint: either a clean load or a
     ValueError with a sentence, never another exception."""
-    good = (trained[1] / "vq.pt").read_bytes()
+    good = (trained[1] / "tokenizer.pt").read_bytes()
     rng = random.Random(0)
-    path = str(tmp_path / "vq.pt")
+    path = str(tmp_path / "tokenizer.pt")
     for trial in range(60):
         kind = trial % 3
         if kind == 0:
@@ -1042,7 +1212,7 @@ def test_fuzzed_checkpoints_get_clear_errors(trained, tmp_path):
         with open(path, "wb") as f:
             f.write(data)
         try:
-            L.load_vq(path)
+            L.load_tokenizer(path)
         except ValueError as error:
             assert str(error).startswith(path) and str(error).endswith(".")
         except RuntimeError as error:  # a flipped byte in the weights: load_state_dict names the tensor
@@ -1064,20 +1234,20 @@ def test_fuzzed_images_are_skipped(tmp_path):
 
 @slow
 def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, capsys):
-    T.main(tiny_run(tmp_path, "--vq-steps", "2", "--gpt-steps", "2", "--disc-start", "100"))
-    before = {name: (tmp_path / name).read_bytes() for name in ("vq.pt", "gpt.pt")}
-    _, message = fails(T.main, tiny_run(tmp_path, "--vq-steps", "2", "--gpt-steps", "2", "--disc-start", "100"), capsys)
-    assert "vq.pt holds a finished run: continue it with --resume, start over with --overwrite" in message
+    T.main(tiny_run(tmp_path, "--tokenizer-steps", "2", "--gpt-steps", "2", "--disc-start", "100"))
+    before = {name: (tmp_path / name).read_bytes() for name in ("tokenizer.pt", "gpt.pt")}
+    _, message = fails(T.main, tiny_run(tmp_path, "--tokenizer-steps", "2", "--gpt-steps", "2", "--disc-start", "100"), capsys)
+    assert "tokenizer.pt holds a finished run: continue it with --resume, start over with --overwrite" in message
     _, message = fails(T.main, tiny_run(tmp_path, "gpt", "--gpt-steps", "2"), capsys)
     assert "gpt.pt holds a finished run" in message
     assert all((tmp_path / name).read_bytes() == content for name, content in before.items())
-    _, message = fails(T.main, tiny_run(tmp_path, "--vq-steps", "2", "--gpt-steps", "2", "--disc-start", "100",
+    _, message = fails(T.main, tiny_run(tmp_path, "--tokenizer-steps", "2", "--gpt-steps", "2", "--disc-start", "100",
                                         "--resume", "--image-size", "64"), capsys)
     assert "--resume with other settings than" in message and "--image-size 32 -> 64" in message
     _, message = fails(T.main, tiny_run(tmp_path / "new", "--resume"), capsys)
-    assert "holds no vq.pt or gpt.pt to continue: leave --resume out" in message
-    T.main(tiny_run(tmp_path, "--vq-steps", "2", "--gpt-steps", "2", "--disc-start", "100", "--overwrite", "--seed", "1"))
-    assert (tmp_path / "vq.pt").read_bytes() != before["vq.pt"]
+    assert "holds no tokenizer.pt or gpt.pt to continue: leave --resume out" in message
+    T.main(tiny_run(tmp_path, "--tokenizer-steps", "2", "--gpt-steps", "2", "--disc-start", "100", "--overwrite", "--seed", "1"))
+    assert (tmp_path / "tokenizer.pt").read_bytes() != before["tokenizer.pt"]
 
 
 @slow
@@ -1088,10 +1258,10 @@ def test_a_loss_that_is_not_a_number_stops_training(tmp_path, capsys, monkeypatc
         loss, logs = generator_loss(self, images, recon, vq_losses, step, last_layer)
         return (loss * float("nan") if step == 4 else loss), logs
     monkeypatch.setattr(L.VQLoss, "generator_loss", nan_at_step_5)
-    status, message = fails(T.main, tiny_run(tmp_path, "--vq-steps", "8", "--save-every", "2", "--disc-start", "100"),
+    status, message = fails(T.main, tiny_run(tmp_path, "--tokenizer-steps", "8", "--save-every", "2", "--disc-start", "100"),
                             capsys)
-    assert status == 1 and "the loss became nan at step 5" in message and "vq.pt keeps the last checkpoint" in message
-    assert L.load_checkpoint(str(tmp_path / "vq.pt"), "vq")["step"] == 4
+    assert status == 1 and "the loss became nan at step 5" in message and "tokenizer.pt keeps the last checkpoint" in message
+    assert L.load_checkpoint(str(tmp_path / "tokenizer.pt"), "tokenizer")["step"] == 4
 
 
 def start_training(out_dir, *extra):
@@ -1113,21 +1283,21 @@ def wait_for_log(out_dir, text, process, after=0, timeout=120):
 
 @slow
 def test_ctrl_c_saves_the_current_step_and_resume_continues(tmp_path):
-    steps = ("--vq-steps", "60", "--gpt-steps", "2", "--disc-start", "1000")
+    steps = ("--tokenizer-steps", "60", "--gpt-steps", "2", "--disc-start", "1000")
     process = start_training(tmp_path, *steps)
-    wait_for_log(tmp_path, "vq step 5/", process)
+    wait_for_log(tmp_path, "tokenizer step 5/", process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err
-    step = L.load_checkpoint(str(tmp_path / "vq.pt"), "vq")["step"]
-    assert 5 <= step < 60 and len(logged(tmp_path, "vq", "loss")) == step  # the step in progress, completed
-    assert err.strip().splitlines()[-1] == (f"stopped at step {step} of 60 and saved {tmp_path}/vq.pt; continue "
+    step = L.load_checkpoint(str(tmp_path / "tokenizer.pt"), "tokenizer")["step"]
+    assert 5 <= step < 60 and len(logged(tmp_path, "tokenizer", "loss")) == step  # the step in progress, completed
+    assert err.strip().splitlines()[-1] == (f"stopped at step {step} of 60 and saved {tmp_path}/tokenizer.pt; continue "
                                             "with the same command and --resume.")
     process = start_training(tmp_path, *steps, "--resume")
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
-    assert f"resuming the tokenizer from {tmp_path}/vq.pt at step {step}" in open(tmp_path / "log.txt").read()
-    assert L.load_checkpoint(str(tmp_path / "vq.pt"), "vq")["step"] == 60
+    assert f"resuming the tokenizer from {tmp_path}/tokenizer.pt at step {step}" in open(tmp_path / "log.txt").read()
+    assert L.load_checkpoint(str(tmp_path / "tokenizer.pt"), "tokenizer")["step"] == 60
     assert L.load_checkpoint(str(tmp_path / "gpt.pt"), "gpt")["step"] == 2
 
 
@@ -1135,16 +1305,16 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues(tmp_path):
 def test_a_hard_kill_leaves_a_loadable_checkpoint(tmp_path):
     """SIGKILL at moments spread over a run that saves at every step: the checkpoint on disk is
     always whole (atomic writes), and --resume continues from it."""
-    steps = ("--vq-steps", "400", "--gpt-steps", "2", "--disc-start", "1000", "--save-every", "1")
+    steps = ("--tokenizer-steps", "400", "--gpt-steps", "2", "--disc-start", "1000", "--save-every", "1")
     for delay in (0.0, 0.05, 0.13, 0.31):
         log = tmp_path / "log.txt"
         after = len(log.read_text()) if log.exists() else 0
-        process = start_training(tmp_path, *steps, *(["--resume"] if (tmp_path / "vq.pt").exists() else []))
-        wait_for_log(tmp_path, "vq step" if after else "vq step 2/", process, after)  # step 1 saved
+        process = start_training(tmp_path, *steps, *(["--resume"] if (tmp_path / "tokenizer.pt").exists() else []))
+        wait_for_log(tmp_path, "tokenizer step" if after else "tokenizer step 2/", process, after)  # step 1 saved
         time.sleep(delay)
         process.kill()
         process.communicate()
-        checkpoint = L.load_checkpoint(str(tmp_path / "vq.pt"), "vq")
+        checkpoint = L.load_checkpoint(str(tmp_path / "tokenizer.pt"), "tokenizer")
         assert 1 <= checkpoint["step"] < 400
         if after:
             assert f"at step {previous}" in log.read_text()[after:]  # resumed from the last checkpoint

@@ -1,12 +1,13 @@
-"""Train LlamaGen's two stages on a small dataset: the VQ tokenizer, then the GPT on its tokens.
+"""Train LlamaGen's two stages on a small dataset: the tokenizer, then the GPT on its tokens.
 
     python train.py                          # the whole demo on built-in shapes: about 8 minutes on a 2-core CPU
-    python train.py vq --data DIR            # the tokenizer on your images
+    python train.py tokenizer --data DIR     # the tokenizer on your images
     python train.py gpt --data DIR --cond class
+    python train.py --tokens continuous      # MAR: continuous tokens and a diffusion loss (llamagen.py section 6)
     python train.py --resume                 # continue an interrupted run (Ctrl-C saves one)
     torchrun --nproc_per_node=2 train.py     # data-parallel on 2 GPUs (or CPU processes)
 
-Everything goes to --out-dir: vq.pt, gpt.pt, log.txt and sample grids. The models and losses are
+Everything goes to --out-dir: tokenizer.pt, gpt.pt, log.txt and sample grids. The models and losses are
 in llamagen.py; this file holds the data, the two training stages and the command line.
 """
 import argparse
@@ -309,7 +310,7 @@ def judge_shape(image):
 
 
 @torch.no_grad()
-def evaluate_shapes(gpt, vq, text_encoder, args, device, per_class, batch_size=128):
+def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128):
     """Generate for every (color, shape) `per_class` samples (3x that for held-out ones), with
     prompts in the training captions' varied wording, and judge every image. Returns, per group,
     the fraction that shows the asked color and shape (and size and position, asked for in text)."""
@@ -325,7 +326,7 @@ def evaluate_shapes(gpt, vq, text_encoder, args, device, per_class, batch_size=1
     for start in range(0, len(requests), batch_size):
         batch = requests[start:start + batch_size]
         conditions = [r[3] for r in batch] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in batch]
-        images = generate_images(gpt, vq, text_encoder, conditions, args.cfg_scale, args.seed + start, device)
+        images = generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device)
         judged += [judge_shape(image.cpu()) for image in images]
     results = {}
     for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
@@ -486,13 +487,16 @@ def save_grid(images, path, columns):
 
 
 # -----------------------------------------------------------------------------
-# Stage 1: the VQ tokenizer
+# Stage 1: the tokenizer, a VQ (discrete codes) or a KL autoencoder (continuous tokens, section 6)
 
 
-def vq_config(args):
-    """The preset's architecture with the quantizer options of the command line."""
+def tokenizer_config(args):
+    """The preset's architecture with the options of the command line."""
+    if args.tokens == "continuous":
+        options = {"kl_weight": args.kl_weight} if args.kl_weight is not None else {}
+        return L.KLConfig(**{**L.KL_PRESETS[args.tokenizer_preset], **options})
     options = {name: getattr(args, name) for name in QUANTIZER_OPTIONS if getattr(args, name) is not None}
-    return L.VQConfig(**{**L.VQ_PRESETS[args.vq_preset], **options})
+    return L.VQConfig(**{**L.VQ_PRESETS[args.tokenizer_preset], **options})
 
 
 def codebook_usage(indices, codebook_size):  # the fraction of the codebook that indices use
@@ -500,36 +504,62 @@ def codebook_usage(indices, codebook_size):  # the fraction of the codebook that
 
 
 @torch.no_grad()
-def evaluate_tokenizer(vq, images, device, batch_size=64):
-    """PSNR (dB) of the reconstructions as 8-bit images, and the fraction of the codebook used."""
-    was_training = vq.training
-    vq.eval()
+def encode(tokenizer, images):  # images -> what the GPT reads: code grids (B, h*w) or tokens (B, h*w, D)
+    if isinstance(tokenizer, L.KLModel):
+        return tokenizer.encode_latents(images)
+    return tokenizer.encode_indices(images).flatten(1)          # (B, h, w) -> (B, h*w)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(tokenizer, images, device, batch_size=64):
+    """PSNR (dB) of the reconstructions as 8-bit images, and for a VQ the fraction of the codebook
+    used."""
+    was_training = tokenizer.training
+    tokenizer.eval()
     psnrs, codes = [], []
     for start in range(0, len(images), batch_size):
         originals = images[start:start + batch_size]
-        indices = vq.encode_indices(to_float(originals).to(device))
-        recon = L.to_uint8(vq.decode_indices(indices).cpu())
+        tokens = encode(tokenizer, to_float(originals).to(device))
+        recon = L.to_uint8(L.decode_tokens(tokenizer, tokens).cpu())
         mse = (recon.float() - originals.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
         psnrs.append(10 * torch.log10(255.0 ** 2 / mse))
-        codes.append(indices.flatten().cpu())
-    vq.train(was_training)
-    return dict(psnr=torch.cat(psnrs).mean().item(), usage=codebook_usage(torch.cat(codes), vq.cfg.codebook_size))
+        codes.append(tokens.flatten().cpu())
+    tokenizer.train(was_training)
+    metrics = dict(psnr=torch.cat(psnrs).mean().item())
+    if isinstance(tokenizer, L.VQModel):
+        metrics["usage"] = codebook_usage(torch.cat(codes), tokenizer.cfg.codebook_size)
+    return metrics
 
 
-def train_vq(args, run, data, checkpoint=None):
-    path = os.path.join(args.out_dir, "vq.pt")
-    cfg = L.config_from_dict(L.VQConfig, checkpoint["config"], path) if checkpoint else vq_config(args)
+@torch.no_grad()
+def latent_scale(tokenizer, images, device, batch_size=256):
+    """1 / the standard deviation of the KL tokenizer's latents over the training images: the fixed
+    scale that gives the GPT tokens of about unit variance (as MAR's 0.2325)."""
+    samples = []
+    for start in range(0, len(images), batch_size):
+        mean, logvar = tokenizer.posterior(to_float(images[start:start + batch_size]).to(device))
+        samples.append((mean + (0.5 * logvar).exp() * torch.randn_like(mean)).flatten().cpu())
+    return 1.0 / torch.cat(samples).std()
+
+
+def train_tokenizer(args, run, data, checkpoint=None):
+    path = os.path.join(args.out_dir, "tokenizer.pt")
+    continuous = args.tokens == "continuous"
+    if checkpoint:
+        cfg = L.config_from_dict(L.KLConfig if continuous else L.VQConfig, checkpoint["config"], path)
+    else:
+        cfg = tokenizer_config(args)
     torch.manual_seed(args.seed)
-    vq = L.VQModel(cfg).to(run.device)
+    tokenizer = (L.KLModel(cfg) if continuous else L.VQModel(cfg)).to(run.device)
     criterion = L.VQLoss(disc_start=args.disc_start, disc_weight=args.disc_weight,
                          perceptual_weight=args.perceptual_weight,
                          adaptive_disc_weight=args.adaptive_disc_weight).to(run.device)
-    optimizer = torch.optim.Adam(vq.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
-    disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=args.vq_lr, betas=(0.9, 0.95))
-    ema = AveragedModel(vq, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.95))
+    disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.95))
+    ema = AveragedModel(tokenizer, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
     start = 0
     if checkpoint:
-        vq.load_state_dict(checkpoint["model"])
+        tokenizer.load_state_dict(checkpoint["model"])
         criterion.discriminator.load_state_dict(checkpoint["discriminator"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         disc_optimizer.load_state_dict(checkpoint["disc_optimizer"])
@@ -541,32 +571,33 @@ def train_vq(args, run, data, checkpoint=None):
         run.log(f"resuming the tokenizer from {path} at step {start}")
 
     def save(step, metrics=None):
-        L.save_checkpoint(dict(kind="vq", config=dataclasses.asdict(cfg), model=vq.state_dict(),
-                               ema=ema.module.state_dict() if ema else None,
+        L.save_checkpoint(dict(kind="tokenizer", tokens=args.tokens, config=dataclasses.asdict(cfg),
+                               model=tokenizer.state_dict(), ema=ema.module.state_dict() if ema else None,
                                discriminator=criterion.discriminator.state_dict(), optimizer=optimizer.state_dict(),
                                disc_optimizer=disc_optimizer.state_dict(), step=step, rng=rng_state(run.device),
                                image_size=args.image_size, args=vars(args), metrics=metrics), path)
 
-    model = run.data_parallel(vq)
+    model = run.data_parallel(tokenizer)
     shown = to_float(data.held_out[:32]).to(run.device)  # the same images in every reconstruction grid
     timer, seen, codes_seen = time.time(), 0, []
-    bar = run.progress(args.vq_steps, start, "tokenizer")
+    bar = run.progress(args.tokenizer_steps, start, "tokenizer")
     with StopOnCtrlC() as stop:
         for step in bar:
-            lr = learning_rate(step, args.vq_steps, args.vq_lr, args.warmup)
+            lr = learning_rate(step, args.tokenizer_steps, args.tokenizer_lr, args.warmup)
             for group in optimizer.param_groups + disc_optimizer.param_groups:
                 group["lr"] = lr
-            indices, flips = batch_indices(len(data.images), args.vq_batch_size, args.seed, step, run, args.flip)
+            indices, flips = batch_indices(len(data.images), args.tokenizer_batch_size, args.seed, step, run, args.flip)
             images = to_float(data.images[indices]).to(run.device)
             images = torch.where(flips[:, None, None, None].to(run.device), images.flip(-1), images)
             with run.autocast():
-                recon, codes, vq_losses = model(images)
-                loss, logs = criterion.generator_loss(images, recon, vq_losses, step, vq.decoder.conv_out.weight)
+                recon, codes, tokenizer_losses = model(images)  # codes: VQ indices, or the KL latent sample
+                loss, logs = criterion.generator_loss(images, recon, tokenizer_losses, step,
+                                                      tokenizer.decoder.conv_out.weight)
             done = step + 1
             stop_if_not_finite(run, loss.item(), done, path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(vq.parameters(), args.grad_clip)
+            nn.utils.clip_grad_norm_(tokenizer.parameters(), args.grad_clip)
             optimizer.step()
             with run.autocast():
                 disc_loss = criterion.discriminator_loss(images, recon, step)
@@ -577,50 +608,73 @@ def train_vq(args, run, data, checkpoint=None):
                 disc_optimizer.step()
                 logs["disc_loss"] = disc_loss
             if ema:
-                ema.update_parameters(vq)
+                ema.update_parameters(tokenizer)
             seen += len(images) * run.world
-            codes_seen.append(codes.flatten())
-            if done % args.log_every == 0 or done == args.vq_steps:
+            if not continuous:
+                codes_seen.append(codes.flatten())
+            if done % args.log_every == 0 or done == args.tokenizer_steps:
                 terms = " | ".join(f"{name.removesuffix('_loss')} {value.item():.4f}" for name, value in logs.items())
-                usage = codebook_usage(torch.cat(codes_seen), cfg.codebook_size)  # since the last line
-                codes_seen = []
-                run.log(f"vq step {done}/{args.vq_steps} | loss {loss.item():.4f} | {terms} | usage {usage:.0%} | "
+                progress = f"rec {logs['rec_loss'].item():.4f}"
+                if not continuous:  # codebook usage since the last line
+                    usage = codebook_usage(torch.cat(codes_seen), cfg.codebook_size)
+                    terms, progress, codes_seen = f"{terms} | usage {usage:.0%}", f"{progress}, codebook usage {usage:.0%}", []
+                run.log(f"tokenizer step {done}/{args.tokenizer_steps} | loss {loss.item():.4f} | {terms} | "
                         f"lr {lr:.1e} | {seen / (time.time() - timer):.0f} img/s")
-                bar.set_postfix_str(f"rec {logs['rec_loss'].item():.4f}, codebook usage {usage:.0%}")
-            if run.is_main and (done % args.sample_every == 0 or done == args.vq_steps):
-                shown_model = (ema.module if ema else vq).eval()  # the weights that will be saved
-                recon = shown_model.decode_indices(shown_model.encode_indices(shown))
-                vq.train()
+                bar.set_postfix_str(progress)
+            if run.is_main and (done % args.sample_every == 0 or done == args.tokenizer_steps):
+                shown_model = (ema.module if ema else tokenizer).eval()  # the weights that will be saved
+                recon = L.decode_tokens(shown_model, encode(shown_model, shown))
+                tokenizer.train()
                 rows = [torch.cat([shown[i:i + 8], recon[i:i + 8]]) for i in range(0, len(shown), 8)]
-                save_grid(torch.cat(rows), os.path.join(args.out_dir, f"vq_step{done:06d}.png"), columns=8)
-            end_of_step(run, stop, done, args.vq_steps, save, path)
-    final = (ema.module if ema else vq).eval()
+                save_grid(torch.cat(rows), os.path.join(args.out_dir, f"tokenizer_step{done:06d}.png"), columns=8)
+            end_of_step(run, stop, done, args.tokenizer_steps, save, path)
+    final = (ema.module if ema else tokenizer).eval()
+    if continuous:
+        final.latent_scale.fill_(latent_scale(final, data.images, run.device))
+        run.log(f"latent scale 1 / std of the latents: {final.latent_scale.item():.4f}")
     metrics = evaluate_tokenizer(final, data.held_out, run.device)
-    run.log(f"tokenizer on {len(data.held_out)} {data.held_out_name} images: PSNR {metrics['psnr']:.2f} dB, codebook usage {metrics['usage']:.0%}")
+    usage = f", codebook usage {metrics['usage']:.0%}" if "usage" in metrics else ""
+    run.log(f"tokenizer on {len(data.held_out)} {data.held_out_name} images: PSNR {metrics['psnr']:.2f} dB{usage}")
     if run.is_main:
-        save(max(start, args.vq_steps), metrics)
+        save(max(start, args.tokenizer_steps), metrics)
     return final, criterion
 
 
 # -----------------------------------------------------------------------------
-# Stage 2: the GPT on the token grids of the training images
+# Stage 2: the GPT on the tokens of the training images
 
 
 @torch.no_grad()
-def encode_dataset(vq, images, device, flip, batch_size=256):
-    """Token grids (N, h*w) of every image, and of its mirror image when flipping, computed once."""
-    codes, mirrored = [], []
+def encode_dataset(tokenizer, images, device, flip, batch_size=256):
+    """What the GPT trains on, computed once for every image, and for its mirror image when
+    flipping: code grids (N, h*w) for a VQ; for a KL tokenizer the scaled mean and standard
+    deviation of each latent (N, h*w, 2, D), so that every step draws a fresh sample (as MAR)."""
+    def tokens_of(x):
+        if isinstance(tokenizer, L.VQModel):
+            return tokenizer.encode_indices(x).flatten(1)                             # (B, h, w) -> (B, h*w)
+        mean, logvar = tokenizer.posterior(x)                                        # (B, D, h, w) each
+        moments = torch.stack([mean, (0.5 * logvar).exp()], dim=1) * tokenizer.latent_scale  # (B, 2, D, h, w)
+        return moments.flatten(3).permute(0, 3, 1, 2)                               # (B, h*w, 2, D)
+    tokens, mirrored = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="encoding images", leave=False):
         x = to_float(images[start:start + batch_size]).to(device)
-        codes.append(vq.encode_indices(x).flatten(1).cpu())                # (B, h, w) -> (B, h*w)
+        tokens.append(tokens_of(x).cpu())
         if flip:
-            mirrored.append(vq.encode_indices(x.flip(-1)).flatten(1).cpu())
-    return torch.cat(codes), torch.cat(mirrored) if flip else None
+            mirrored.append(tokens_of(x.flip(-1)).cpu())
+    return torch.cat(tokens), torch.cat(mirrored) if flip else None
+
+
+def draw_tokens(encoded):  # a batch of encode_dataset's output -> the GPT's tokens
+    if encoded.dim() == 2:
+        return encoded                                             # codes (B, h*w)
+    mean, std = encoded.unbind(dim=2)                              # (B, h*w, D) each
+    return mean + std * torch.randn_like(mean)
 
 
 class Conditioned(nn.Module):
-    """The GPT behind its text encoder, so that one optimizer (and one data-parallel wrapper)
-    trains both when the encoder is learned jointly. A pretrained encoder stays frozen."""
+    """The GPT behind its text encoder, returning the training loss, so that one optimizer (and one
+    data-parallel wrapper) trains both when the encoder is learned jointly. A pretrained encoder
+    stays frozen."""
 
     def __init__(self, gpt, t5=None, train_t5=False):
         super().__init__()
@@ -631,7 +685,7 @@ class Conditioned(nn.Module):
     def forward(self, tokens, cond, cond_mask=None):  # cond: class ids, or text ids with their mask
         if self.t5 is not None:
             cond = self.t5(cond, cond_mask)
-        return self.gpt(tokens, cond, cond_mask)
+        return self.gpt.loss(tokens, cond, cond_mask)
 
     def train(self, mode=True):
         super().train(mode)
@@ -655,19 +709,35 @@ def text_encoder(args, captions, checkpoint):
     return tokenizer, L.T5Encoder(L.T5Config(**L.T5_PRESETS[args.t5_preset], vocab_size=tokenizer.vocab_size)), True
 
 
+def gpt_config(args, tokenizer, block_size, caption_dim, num_classes):
+    """The preset's size, for the tokenizer's tokens and the condition."""
+    options = dict(block_size=block_size, model_type="t2i" if args.cond == "text" else "c2i", num_classes=num_classes,
+                   caption_dim=caption_dim, cls_token_num=args.text_length if args.cond == "text" else 1,
+                   class_dropout_prob=args.class_dropout, token_dropout_p=args.dropout,
+                   resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout, rope_2d=args.rope == "2d")
+    if isinstance(tokenizer, L.KLModel):
+        return L.ContinuousGPTConfig(**L.GPT_PRESETS[args.gpt_preset], **options, token_dim=tokenizer.cfg.embed_dim,
+                                     diffusion_width=args.diffusion_width, diffusion_depth=args.diffusion_depth,
+                                     diffusion_repeats=args.diffusion_repeats)
+    return L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], **options, vocab_size=tokenizer.cfg.codebook_size)
+
+
 @torch.no_grad()
-def generate_images(gpt, vq, text_encoder, conditions, cfg_scale, seed, device):
+def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device):
     """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1]."""
     if text_encoder is not None:
-        tokenizer, t5 = text_encoder
-        cond, cond_mask = L.encode_text(t5, tokenizer, conditions, gpt.config.cls_token_num, device)
+        text_tokenizer, t5 = text_encoder
+        cond, cond_mask = L.encode_text(t5, text_tokenizer, conditions, gpt.config.cls_token_num, device)
     else:
         cond, cond_mask = torch.tensor(conditions, device=device), None
     generator = torch.Generator(device).manual_seed(seed)
-    tokens = L.generate(gpt, cond, cond_mask, cfg_scale=cfg_scale, generator=generator)
+    if isinstance(gpt, L.ContinuousGPT):
+        tokens = L.generate_continuous(gpt, cond, cond_mask, cfg_scale=args.cfg_scale,
+                                       num_steps=args.diffusion_steps, generator=generator)
+    else:
+        tokens = L.generate(gpt, cond, cond_mask, cfg_scale=args.cfg_scale, generator=generator)
     gpt.free_caches()  # give the KV cache's memory back to training
-    grid = math.isqrt(tokens.shape[1])
-    return vq.decode_indices(tokens.view(-1, grid, grid))  # (B, h*w) -> (B, h, w) -> (B, 3, H, W)
+    return L.decode_tokens(tokenizer, tokens)
 
 
 def demo_conditions(data, args):
@@ -683,40 +753,37 @@ def demo_conditions(data, args):
     return [caption for caption in captions for _ in range(4)]
 
 
-def train_gpt(args, run, data, vq, checkpoint=None):
+def train_gpt(args, run, data, tokenizer, checkpoint=None):
     path = os.path.join(args.out_dir, "gpt.pt")
     text = args.cond == "text"
     keep = [i for i, caption in enumerate(data.captions) if caption] if text else list(range(len(data.images)))
-    codes, mirrored_codes = encode_dataset(vq, data.images[keep], run.device, args.flip)
+    encoded, mirrored = encode_dataset(tokenizer, data.images[keep], run.device, args.flip)
     torch.manual_seed(args.seed)
-    t5 = tokenizer = None
+    t5 = text_tokenizer = None
     if text:
         captions = [data.captions[i] for i in keep]
-        tokenizer, t5, train_t5 = text_encoder(args, captions, checkpoint)
-        ids, mask = tokenizer(captions, args.text_length)
+        text_tokenizer, t5, train_t5 = text_encoder(args, captions, checkpoint)
+        ids, mask = text_tokenizer(captions, args.text_length)
         if args.flip:  # a mirrored image goes with its mirrored caption
-            mirrored_ids, mirrored_mask = tokenizer([mirror_caption(c) for c in captions], args.text_length)
+            mirrored_ids, mirrored_mask = text_tokenizer([mirror_caption(c) for c in captions], args.text_length)
     else:
         labels, train_t5 = torch.tensor([data.labels[i] for i in keep]), False
     if checkpoint:
-        cfg = L.config_from_dict(L.GPTConfig, checkpoint["config"], path)
+        config_class = L.ContinuousGPTConfig if args.tokens == "continuous" else L.GPTConfig
+        cfg = L.config_from_dict(config_class, checkpoint["config"], path)
     else:
-        cfg = L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], vocab_size=vq.cfg.codebook_size,
-                          block_size=codes.shape[1], model_type="t2i" if text else "c2i",
-                          num_classes=len(data.class_names or []), caption_dim=t5.config.d_model if text else 0,
-                          cls_token_num=args.text_length if text else 1, class_dropout_prob=args.class_dropout,
-                          token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout,
-                          rope_2d=args.rope == "2d")
-    gpt = L.GPT(cfg)
+        cfg = gpt_config(args, tokenizer, encoded.shape[1], t5.config.d_model if text else 0,
+                         len(data.class_names or []))
+    gpt = L.ContinuousGPT(cfg) if args.tokens == "continuous" else L.GPT(cfg)
     model = Conditioned(gpt, t5, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([  # weight decay on matrices and embeddings only
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=args.gpt_lr, betas=(0.9, 0.95))
-    fingerprint = L.tokenizer_fingerprint(vq)
+    fingerprint = L.tokenizer_fingerprint(tokenizer)
     start = 0
     if checkpoint:
-        if checkpoint["vq_fingerprint"] != fingerprint:
+        if checkpoint["tokenizer_fingerprint"] != fingerprint:
             raise ValueError(f"{path} was trained on another tokenizer than the one in {args.out_dir}: start "
                              "the GPT anew with --overwrite.")
         gpt.load_state_dict(checkpoint["model"])
@@ -725,15 +792,15 @@ def train_gpt(args, run, data, vq, checkpoint=None):
         set_rng_state(checkpoint["rng"], run.device)
         run.log(f"resuming the GPT from {path} at step {start}")
     conditions = demo_conditions(data, args)
-    text_encoder_pair = (tokenizer, t5) if text else None
+    text_encoder_pair = (text_tokenizer, t5) if text else None
 
     def save(step, metrics=None):
-        L.save_checkpoint(dict(kind="gpt", config=dataclasses.asdict(cfg), model=gpt.state_dict(),
+        L.save_checkpoint(dict(kind="gpt", tokens=args.tokens, config=dataclasses.asdict(cfg), model=gpt.state_dict(),
                                optimizer=optimizer.state_dict(), step=step, rng=rng_state(run.device),
-                               class_names=data.class_names, vq_fingerprint=fingerprint,
+                               class_names=data.class_names, tokenizer_fingerprint=fingerprint,
                                prompts=conditions[::4] if text else None,  # one per grid row
                                image_size=args.image_size, cfg_scale=args.cfg_scale,
-                               text_tokenizer=tokenizer.model_bytes if text else None,
+                               text_tokenizer=text_tokenizer.model_bytes if text else None,
                                t5_config=dataclasses.asdict(t5.config) if text else None,
                                t5=t5.state_dict() if text else None, train_t5=train_t5,
                                args=vars(args), metrics=metrics), path)
@@ -750,9 +817,13 @@ def train_gpt(args, run, data, vq, checkpoint=None):
             lr = learning_rate(step, args.gpt_steps, args.gpt_lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            indices, flips = batch_indices(len(codes), args.gpt_batch_size, args.seed, step, run, args.flip)
-            tokens = torch.where(flips[:, None], mirrored_codes[indices], codes[indices]) if args.flip else codes[indices]
-            tokens = tokens.to(run.device)
+            indices, flips = batch_indices(len(encoded), args.gpt_batch_size, args.seed, step, run, args.flip)
+            if args.flip:
+                flipped = flips.view(-1, *[1] * (encoded.dim() - 1))
+                batch = torch.where(flipped, mirrored[indices], encoded[indices])
+            else:
+                batch = encoded[indices]
+            tokens = draw_tokens(batch).to(run.device)
             if text and args.flip:
                 cond = torch.where(flips[:, None], mirrored_ids[indices], ids[indices]).to(run.device)
                 cond_mask = torch.where(flips[:, None], mirrored_mask[indices], mask[indices]).to(run.device)
@@ -761,30 +832,32 @@ def train_gpt(args, run, data, vq, checkpoint=None):
             else:
                 cond, cond_mask = labels[indices].to(run.device), None
             with run.autocast():
-                logits = wrapped(tokens, cond, cond_mask)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())  # (B*T, vocab), (B*T,)
+                loss = wrapped(tokens, cond, cond_mask)
             done = step + 1
             stop_if_not_finite(run, loss.item(), done, path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, args.grad_clip)
             optimizer.step()
-            seen += tokens.numel() * run.world
+            seen += tokens.shape[0] * tokens.shape[1] * run.world
             if done % args.log_every == 0 or done == args.gpt_steps:
                 run.log(f"gpt step {done}/{args.gpt_steps} | loss {loss.item():.4f} | lr {lr:.1e} | "
                         f"{seen / (time.time() - timer):.0f} tokens/s")
                 bar.set_postfix_str(f"loss {loss.item():.4f}")
             if run.is_main and done % args.sample_every == 0:
-                images = generate_images(gpt, vq, text_encoder_pair, conditions, args.cfg_scale, args.seed, run.device)
+                images = generate_images(gpt, tokenizer, text_encoder_pair, conditions, args, args.seed, run.device)
                 save_grid(images, os.path.join(args.out_dir, f"gpt_step{done:06d}.png"), columns=4)
             end_of_step(run, stop, done, args.gpt_steps, save, path)
     gpt.eval()
     metrics = None
     if run.is_main:
-        images = generate_images(gpt, vq, text_encoder_pair, conditions, args.cfg_scale, args.seed, run.device)
+        timer = time.time()
+        images = generate_images(gpt, tokenizer, text_encoder_pair, conditions, args, args.seed, run.device)
+        run.log(f"sampled {len(images)} images in {time.time() - timer:.1f} s "
+                f"({(time.time() - timer) / len(images) * 1000:.0f} ms per image, batch {len(images)})")
         save_grid(images, os.path.join(args.out_dir, "samples.png"), columns=4)
         if args.data is None and args.eval_per_class > 0:
-            metrics = evaluate_shapes(gpt, vq, text_encoder_pair, args, run.device, args.eval_per_class)
+            metrics = evaluate_shapes(gpt, tokenizer, text_encoder_pair, args, run.device, args.eval_per_class)
             report_shapes(metrics, run, args.cfg_scale)
         save(max(start, args.gpt_steps), metrics)
     return gpt
@@ -798,20 +871,22 @@ QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", 
                      "entropy_loss_ratio")
 # What a resumed run must share with the run that wrote the checkpoint (the rest, such as
 # --log-every or --device, may change between the two)
-DATA_SETTINGS = ("data", "image_size", "num_images", "holdout", "seed", "flip", "warmup", "grad_clip")
-VQ_SETTINGS = DATA_SETTINGS + QUANTIZER_OPTIONS + (
-    "vq_preset", "vq_steps", "vq_batch_size", "vq_lr", "perceptual_weight", "disc_start", "disc_weight",
-    "adaptive_disc_weight", "ema")
+DATA_SETTINGS = ("data", "image_size", "num_images", "holdout", "seed", "flip", "warmup", "grad_clip", "tokens")
+TOKENIZER_SETTINGS = DATA_SETTINGS + QUANTIZER_OPTIONS + (
+    "tokenizer_preset", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr", "kl_weight", "perceptual_weight",
+    "disc_start", "disc_weight", "adaptive_disc_weight", "ema")
 GPT_SETTINGS = DATA_SETTINGS + ("cond", "gpt_preset", "gpt_steps", "gpt_batch_size", "gpt_lr", "weight_decay",
-                                "dropout", "class_dropout", "text_length", "text_vocab", "t5_preset", "t5", "rope")
+                                "dropout", "class_dropout", "text_length", "text_vocab", "t5_preset", "t5", "rope",
+                                "diffusion_width", "diffusion_depth", "diffusion_repeats")
+DEFAULT_PRESETS = {"discrete": "VQ-mini", "continuous": "KL-mini"}
 
 
 def parse_args(argv=None):
     parser = L.ArgumentParser(
-        description="Train the VQ tokenizer, then the GPT. With no arguments: the whole demo on the "
+        description="Train the tokenizer, then the GPT. With no arguments: the whole demo on the "
                     "built-in shapes, text-conditional, about 8 minutes on a 2-core CPU.")
-    parser.add_argument("stage", nargs="?", default="all", choices=["all", "vq", "gpt"],
-                        help="both stages, or one (gpt reads --out-dir/vq.pt)")
+    parser.add_argument("stage", nargs="?", default="all", choices=["all", "tokenizer", "gpt"],
+                        help="both stages, or one (gpt reads --out-dir/tokenizer.pt)")
     positive, fraction = L.bounded(int, 1), L.bounded(float, 0, 1)
     group = parser.add_argument_group("data")
     group.add_argument("--data", help="a folder of images (class subfolders and/or captions in "
@@ -825,22 +900,30 @@ def parse_args(argv=None):
                             "(default: on for the shapes, whose captions are mirrored too; off for a folder, "
                             "where a flip turns writing, digits and faces into something else)")
     group.add_argument("--cond", choices=["text", "class"], default="text", help="what the GPT is conditioned on")
-    group = parser.add_argument_group("tokenizer (stage vq)")
-    group.add_argument("--vq-preset", choices=list(L.VQ_PRESETS), default="VQ-mini")
-    group.add_argument("--vq-steps", type=positive, default=800, help="training steps of the tokenizer")
-    group.add_argument("--vq-batch-size", type=positive, default=16, help="images per step (all processes together)")
-    group.add_argument("--vq-lr", type=L.bounded(float, 0, above=True), default=1e-3, help="peak learning rate (Adam)")
-    group.add_argument("--codebook-size", type=L.bounded(int, 2), help="codes in the codebook (default: the preset's)")
+    group = parser.add_argument_group("tokenizer (stage 1)")
+    group.add_argument("--tokens", choices=["discrete", "continuous"], default="discrete",
+                       help="discrete codes from a VQ tokenizer (LlamaGen), or continuous tokens from a KL "
+                            "tokenizer with a diffusion loss per token (MAR)")
+    group.add_argument("--tokenizer-preset", choices=list(L.VQ_PRESETS) + list(L.KL_PRESETS),
+                       help="the tokenizer's size (default: VQ-mini, or KL-mini with --tokens continuous)")
+    group.add_argument("--tokenizer-steps", type=positive, default=800, help="training steps of the tokenizer")
+    group.add_argument("--tokenizer-batch-size", type=positive, default=16,
+                       help="images per step (all processes together)")
+    group.add_argument("--tokenizer-lr", type=L.bounded(float, 0, above=True), default=1e-3,
+                       help="peak learning rate (Adam)")
+    group.add_argument("--codebook-size", type=L.bounded(int, 2), help="VQ: codes in the codebook (default: the preset's)")
     group.add_argument("--codebook-embed-dim", type=positive,
-                       help="dimensions per code; low dimensions use the codebook better (ViT-VQGAN; default: 8)")
+                       help="VQ: dimensions per code; low dimensions use the codebook better (ViT-VQGAN; default: 8)")
     group.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=None,
-                       help="compare l2-normalised codes: cosine similarity (ViT-VQGAN; default: on)")
+                       help="VQ: compare l2-normalised codes, by cosine similarity (ViT-VQGAN; default: on)")
     group.add_argument("--commit-loss-beta", type=L.bounded(float, 0),
-                       help="weight of the commitment loss that keeps the encoder near its codes (VQ-VAE; "
+                       help="VQ: weight of the commitment loss that keeps the encoder near its codes (VQ-VAE; "
                             "default: 0.25)")
     # 0.1 rather than the official 0: on the simple shapes most codes die without it
     group.add_argument("--entropy-loss-ratio", type=L.bounded(float, 0), default=0.1,
-                       help="weight of the entropy loss that keeps the whole codebook in use (MaskGIT; 0: off)")
+                       help="VQ: weight of the entropy loss that keeps the whole codebook in use (MaskGIT; 0: off)")
+    group.add_argument("--kl-weight", type=L.bounded(float, 0),
+                       help="KL tokenizer: weight of KL(q(z|x) || N(0, I)) per latent value (default: the preset's)")
     group.add_argument("--perceptual-weight", type=L.bounded(float, 0), default=1.0, help="LPIPS weight (0: off)")
     group.add_argument("--disc-start", type=L.bounded(int, 0), default=600,
                        help="step at which the PatchGAN loss starts")
@@ -851,12 +934,14 @@ def parse_args(argv=None):
                        help="scale the adversarial loss by the gradient-norm ratio at the decoder's last layer (VQGAN)")
     group.add_argument("--ema", type=L.bounded(float, 0, 1), default=0.0,
                        help="EMA decay of the tokenizer weights (0: no EMA)")
-    group = parser.add_argument_group("GPT (stage gpt)")
+    group = parser.add_argument_group("GPT (stage 2)")
     group.add_argument("--gpt-preset", choices=list(L.GPT_PRESETS), default="GPT-mini")
     group.add_argument("--gpt-steps", type=positive, default=1400, help="training steps of the GPT")
-    group.add_argument("--gpt-batch-size", type=positive, default=32, help="token grids per step (all processes together)")
+    group.add_argument("--gpt-batch-size", type=positive, default=32,
+                       help="token grids per step (all processes together)")
     group.add_argument("--gpt-lr", type=L.bounded(float, 0, above=True), default=2e-3, help="peak learning rate (AdamW)")
-    group.add_argument("--weight-decay", type=L.bounded(float, 0), default=0.05, help="AdamW weight decay, on matrices only")
+    group.add_argument("--weight-decay", type=L.bounded(float, 0), default=0.05,
+                       help="AdamW weight decay, on matrices only")
     # 0 rather than the official 0.1: the official models train for hundreds of epochs, the demo
     # for a few minutes
     group.add_argument("--dropout", type=fraction, default=0.0, help="token, residual and feed-forward dropout")
@@ -864,12 +949,22 @@ def parse_args(argv=None):
                        help="how often the condition is replaced by the null one while training, so that CFG works")
     group.add_argument("--rope", choices=["2d", "1d"], default="2d",
                        help="rotary positions by (row, column) of the token grid, or by raster position")
-    group.add_argument("--text-length", type=L.bounded(int, 2), default=16, help="text tokens the GPT reads (official: 120)")
+    group.add_argument("--text-length", type=L.bounded(int, 2), default=16,
+                       help="text tokens the GPT reads (official: 120)")
     group.add_argument("--text-vocab", type=L.bounded(int, 16), default=128,
                        help="SentencePiece vocabulary trained on the captions")
     group.add_argument("--t5-preset", choices=list(L.T5_PRESETS), default="T5-mini",
                        help="the text encoder trained jointly with the GPT")
     group.add_argument("--t5", help="a pretrained Hugging Face T5 directory to use, frozen, instead")
+    # smaller than MAR's 3 x 1024: the demo's transformer is 128 wide
+    group.add_argument("--diffusion-width", type=positive, default=256,
+                       help="continuous tokens: width of the diffusion head's MLP blocks")
+    group.add_argument("--diffusion-depth", type=positive, default=3,
+                       help="continuous tokens: residual blocks of the diffusion head")
+    group.add_argument("--diffusion-repeats", type=positive, default=L.ContinuousGPTConfig.diffusion_repeats,
+                       help="continuous tokens: timesteps drawn per token per training step")
+    group.add_argument("--diffusion-steps", type=positive, default=100,
+                       help="continuous tokens: reverse diffusion steps per token when sampling grids")
     group.add_argument("--cfg-scale", type=L.bounded(float, 0), default=2.0,
                        help="classifier-free guidance for the sample grids and the evaluation (1: none)")
     group.add_argument("--eval-per-class", type=L.bounded(int, 0), default=20,
@@ -886,35 +981,47 @@ def parse_args(argv=None):
     group.add_argument("--grad-clip", type=L.bounded(float, 0, above=True), default=1.0, help="gradient norm clipping")
     group.add_argument("--log-every", type=positive, default=100, help="steps between log lines")
     group.add_argument("--sample-every", type=positive, default=500, help="steps between sample grids")
-    group.add_argument("--save-every", type=positive, default=500, help="steps between checkpoints (Ctrl-C saves one too)")
+    group.add_argument("--save-every", type=positive, default=500,
+                       help="steps between checkpoints (Ctrl-C saves one too)")
     args = parser.parse_args(argv)
     if args.flip is None:
         args.flip = args.data is None
+    if args.tokenizer_preset is None:
+        args.tokenizer_preset = DEFAULT_PRESETS[args.tokens]
+    presets = L.KL_PRESETS if args.tokens == "continuous" else L.VQ_PRESETS
+    if args.tokenizer_preset not in presets:
+        parser.error(f"--tokenizer-preset {args.tokenizer_preset} is not for {args.tokens} tokens; choose from "
+                     f"{', '.join(presets)}")
+    misplaced = [name for name in (QUANTIZER_OPTIONS if args.tokens == "continuous" else ("kl_weight",))
+                 if name != "entropy_loss_ratio" and getattr(args, name) is not None]
+    if misplaced:
+        parser.error(f"--{misplaced[0].replace('_', '-')} is for "
+                     f"{'discrete' if args.tokens == 'continuous' else 'continuous'} tokens, not {args.tokens} ones")
     return args
 
 
 def check_args(args, data):
     """Errors a user can make with the data and the settings, found before any training starts."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    for name in ("vq_batch_size", "gpt_batch_size"):
+    for name in ("tokenizer_batch_size", "gpt_batch_size"):
         if getattr(args, name) % world:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the "
                              f"{world} processes.")
-    if args.stage != "vq" and args.cond == "text" and not any(data.captions or []):
+    if args.stage != "tokenizer" and args.cond == "text" and not any(data.captions or []):
         raise ValueError(f"{args.data} has no captions: add metadata.jsonl lines {{\"file_name\": ..., "
                          "\"text\": ...}} or a .txt file next to each image, or use --cond class.")
-    if args.stage != "vq" and args.cond == "class" and data.labels is None:
+    if args.stage != "tokenizer" and args.cond == "class" and data.labels is None:
         raise ValueError(f"the images in {args.data} are not all in class subfolders ({args.data}/<class>/"
                          "image.png): sort them so, or use --cond text with captions.")
     if args.stage != "gpt":
-        downsampling = 2 ** (len(vq_config(args).ch_mult) - 1)
+        downsampling = 2 ** (len(tokenizer_config(args).ch_mult) - 1)
         if args.image_size % downsampling:
-            raise ValueError(f"--image-size {args.image_size} is not a multiple of {args.vq_preset}'s "
+            raise ValueError(f"--image-size {args.image_size} is not a multiple of {args.tokenizer_preset}'s "
                              f"{downsampling}x downsampling.")
-        if args.image_size < 32 and args.disc_start < args.vq_steps:
+        if args.image_size < 32 and args.disc_start < args.tokenizer_steps:
             raise ValueError(f"the PatchGAN discriminator needs images of at least 32 px: use --image-size 32 "
-                             f"or more, or --disc-start {args.vq_steps} to train without it.")
-    if args.stage != "vq" and args.cond == "text" and args.t5:
+                             f"or more, or --disc-start {args.tokenizer_steps} to train without it.")
+    if args.stage != "tokenizer" and args.cond == "text" and args.t5:
         for name in ("config.json", "spiece.model"):
             if not os.path.isfile(os.path.join(args.t5, name)):
                 raise FileNotFoundError(f"--t5 {args.t5} has no {name}: pass a Hugging Face T5 directory with "
@@ -922,17 +1029,17 @@ def check_args(args, data):
 
 
 def checkpoints_to_resume(args):
-    """The checkpoints this run continues from ({"vq": ..., "gpt": ...}, None where a stage starts
-    afresh). Without --resume, a checkpoint this run would overwrite stops it unless --overwrite;
-    with --resume, the settings must be the ones the checkpoints were trained with."""
-    writes = {"all": ("vq", "gpt"), "vq": ("vq",), "gpt": ("gpt",)}[args.stage]
-    paths = {kind: os.path.join(args.out_dir, f"{kind}.pt") for kind in ("vq", "gpt")}
+    """The checkpoints this run continues from ({"tokenizer": ..., "gpt": ...}, missing where a stage
+    starts afresh). Without --resume, a checkpoint this run would overwrite stops it unless
+    --overwrite; with --resume, the settings must be the ones the checkpoints were trained with."""
+    writes = {"all": ("tokenizer", "gpt"), "tokenizer": ("tokenizer",), "gpt": ("gpt",)}[args.stage]
+    paths = {kind: os.path.join(args.out_dir, f"{kind}.pt") for kind in ("tokenizer", "gpt")}
     existing = {kind: L.load_checkpoint(paths[kind], kind) for kind in writes if os.path.exists(paths[kind])}
     if not args.resume:
         if existing and not args.overwrite:
             kind, checkpoint = next(iter(existing.items()))
-            total = checkpoint["args"][f"{kind}_steps"]
-            state = "a finished run" if checkpoint["step"] >= total else f"a run stopped at step {checkpoint['step']} of {total}"
+            total, step = checkpoint["args"][f"{kind}_steps"], checkpoint["step"]
+            state = "a finished run" if step >= total else f"a run stopped at step {step} of {total}"
             raise ValueError(f"{paths[kind]} holds {state}: continue it with --resume, start over with "
                              "--overwrite, or pass another --out-dir.")
         return {}
@@ -940,11 +1047,11 @@ def checkpoints_to_resume(args):
         raise ValueError(f"--resume, but {args.out_dir} holds no {' or '.join(f'{k}.pt' for k in writes)} to "
                          "continue: leave --resume out to start a new run.")
     for kind, checkpoint in existing.items():
-        settings = VQ_SETTINGS if kind == "vq" else GPT_SETTINGS
+        settings = TOKENIZER_SETTINGS if kind == "tokenizer" else GPT_SETTINGS
         changed = [name for name in settings if checkpoint["args"].get(name) != getattr(args, name)]
         if changed:
-            differences = ", ".join(f"--{name.replace('_', '-')} {checkpoint['args'].get(name)} -> {getattr(args, name)}"
-                                    for name in changed)
+            differences = ", ".join(f"--{name.replace('_', '-')} {checkpoint['args'].get(name)} -> "
+                                    f"{getattr(args, name)}" for name in changed)
             raise ValueError(f"--resume with other settings than {paths[kind]} was trained with ({differences}): "
                              "run with the same settings, or start a new run (--overwrite or another --out-dir).")
     return existing
@@ -960,22 +1067,25 @@ def main(argv=None):
         resumed = checkpoints_to_resume(args)
         data = load_data(args)
         check_args(args, data)
-        vq_path = os.path.join(args.out_dir, "vq.pt")
+        tokenizer_path = os.path.join(args.out_dir, "tokenizer.pt")
         if args.stage == "gpt":
-            if not os.path.isfile(vq_path):
-                raise FileNotFoundError(f"{vq_path} does not exist: train the tokenizer first "
-                                        "(python train.py vq), or run both stages (python train.py).")
-            vq, vq_checkpoint = L.load_vq(vq_path)
-            if vq_checkpoint["image_size"] != args.image_size:
-                raise ValueError(f"{vq_path} was trained at {vq_checkpoint['image_size']} px but --image-size "
-                                 f"is {args.image_size}: pass --image-size {vq_checkpoint['image_size']}.")
-            vq = vq.to(run.device)
+            if not os.path.isfile(tokenizer_path):
+                raise FileNotFoundError(f"{tokenizer_path} does not exist: train the tokenizer first "
+                                        "(python train.py tokenizer), or run both stages (python train.py).")
+            tokenizer, checkpoint = L.load_tokenizer(tokenizer_path)
+            if checkpoint["tokens"] != args.tokens:
+                raise ValueError(f"{tokenizer_path} makes {checkpoint['tokens']} tokens: pass --tokens "
+                                 f"{checkpoint['tokens']}.")
+            if checkpoint["image_size"] != args.image_size:
+                raise ValueError(f"{tokenizer_path} was trained at {checkpoint['image_size']} px but --image-size "
+                                 f"is {args.image_size}: pass --image-size {checkpoint['image_size']}.")
+            tokenizer = tokenizer.to(run.device)
         run.log(f"{' '.join(sys.argv)}\n{len(data.images)} training images of {args.image_size} px on {run.device}"
                 + (f" x {run.world} processes" if run.world > 1 else ""))
-        if args.stage in ("all", "vq"):
-            vq, _ = train_vq(args, run, data, resumed.get("vq"))
+        if args.stage in ("all", "tokenizer"):
+            tokenizer, _ = train_tokenizer(args, run, data, resumed.get("tokenizer"))
         if args.stage in ("all", "gpt"):
-            train_gpt(args, run, data, vq, resumed.get("gpt"))
+            train_gpt(args, run, data, tokenizer, resumed.get("gpt"))
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     except Stopped as stop:
