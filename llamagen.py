@@ -1572,6 +1572,14 @@ def pick_device(name=None):
     return device
 
 
+def diversity(images):
+    """How different images (N, 3, H, W) in [-1, 1] of one condition are: the RMS pixel distance
+    between two of them, averaged over all pairs, in units of the pixel range (0: all identical)."""
+    x = (images.float().flatten(1) + 1) / 2                                   # (N, 3*H*W) in [0, 1]
+    n = len(x)
+    return (torch.cdist(x, x).sum() / (n * (n - 1)) / x.shape[1] ** 0.5).item() if n > 1 else 0.0
+
+
 def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 

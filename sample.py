@@ -178,6 +178,10 @@ def save_gif(frames, path, columns):
 def save_outputs(images, args, columns):
     L.grid_image(images, columns).save(args.output)
     print(f"wrote {args.output} ({len(images)} images)")
+    if args.num_samples > 1:  # images come in runs of num_samples per condition
+        rows = images.split(args.num_samples)
+        print(f"diversity: samples of one condition differ by {sum(map(L.diversity, rows)) / len(rows):.3f} "
+              "(RMS pixel distance, 0 = identical)")
     if args.save_dir:
         pixels = L.to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
         for i, picture in enumerate(pixels):

@@ -313,7 +313,8 @@ def judge_shape(image):
 def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128):
     """Generate for every (color, shape) `per_class` samples (3x that for held-out ones), with
     prompts in the training captions' varied wording, and judge every image. Returns, per group,
-    the fraction that shows the asked color and shape (and size and position, asked for in text)."""
+    the fraction that shows the asked color and shape (and size and position, asked for in text),
+    and the diversity of the samples of one color and shape (llamagen.diversity)."""
     rng = random.Random(args.seed + 2)
     holdout = parse_holdout(args.holdout)
     requests = []  # (class name, size, position, prompt)
@@ -322,17 +323,20 @@ def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch
         for _ in range(per_class * (3 if name in holdout else 1)):
             size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
             requests.append((name, size, position, random_caption(rng, color, shape, size, position)))
-    judged = []
+    judged, images = [], []
     for start in range(0, len(requests), batch_size):
         batch = requests[start:start + batch_size]
         conditions = [r[3] for r in batch] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in batch]
-        images = generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device)
-        judged += [judge_shape(image.cpu()) for image in images]
+        images.append(generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device).cpu())
+        judged += [judge_shape(image) for image in images[-1]]
+    images = torch.cat(images)
     results = {}
     for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
         pairs = [(r, j) for r, j in zip(requests, judged) if r[0] in names]
         right = [j is not None and f"{j['color']} {j['shape']}" == r[0] for r, j in pairs]
-        results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs))
+        spread = [L.diversity(images[[i for i, r in enumerate(requests) if r[0] == name]]) for name in names]
+        results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs),
+                              diversity=sum(spread) / len(spread))
         if args.cond == "text":
             results[group]["size"] = sum(j is not None and j["size"] == r[1] for r, j in pairs) / len(pairs)
             results[group]["position"] = sum(j is not None and j["position"] == r[2] for r, j in pairs) / len(pairs)
@@ -344,7 +348,7 @@ def report_shapes(metrics, run, cfg_scale):
         name = "trained color/shape combinations" if group == "seen" else f"held-out combination '{group}'"
         extras = "".join(f", {key} {result[key]:.0%}" for key in ("size", "position") if key in result)
         run.log(f"{name}: {result['color_and_shape']:.1%} of {result['samples']} samples show the asked "
-                f"color and shape{extras} (CFG {cfg_scale})")
+                f"color and shape{extras}, diversity {result['diversity']:.3f} (CFG {cfg_scale})")
 
 
 # -----------------------------------------------------------------------------
@@ -885,8 +889,9 @@ def parse_args(argv=None):
     parser = L.ArgumentParser(
         description="Train the tokenizer, then the GPT. With no arguments: the whole demo on the "
                     "built-in shapes, text-conditional, about 8 minutes on a 2-core CPU.")
-    parser.add_argument("stage", nargs="?", default="all", choices=["all", "tokenizer", "gpt"],
-                        help="both stages, or one (gpt reads --out-dir/tokenizer.pt)")
+    parser.add_argument("stage", nargs="?", default="all", choices=["all", "tokenizer", "gpt", "evaluate"],
+                        help="both stages, or one (gpt reads --out-dir/tokenizer.pt); evaluate: judge the "
+                             "finished shapes run in --out-dir again, e.g. at another --cfg-scale")
     positive, fraction = L.bounded(int, 1), L.bounded(float, 0, 1)
     group = parser.add_argument_group("data")
     group.add_argument("--data", help="a folder of images (class subfolders and/or captions in "
@@ -1057,6 +1062,29 @@ def checkpoints_to_resume(args):
     return existing
 
 
+def evaluate_run(args, run):
+    """The evaluation of the shapes demo, again, on the checkpoints in --out-dir: the settings of
+    its run, with this command line's --cfg-scale, --eval-per-class, --diffusion-steps and --seed."""
+    if args.data is not None:
+        raise ValueError("evaluate judges the built-in shapes; for your own images, look at the grids "
+                         "sample.py writes.")
+    tokenizer_path, gpt_path = (os.path.join(args.out_dir, name) for name in ("tokenizer.pt", "gpt.pt"))
+    if not os.path.isfile(gpt_path):
+        raise FileNotFoundError(f"{gpt_path} does not exist: train first (python train.py --out-dir {args.out_dir}).")
+    tokenizer, _ = L.load_tokenizer(tokenizer_path)
+    gpt, text_encoder, checkpoint = L.load_gpt(gpt_path, tokenizer, tokenizer_path)
+    if checkpoint["args"]["data"] is not None:
+        raise ValueError(f"{gpt_path} was trained on {checkpoint['args']['data']}, not on the built-in shapes.")
+    if args.eval_per_class == 0:
+        raise ValueError("--eval-per-class 0 leaves nothing to evaluate.")
+    args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
+    if text_encoder is not None:
+        text_encoder[1].to(run.device)
+    metrics = evaluate_shapes(gpt.to(run.device), tokenizer.to(run.device), text_encoder, args, run.device,
+                              args.eval_per_class)
+    report_shapes(metrics, run, args.cfg_scale)
+
+
 def main(argv=None):
     args = parse_args(argv)
     warnings.formatwarning = L.plain_warning
@@ -1064,6 +1092,8 @@ def main(argv=None):
     try:
         L.check_output_dir(args.out_dir, "--out-dir")
         run = Run(args)
+        if args.stage == "evaluate":
+            return evaluate_run(args, run)
         resumed = checkpoints_to_resume(args)
         data = load_data(args)
         check_args(args, data)
