@@ -1198,7 +1198,7 @@ def test_fuzzed_checkpoints_get_clear_errors(trained, tmp_path):
     good = (trained[1] / "tokenizer.pt").read_bytes()
     rng = random.Random(0)
     path = str(tmp_path / "tokenizer.pt")
-    for trial in range(60):
+    for trial in range(30):
         kind = trial % 3
         if kind == 0:
             data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 2000)))
@@ -1319,3 +1319,108 @@ def test_a_hard_kill_leaves_a_loadable_checkpoint(tmp_path):
         if after:
             assert f"at step {previous}" in log.read_text()[after:]  # resumed from the last checkpoint
         previous = checkpoint["step"]
+
+
+# -----------------------------------------------------------------------------
+# 8. The README: every command and snippet in it runs on this code
+
+README = os.path.join(HERE, "README.md")
+# appended to the README's commands, so that each runs in seconds (argparse keeps the last value)
+TINY_TRAIN = ["--num-images", "48", "--tokenizer-steps", "2", "--gpt-steps", "2", "--disc-start", "100",
+              "--tokenizer-batch-size", "4", "--gpt-batch-size", "8", "--gpt-preset", "GPT-tiny", "--warmup", "1",
+              "--eval-per-class", "1", "--log-every", "1", "--perceptual-weight", "0", "--diffusion-steps", "2"]
+TINY_BENCHMARK = ["--preset", "GPT-tiny", "--image-size", "64", "--repeat", "1"]
+
+
+def readme_commands():
+    """The README's shell commands: every line of its bash blocks, continuation lines joined and
+    comments dropped, split at '&&'."""
+    import re
+    import shlex
+    text = open(README).read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                end = words.index("&&") if "&&" in words else len(words)
+                commands.append(words[:end])
+                words = words[end + 1:]
+    return commands
+
+
+def run_readme_command(words, sandbox):
+    """One README command in the sandbox: our scripts in this process with tiny settings, the
+    shell helpers they need (mkdir, cp) with Python; what needs a GPU, a network or another tool
+    is not run. Returns whether it ran."""
+    import shutil
+    if words[0] == "time":
+        words = words[1:]
+    if words[:2] == ["mkdir", "-p"]:
+        for folder in words[2:]:
+            os.makedirs(sandbox / folder, exist_ok=True)
+        return True
+    if words[0] == "cp":
+        shutil.copy(sandbox / words[1], sandbox / words[2])
+        return True
+    if words[0] != "python" or words[1] not in ("train.py", "sample.py"):
+        return False  # pip, pytest, torchrun (tested by test_ddp_replicas_stay_identical), FID tools
+    if "--compile" in words or any(word.startswith("cuda") for word in words):
+        return False  # a GPU, or minutes of compiling: test_compiled_decode_step_is_one_graph covers it
+    args = words[2:]
+    if words[1] == "train.py":
+        stage_and_settings = args + TINY_TRAIN
+        if args and args[0] == "evaluate":
+            T.main(args + ["--eval-per-class", "1", "--diffusion-steps", "2"])
+        else:
+            T.main(stage_and_settings + ([] if "--resume" in args else ["--overwrite"]))
+        return True
+    if "--benchmark" in args:
+        S.main(args + TINY_BENCHMARK)
+        return True
+    if "--official-gpt" in args:
+        S.main(args + ["--image-size", "16"])  # the fixture's official-layout models are 16 px
+        return True
+    out_dir = args[args.index("--out-dir") + 1] if "--out-dir" in args else "out"
+    continuous = torch.load(sandbox / out_dir / "gpt.pt", weights_only=True)["tokens"] == "continuous"
+    S.main(args + (["--diffusion-steps", "2"] if continuous else []))
+    return True
+
+
+@pytest.fixture
+def sandbox(fx, tmp_path, monkeypatch):
+    """A folder as a reader has it: the official checkpoints (the fixture's official-layout files
+    under the released names), a flan-t5-xl directory (a tiny T5), and a folder of their own
+    images (my_images/) with class subfolders and captions."""
+    transformers = pytest.importorskip("transformers")
+    torch.save({"model": fx["vq"]["state_dict"]}, tmp_path / "vq_ds16_c2i.pt")
+    c2i = dict(fx["gpt_c2i"]["state_dict"])  # 1000 classes, so that the README's ImageNet ids exist
+    c2i["cls_embedding.embedding_table.weight"] = torch.randn(1001, c2i["tok_embeddings.weight"].shape[1]) * 0.02
+    torch.save({"model": c2i}, tmp_path / "c2i_L_256.pt")
+    torch.save({"model": fx["gpt_t2i"]["state_dict"]}, tmp_path / "t2i_XL_stage1_256.pt")
+    tokenizer = L.TextTokenizer.train(CAPTIONS, vocab_size=40)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8,
+                                                           d_ff=64, num_layers=2, num_heads=4))
+    t5.save_pretrained(tmp_path / "flan-t5-xl")
+    (tmp_path / "flan-t5-xl" / "spiece.model").write_bytes(tokenizer.model_bytes)
+    for i in range(24):
+        name = ("cats", "dogs")[i % 2]
+        write_image(str(tmp_path / "my_images" / name / f"{i}.png"), Image.new("RGB", (64, 64), (10 * i, 80, 200)))
+        (tmp_path / "my_images" / name / f"{i}.txt").write_text(f"a {name[:-1]} number {i}")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@slow
+def test_readme_commands_and_snippets_run(sandbox):
+    ran, skipped = [], []
+    for words in readme_commands():
+        (ran if run_readme_command(words, sandbox) else skipped).append(" ".join(words))
+    assert len(ran) >= 30, ran
+    assert all(c.split()[0] in ("pip", "torchrun") or "pytest" in c or "--compile" in c or "cuda" in c
+               or "fid" in c.lower() for c in skipped), skipped
+    import re
+    snippets = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+    assert len(snippets) >= 2
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {})
