@@ -808,6 +808,19 @@ def compile_decode_one_token():
     decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
 
+def setup_generation(gpt, cond, cond_mask, guided):
+    """What every generation starts with: the CFG batch [cond; null] when guided, a KV cache for the
+    longest sequence, its attention mask (B or 1, 1, S, S), and the positions of the image tokens
+    fed back (kept on the device: no host copy per token)."""
+    cfg = gpt.config
+    if guided:
+        cond, cond_mask = with_null_condition(gpt, cond, cond_mask)    # (2B, ...)
+    max_seq_len = cfg.cls_token_num + cfg.block_size - 1  # the last token is never fed back
+    gpt.setup_caches(cond.shape[0], max_seq_len, gpt.tok_embeddings.weight.dtype, cond.device)
+    mask = attention_mask(max_seq_len, cond_mask, cond.device)
+    return cond, mask, torch.arange(cfg.cls_token_num, max_seq_len, device=cond.device)
+
+
 @torch.no_grad()
 def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
              top_p=1.0, generator=None):
@@ -818,15 +831,9 @@ def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperat
     cfg = gpt.config
     was_training = gpt.training
     gpt.eval()
-    B, device = cond.shape[0], cond.device
-    guided = cfg_scale != 1.0
-    if guided:
-        cond, cond_mask = with_null_condition(gpt, cond, cond_mask)    # (2B, ...)
-    max_seq_len = cfg.cls_token_num + cfg.block_size - 1  # the last token is never fed back
-    gpt.setup_caches(cond.shape[0], max_seq_len, gpt.tok_embeddings.weight.dtype, device)
-    mask = attention_mask(max_seq_len, cond_mask, device)                 # (B or 1, 1, S, S)
-    positions = torch.arange(cfg.cls_token_num, max_seq_len, device=device)  # on the device: no host copy per token
-    tokens = torch.zeros(B, cfg.block_size, dtype=torch.long, device=device)
+    B, guided = cond.shape[0], cfg_scale != 1.0
+    cond, mask, positions = setup_generation(gpt, cond, cond_mask, guided)
+    tokens = torch.zeros(B, cfg.block_size, dtype=torch.long, device=cond.device)
     # Only the loop runs in inference mode: the tokens and the KV cache, made above, stay ordinary
     # tensors that a training step or a later call can use.
     with torch.inference_mode():
@@ -891,7 +898,7 @@ class KLConfig:  # the encoder and decoder of VQConfig with a continuous latent 
 
 
 KL_PRESETS = {
-    "KL-16": dict(),                                                                         # MAR's KL-16
+    "KL-16": dict(),  # the sizes of MAR's KL-16 (whose decoder has no attention blocks)
     "KL-mini": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, embed_dim=4),  # CPU demo
     "KL-tiny": dict(ch=32, ch_mult=(1, 2), z_channels=32, embed_dim=4),                      # tests
 }
@@ -1105,15 +1112,9 @@ def generate_continuous(gpt, cond, cond_mask=None, cfg_scale=1.0, temperature=1.
     cfg = gpt.config
     was_training = gpt.training
     gpt.eval()
-    B, device = cond.shape[0], cond.device
-    guided = cfg_scale != 1.0
-    if guided:
-        cond, cond_mask = with_null_condition(gpt, cond, cond_mask)
-    max_seq_len = cfg.cls_token_num + cfg.block_size - 1
-    gpt.setup_caches(cond.shape[0], max_seq_len, gpt.tok_embeddings.weight.dtype, device)
-    mask = attention_mask(max_seq_len, cond_mask, device)
-    positions = torch.arange(cfg.cls_token_num, max_seq_len, device=device)
-    tokens = torch.zeros(B, cfg.block_size, cfg.token_dim, device=device)
+    B, guided = cond.shape[0], cfg_scale != 1.0
+    cond, mask, positions = setup_generation(gpt, cond, cond_mask, guided)
+    tokens = torch.zeros(B, cfg.block_size, cfg.token_dim, device=cond.device)
     with torch.inference_mode():
         z = prefill(gpt, cond, mask)                                               # (B or 2B, dim)
         for t in range(cfg.block_size):

@@ -301,22 +301,25 @@ def test_lpips_offline_warns_once_and_trains_without_it(monkeypatch, tmp_path):
 # 3. The Llama decoder and generation
 
 
-@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
-def test_kv_cache_matches_full_forward(model_type):
-    """Step-by-step decoding through the KV cache gives the logits of one full forward pass."""
-    gpt = tiny_gpt(model_type)
-    cond, cond_mask = tiny_condition(gpt)
-    tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size))
-    full = gpt(tokens, cond, cond_mask)                                   # (B, T, vocab)
+def assert_cache_matches_full_forward(gpt, cond, cond_mask, tokens):
+    """Step-by-step decoding through the KV cache gives the output of one full forward pass."""
+    full = gpt(tokens, cond, cond_mask)                                   # (B, T, vocab) or (B, T, dim)
     cls = gpt.config.cls_token_num
     max_seq_len = cls + gpt.config.block_size - 1
-    L.generate(gpt, cond, cond_mask)  # leaves a cache of this shape, reused below outside inference mode
     gpt.setup_caches(2, max_seq_len, torch.float32, "cpu")
     mask = L.attention_mask(max_seq_len, cond_mask)
     stepwise = [L.prefill(gpt, cond, mask)]
     for t in range(gpt.config.block_size - 1):
         stepwise.append(L.decode_one_token(gpt, tokens[:, t:t + 1], torch.tensor([cls + t]), mask))
     assert (torch.stack(stepwise, dim=1) - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_kv_cache_matches_full_forward(model_type):
+    gpt = tiny_gpt(model_type)
+    cond, cond_mask = tiny_condition(gpt)
+    L.generate(gpt, cond, cond_mask)  # leaves a cache of the same shape, reused outside inference mode
+    assert_cache_matches_full_forward(gpt, cond, cond_mask, torch.randint(0, 32, (2, gpt.config.block_size)))
 
 
 def test_forward_accepts_any_length():
@@ -563,24 +566,15 @@ def test_diffusion_head_learns_one_batch_and_samples_it():
 
 
 @pytest.mark.parametrize("model_type", ["c2i", "t2i"])
-def test_continuous_kv_cache_matches_full_forward(model_type):
+def test_continuous_kv_cache_matches_full_forward_and_seeds_reproduce(model_type):
     gpt = tiny_continuous_gpt(model_type)
     cond, cond_mask = tiny_condition(gpt)
-    tokens = torch.randn(2, gpt.config.block_size, gpt.config.token_dim)
-    full = gpt(tokens, cond, cond_mask)                                   # (B, T, dim): the conditions z
-    cls = gpt.config.cls_token_num
-    max_seq_len = cls + gpt.config.block_size - 1
-    gpt.setup_caches(2, max_seq_len, torch.float32, "cpu")
-    mask = L.attention_mask(max_seq_len, cond_mask)
-    stepwise = [L.prefill(gpt, cond, mask)]
-    for t in range(gpt.config.block_size - 1):
-        stepwise.append(L.decode_one_token(gpt, tokens[:, t:t + 1], torch.tensor([cls + t]), mask))
-    assert (torch.stack(stepwise, dim=1) - full).abs().max() < 1e-4
+    assert_cache_matches_full_forward(gpt, cond, cond_mask, torch.randn(2, gpt.config.block_size, gpt.config.token_dim))
     generated = L.generate_continuous(gpt, cond, cond_mask, cfg_scale=2.0, num_steps=5,
                                       generator=torch.Generator().manual_seed(0))
     again = L.generate_continuous(gpt, cond, cond_mask, cfg_scale=2.0, num_steps=5,
                                   generator=torch.Generator().manual_seed(0))
-    assert generated.shape == (2, 16, 4) and torch.equal(generated, again)   # the same seed, the same tokens
+    assert generated.shape == (2, 16, 4) and torch.equal(generated, again)
 
 
 def test_continuous_cfg_follows_its_formula_on_the_noise():

@@ -383,7 +383,8 @@ class Run:
     def data_parallel(self, model):  # the module the training step calls; the plain one is saved
         if self.world == 1:
             return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def average_gradients(self, module):  # for a module trained outside DistributedDataParallel
         if self.world > 1:
@@ -621,7 +622,8 @@ def train_tokenizer(args, run, data, checkpoint=None):
                 progress = f"rec {logs['rec_loss'].item():.4f}"
                 if not continuous:  # codebook usage since the last line
                     usage = codebook_usage(torch.cat(codes_seen), cfg.codebook_size)
-                    terms, progress, codes_seen = f"{terms} | usage {usage:.0%}", f"{progress}, codebook usage {usage:.0%}", []
+                    terms, progress = f"{terms} | usage {usage:.0%}", f"{progress}, codebook usage {usage:.0%}"
+                    codes_seen = []
                 run.log(f"tokenizer step {done}/{args.tokenizer_steps} | loss {loss.item():.4f} | {terms} | "
                         f"lr {lr:.1e} | {seen / (time.time() - timer):.0f} img/s")
                 bar.set_postfix_str(progress)
@@ -920,7 +922,8 @@ def parse_args(argv=None):
                        help="images per step (all processes together)")
     group.add_argument("--tokenizer-lr", type=L.bounded(float, 0, above=True), default=1e-3,
                        help="peak learning rate (Adam)")
-    group.add_argument("--codebook-size", type=L.bounded(int, 2), help="VQ: codes in the codebook (default: the preset's)")
+    group.add_argument("--codebook-size", type=L.bounded(int, 2),
+                       help="VQ: codes in the codebook (default: the preset's)")
     group.add_argument("--codebook-embed-dim", type=positive,
                        help="VQ: dimensions per code; low dimensions use the codebook better (ViT-VQGAN; default: 8)")
     group.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=None,
@@ -949,7 +952,8 @@ def parse_args(argv=None):
                        help="training steps of the GPT (default: 1400, or 600 with --tokens continuous)")
     group.add_argument("--gpt-batch-size", type=positive, default=32,
                        help="token grids per step (all processes together)")
-    group.add_argument("--gpt-lr", type=L.bounded(float, 0, above=True), default=2e-3, help="peak learning rate (AdamW)")
+    group.add_argument("--gpt-lr", type=L.bounded(float, 0, above=True), default=2e-3,
+                       help="peak learning rate (AdamW)")
     group.add_argument("--weight-decay", type=L.bounded(float, 0), default=0.05,
                        help="AdamW weight decay, on matrices only")
     # 0 rather than the official 0.1: the official models train for hundreds of epochs, the demo
