@@ -196,6 +196,7 @@ def test_entropy_loss_prefers_confident_diverse_codes():
     assert L.entropy_loss(diverse, temperature=1.0) < L.entropy_loss(collapsed, temperature=1.0)
 
 
+@slow
 def test_tiny_vq_overfits_one_batch():
     vq = tiny_vq().train()
     images = blob_images()
@@ -1186,6 +1187,7 @@ def test_sample_condition_errors(trained, tmp_path, capsys):
         assert expected in message
 
 
+@slow
 def test_fuzzed_checkpoints_get_clear_errors(trained, tmp_path):
     """Random bytes, truncations and flipped bytes of a real checkpoint: either a clean load or a
     ValueError with a sentence, never another exception."""
