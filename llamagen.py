@@ -6,25 +6,33 @@ decoder-only Llama predicts those codes one by one in raster order, conditioned 
 on a caption; a sampled code grid is decoded back into pixels.
 
 Read it top to bottom:
-  1. configs          VQConfig, GPTConfig, T5Config and their presets
-  2. image tokenizer  Encoder -> VectorQuantizer -> Decoder        (VQGAN / taming-transformers,
+  1. image tokenizer  Encoder -> VectorQuantizer -> Decoder        (VQGAN / taming-transformers,
                       l2-normalised low-dimensional codes as in ViT-VQGAN, LlamaGen's vq_model.py)
-  3. tokenizer losses L2 + LPIPS + PatchGAN hinge + codebook/commitment (taming, LlamaGen vq_loss.py)
-  4. Llama decoder    RMSNorm, 2D RoPE, attention with a static KV cache, SwiGLU   (Llama, gpt-fast,
-                      LlamaGen gpt.py)
-  5. generation       prefill, then decode_one_token -> guide -> sample for every token, with
-                      classifier-free guidance (gpt-fast, LlamaGen generate.py, Ho & Salimans 2022)
-  6. beyond VQ        MAR: continuous tokens from a KL tokenizer, and a diffusion loss per token on
-                      the same Llama (Li et al. 2024, LTH14/mar; DDPM: Ho et al. 2020)
-  7. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
+  2. tokenizer losses L2 + LPIPS + PatchGAN hinge + codebook/commitment (taming, LlamaGen vq_loss.py)
+  3. Llama blocks     RMSNorm, 2D RoPE, attention with a static KV cache, SwiGLU, the condition
+                      embedders                            (Llama, gpt-fast, LlamaGen gpt.py)
+  4. codes in, out    a learned vector per code in; logits out: cross-entropy, classifier-free
+                      guidance, temperature / top-k / top-p   (LlamaGen generate.py, Ho & Salimans 2022)
+  5. GPT              the Llama assembled: teacher forcing, then generation through the KV cache:
+                      prefill, and decode_one_token -> guide -> sample for every token (gpt-fast)
+  6. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
                       Hugging Face transformers' modeling_t5.py)
-  8. official weights load the released LlamaGen checkpoints with a plain load_state_dict
-  9. our checkpoints  what train.py writes and sample.py reads, and the few helpers both need
+  7. released weights the official LlamaGen checkpoints and Hugging Face's T5, with a plain
+                      load_state_dict
+  8. our checkpoints  what train.py writes and sample.py reads: plain dicts with a format version
+Beyond LlamaGen, on the same Llama:
+  9. MAR              continuous tokens from a KL tokenizer, a diffusion loss per token (Li et al.
+                      2024, LTH14/mar; DDPM: Ho et al. 2020)
+
+One Llama, several generators: a kind of token is a tokenizer (TOKENIZERS: every one has
+encode(images) -> tokens and decode(tokens) -> images) and the two layers that read such tokens into
+the Llama and read its output out (TOKEN_LAYERS: every readout has readout, loss and draw). The GPT
+builds what its config names, so its training loss and its generation loop serve every kind.
 
 State-dict names and shapes follow the official code (FoundationVision/LlamaGen), so its released
 checkpoints load unchanged and give its outputs (test_llamagen.py checks this against a fixture).
 """
-import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -34,17 +42,17 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import warnings
+from argparse import Namespace  # the official checkpoints store their training settings as one
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. Configs
-# The defaults are the paper's (the official code's), so that its checkpoints and presets load
-# as they are; train.py's command line picks smaller settings for a CPU and says why.
+# 1. Image tokenizer: Encoder -> VectorQuantizer -> Decoder
+# The config defaults are the paper's (the official code's), so that its checkpoints and presets
+# load as they are; train.py's command line picks smaller settings for a CPU and says why.
 
 
 @dataclasses.dataclass
@@ -67,65 +75,6 @@ VQ_PRESETS = {
     "VQ-mini": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, codebook_size=256),  # CPU demo
     "VQ-tiny": dict(ch=32, ch_mult=(1, 2), z_channels=32, codebook_size=64),  # tests
 }
-
-
-@dataclasses.dataclass
-class GPTConfig:
-    dim: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    multiple_of: int = 256           # SwiGLU hidden size is rounded up to this
-    rope_base: float = 10000
-    norm_eps: float = 1e-5
-    token_dropout_p: float = 0.1
-    attn_dropout_p: float = 0.0
-    resid_dropout_p: float = 0.1
-    ffn_dropout_p: float = 0.1
-    num_classes: int = 1000
-    caption_dim: int = 2048          # width of the text features (flan-t5-xl: 2048)
-    class_dropout_prob: float = 0.1  # how often the condition is replaced by the null one (for CFG)
-    model_type: str = "c2i"          # 'c2i' class-conditional, 't2i' text-conditional
-    vocab_size: int = 16384          # = the tokenizer's codebook size
-    # "cls" is the official name for the condition, class or text: cls_token_num is how many
-    # positions it takes before the image (1 class token, or 120 text tokens)
-    cls_token_num: int = 1
-    block_size: int = 256            # image tokens = (image_size / downsampling) ** 2
-    rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise)
-
-
-GPT_PRESETS = {  # the official sizes (gpt.py), a CPU demo size and a tiny one for tests
-    "GPT-tiny": dict(n_layer=2, n_head=4, dim=64),
-    "GPT-mini": dict(n_layer=4, n_head=4, dim=128, multiple_of=32),
-    "GPT-B": dict(n_layer=12, n_head=12, dim=768),     # 111M
-    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),    # 343M
-    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),   # 775M
-    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),  # 1.4B
-    "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560), # 3.9B
-    "GPT-1B": dict(n_layer=22, n_head=32, dim=2048),   # 1.2B, text-conditional
-    "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),   # 3.1B
-}
-
-
-@dataclasses.dataclass
-class T5Config:  # field names as in a Hugging Face config.json; defaults are flan-t5-xl's
-    vocab_size: int = 32128
-    d_model: int = 2048
-    d_kv: int = 64                   # width of one attention head
-    d_ff: int = 5120
-    num_layers: int = 24
-    num_heads: int = 32
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "gated-gelu"  # flan-T5 / T5 v1.1; the original T5 used "relu"
-    dropout_rate: float = 0.1
-
-
-T5_PRESETS = {"T5-mini": dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, dropout_rate=0.0)}
-
-
-# -----------------------------------------------------------------------------
-# 2. Image tokenizer: Encoder -> VectorQuantizer -> Decoder
 
 
 def group_norm(channels):
@@ -320,7 +269,42 @@ class VectorQuantizer(nn.Module):
         return z_q.permute(0, 3, 1, 2), indices.view(B, h, w), losses   # (B, D, h, w), (B, h, w)
 
 
-class VQModel(nn.Module):
+class ImageTokenizer(nn.Module):
+    """What every image tokenizer offers, whatever its tokens are (train.py and sample.py use only
+    this):
+      tokens                 the kind of token it makes: a key of TOKENIZERS and of TOKEN_LAYERS
+      forward(images)        training: reconstruction, tokens, its own loss terms
+      encode(images)         images (B, 3, H, W) in [-1, 1] -> tokens (B, h*w, ...) in raster order
+      decode(tokens)         tokens -> images (B, 3, H, W) in [-1, 1]
+      token_config()         what a GPT must know of the tokens (GPTConfig fields)
+      token_stats(tokens)    fractions of the codebook in use, for the training log
+      encode_posterior, draw_from_posterior, calibrate: below, for tokens drawn at random"""
+
+    @property
+    def downsample_factor(self):  # image pixels per token, along each side
+        return 2 ** (len(self.cfg.ch_mult) - 1)
+
+    def token_stats(self, tokens):
+        return {}
+
+    def encode_posterior(self, images):
+        """What the GPT's training tokens are drawn from, computed once per image: for tokens
+        that are a function of the image (codes), the tokens themselves."""
+        return self.encode(images)
+
+    def draw_from_posterior(self, posterior):  # a batch of encode_posterior's output -> the GPT's tokens
+        return posterior
+
+    def calibrate(self, image_batches):
+        """What is fitted once training ends, from the training images ({name: value} to log):
+        nothing for codes."""
+        return {}
+
+
+class VQModel(ImageTokenizer):
+    config_class = VQConfig
+    tokens = "discrete"  # one code of the codebook per grid cell
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.cfg = cfg
@@ -329,10 +313,6 @@ class VQModel(nn.Module):
         self.quantize = VectorQuantizer(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
-
-    @property
-    def downsample_factor(self):
-        return 2 ** (len(self.cfg.ch_mult) - 1)
 
     def forward(self, images):  # (B, 3, H, W) in [-1, 1] -> reconstruction, indices (B, h, w), loss terms
         z_q, indices, losses = self.quantize(self.quant_conv(self.encoder(images)))
@@ -347,17 +327,32 @@ class VQModel(nn.Module):
         z_q = self.quantize.codebook()[indices].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
         return self.decoder(self.post_quant_conv(z_q))
 
+    def encode(self, images):  # -> codes (B, h*w): the grid read row by row
+        return self.encode_indices(images).flatten(1)               # (B, h, w) -> (B, h*w)
+
+    def decode(self, codes):  # (B, h*w) -> images (B, 3, H, W) in [-1, 1], float32
+        grid = math.isqrt(codes.shape[1])
+        return self.decode_indices(codes.view(-1, grid, grid)).float().clamp(-1, 1)
+
+    def token_config(self):
+        return dict(tokens=self.tokens, vocab_size=self.cfg.codebook_size)
+
+    def token_stats(self, codes):  # any number of codes -> the fraction of the codebook they use
+        return {"usage": codes.unique().numel() / self.cfg.codebook_size}
+
+
+# the kind of token a checkpoint names -> its tokenizer; section 9 adds MAR's "continuous"
+TOKENIZERS = {"discrete": VQModel}
+
 
 # -----------------------------------------------------------------------------
-# 3. Tokenizer losses: LPIPS perceptual loss, PatchGAN discriminator, hinge loss
-
-LPIPS_WARNED = []  # the offline warning is given once per process
+# 2. Tokenizer losses: LPIPS perceptual loss, PatchGAN discriminator, hinge loss
 
 
 def load_lpips():
     """LPIPS with a VGG16 trunk (the `lpips` package), loaded the standard way: torchvision
-    downloads the ImageNet weights once into the torch hub cache. None, with one warning, when
-    that download fails (no internet)."""
+    downloads the ImageNet weights once into the torch hub cache. When that fails (no internet, a
+    broken cached file), an OSError says what to download where."""
     import lpips
     from torchvision.models import VGG16_Weights
     try:
@@ -365,15 +360,11 @@ def load_lpips():
             warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated")
             warnings.filterwarnings("ignore", message="Arguments other than a weight enum")
             model = lpips.LPIPS(net="vgg", verbose=False)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as error:  # offline, or a broken cached file
-        if not LPIPS_WARNED:
-            url = VGG16_Weights.IMAGENET1K_V1.url
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-            warnings.warn(f"LPIPS perceptual loss is off: its VGG16 weights could not be loaded ({error}). "
-                          f"Download {url} to {path} and run again, or pass --perceptual-weight 0 to "
-                          "train without it.", stacklevel=2)
-            LPIPS_WARNED.append(True)
-        return None
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        url = VGG16_Weights.IMAGENET1K_V1.url
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        raise OSError(f"the VGG16 weights of LPIPS could not be loaded ({error}); download {url} to "
+                      f"{path}") from None
     return model.eval().requires_grad_(False)
 
 
@@ -417,16 +408,16 @@ def adaptive_weight(nll_loss, gen_loss, last_layer):
 class VQLoss(nn.Module):
     """The tokenizer's training objective (LlamaGen vq_loss.py):
     L2 + perceptual_weight * LPIPS + the tokenizer's own terms (codebook + commitment (+ entropy)
-    for the VQ, KL for section 6's continuous tokenizer)
-    + disc_weight * (-mean D(reconstruction)) once step >= disc_start.
+    for the VQ) + disc_weight * (-mean D(reconstruction)) once step >= disc_start.
+    lpips is load_lpips()'s model, or None to train without the perceptual term.
     The discriminator starts late: early reconstructions are so poor that it would win at once and
     its gradients would only add noise. It is trained in its own step on detached images, so its
     loss never reaches the tokenizer."""
 
-    def __init__(self, disc_start, disc_weight, perceptual_weight, adaptive_disc_weight):
+    def __init__(self, disc_start, disc_weight, perceptual_weight, adaptive_disc_weight, lpips=None):
         super().__init__()
         self.discriminator = PatchGANDiscriminator()
-        self.lpips = load_lpips() if perceptual_weight > 0 else None
+        self.lpips = lpips if perceptual_weight > 0 else None
         self.disc_start = disc_start
         self.disc_weight = disc_weight
         self.perceptual_weight = perceptual_weight
@@ -461,7 +452,50 @@ class VQLoss(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 4. Llama decoder: RMSNorm, 2D RoPE, attention with a KV cache, SwiGLU
+# 3. Llama blocks: RMSNorm, 2D RoPE, attention with a KV cache, SwiGLU, the condition embedders
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    multiple_of: int = 256           # SwiGLU hidden size is rounded up to this
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    num_classes: int = 1000
+    caption_dim: int = 2048          # width of the text features (flan-t5-xl: 2048)
+    class_dropout_prob: float = 0.1  # how often the condition is replaced by the null one (for CFG)
+    model_type: str = "c2i"          # 'c2i' class-conditional, 't2i' text-conditional
+    # "cls" is the official name for the condition, class or text: cls_token_num is how many
+    # positions it takes before the image (1 class token, or 120 text tokens)
+    cls_token_num: int = 1
+    block_size: int = 256            # image tokens = (image_size / downsampling) ** 2
+    rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise)
+    tokens: str = "discrete"         # what the image tokens are: a key of TOKEN_LAYERS
+    vocab_size: int = 16384          # discrete: the tokenizer's codebook size
+    # continuous tokens (MAR, section 9): their width, and the diffusion head that draws them
+    token_dim: int = 16              # = the KL tokenizer's embed_dim
+    diffusion_width: int = 1024      # MAR's training recipe: 3 blocks of width 1024
+    diffusion_depth: int = 3
+    diffusion_repeats: int = 4       # timesteps drawn per token per training step (diffusion_batch_mul)
+
+
+GPT_PRESETS = {  # the official sizes (gpt.py), a CPU demo size and a tiny one for tests
+    "GPT-tiny": dict(n_layer=2, n_head=4, dim=64),
+    "GPT-mini": dict(n_layer=4, n_head=4, dim=128, multiple_of=32),
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),     # 111M
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),    # 343M
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),   # 775M
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),  # 1.4B
+    "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560), # 3.9B
+    "GPT-1B": dict(n_layer=22, n_head=32, dim=2048),   # 1.2B, text-conditional
+    "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),   # 3.1B
+}
 
 
 class RMSNorm(nn.Module):
@@ -646,94 +680,20 @@ class CaptionEmbedder(nn.Module):
         return self.uncond_embedding.expand_as(captions)
 
 
-class GPT(nn.Module):
-    """A Llama that reads [condition tokens, image tokens] and predicts the next image token."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.config = cfg
-        # the condition embedder; "cls_embedding" is the official name for classes and text alike
-        self.cls_embedding = LabelEmbedder(cfg) if cfg.model_type == "c2i" else CaptionEmbedder(cfg)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        grid_size = math.isqrt(cfg.block_size)
-        if grid_size ** 2 != cfg.block_size:
-            raise ValueError(f"block_size {cfg.block_size} is not a square number: it is a grid of tokens.")
-        self.register_buffer("rope", precompute_rope_2d(grid_size, cfg.dim // cfg.n_head, cfg.rope_base,
-                                                        cfg.cls_token_num, cfg.rope_2d), persistent=False)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(self.output.weight)  # start from a uniform prediction
-
-    def cast(self, device, dtype):
-        """Move the model and cast its weights; the RoPE table stays float32, as the official
-        code keeps it, so that the rotation angles are exact in bf16 too."""
-        rope = self.rope.to(device)
-        self.to(device, dtype)
-        self.rope = rope
-        return self
-
-    def embed_condition(self, cond):  # class ids (B,) or text features (B, L, caption_dim)
-        if cond.dim() == 3 and cond.shape[1] != self.config.cls_token_num:
-            raise ValueError(f"text features have {cond.shape[1]} positions but this model takes "
-                             f"{self.config.cls_token_num}; pad or cut them to that length.")
-        return self.cls_embedding(cond)   # (B, cls_token_num, dim)
-
-    def forward(self, tokens, cond, cond_mask=None):
-        """Teacher forcing: tokens (B, T) -> logits (B, T, vocab); logits[:, t] predicts tokens[:, t]
-        from the condition and tokens[:, :t]. cond_mask (B, L): 1 = real text token (padding on
-        the left)."""
-        h = torch.cat([self.embed_condition(cond), self.tok_embeddings(tokens[:, :-1])], dim=1)
-        h = self.tok_dropout(h)                                            # (B, S, dim): [condition, tokens]
-        S = h.shape[1]                                                     # cls_token_num + T - 1
-        rope, mask = self.rope[:S], attention_mask(S, cond_mask, h.device)
-        for layer in self.layers:
-            h = layer(h, rope, mask)
-        logits = self.head(self.norm(h))                                   # (B, S, vocab)
-        return logits[:, self.config.cls_token_num - 1:]                   # (B, T, vocab)
-
-    def head(self, h):  # final hidden states (.., dim) -> logits over the codes (.., vocab), in float32
-        return self.output(h).float()
-
-    def loss(self, tokens, cond, cond_mask=None):
-        """The training objective: next-token cross-entropy over the codes, every position at once."""
-        logits = self(tokens, cond, cond_mask)                             # (B, T, vocab)
-        return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())     # (B*T, vocab), (B*T,)
-
-    def setup_caches(self, batch_size, max_seq_len, dtype, device):
-        """Give every attention layer its KV cache. A cache of the same shape is kept (a compiled
-        decode step holds on to its buffers); what a previous generation left in it is never read,
-        since the mask hides every position not written by this one."""
-        head_dim = self.config.dim // self.config.n_head
-        shape = (batch_size, self.config.n_head, max_seq_len, head_dim)
-        cache = self.layers[0].attention.kv_cache
-        if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == dtype \
-                and cache.k_cache.device == torch.device(device):
-            return
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_head, head_dim, dtype, device)
-
-    def free_caches(self):  # give the caches' memory back (train.py samples between training steps)
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-
-    def forward_with_cache(self, h, input_pos, mask):
-        """Embedded inputs h (B, S, dim) at new positions input_pos (S,) -> the head's output for the
-        last one: logits (B, vocab). Their keys and values join the cache; mask (B or 1, 1, max_seq_len,
-        max_seq_len) says which cached positions each may see."""
-        h = self.tok_dropout(h)
-        rope, mask = self.rope[input_pos], mask[..., input_pos, :]  # (S, hs/2, 2), (B or 1, 1, S, max_seq_len)
-        for layer in self.layers:
-            h = layer(h, rope, mask, input_pos)
-        return self.head(self.norm(h[:, -1]))
-
-
 # -----------------------------------------------------------------------------
-# 5. Generation: prefill, then decode_one_token -> guide -> sample for every image token
+# 4. Codes in and out: a learned vector per code, logits over the codes, and how a code is drawn
+# The Llama reads each image token through an input layer, and its output at a position is read out
+# as the prediction of the next token. For LlamaGen's codes: an embedding table in, a linear map to
+# logits out; next-code cross-entropy trains it, and a code is drawn from the logits after
+# classifier-free guidance, temperature, top-k and top-p.
+
+
+def guide(out, cfg_scale):
+    """Classifier-free guidance on the [cond; null] batch (2B, ...) -> (B, ...): push the
+    prediction away from the unconditional one, uncond + (cond - uncond) * cfg_scale. The same
+    formula guides logits over codes and MAR's predicted noise."""
+    cond_out, uncond_out = out.chunk(2, dim=0)
+    return uncond_out + (cond_out - uncond_out) * cfg_scale
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -776,360 +736,263 @@ def draw_exponential_race(probs, generator=None):  # (B, vocab) -> (B, 1)
     return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
-def with_null_condition(gpt, cond, cond_mask):
-    """The CFG batch: the conditional rows, then the same rows with the null condition (2B, ...).
-    A caption's padding mask is kept for its null half, as in the official sampler."""
-    cond = torch.cat([cond, gpt.cls_embedding.null(cond)])
-    return cond, None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+class CodeHead(nn.Linear):
+    """LlamaGen's readout: the Llama's output (.., dim) -> logits over the codes (.., vocab). What
+    every readout offers the GPT (MAR's DiffusionHead too): readout(h), loss(out, tokens), and
+    draw(out, cfg_scale, temperature, generator, **options) with the options named in draw_options.
+    Its weights are the official `output.weight`."""
+
+    draw_options = ("top_k", "top_p")
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg.dim, cfg.vocab_size, bias=False)
+
+    def initialize(self):  # zero logits at first: a uniform prediction (the official init)
+        nn.init.zeros_(self.weight)
+
+    def readout(self, h):  # final hidden states (.., dim) -> logits (.., vocab), in float32
+        return self(h).float()
+
+    def loss(self, logits, codes):  # logits (B, T, vocab), codes (B, T) -> next-code cross-entropy
+        return F.cross_entropy(logits.flatten(0, 1), codes.flatten())     # (B*T, vocab), (B*T,)
+
+    def draw(self, logits, cfg_scale=1.0, temperature=1.0, generator=None, top_k=0, top_p=1.0):
+        """One code per row, (B, 1): from logits (B, vocab), or from the CFG batch (2B, vocab)
+        guided when cfg_scale is not 1."""
+        if cfg_scale != 1.0:
+            logits = guide(logits, cfg_scale)
+        return sample(logits, temperature, top_k, top_p, generator)
 
 
-def guide(logits, cfg_scale):
-    """Classifier-free guidance on the [cond; null] batch (2B, vocab) -> (B, vocab): push the
-    prediction away from the unconditional one, uncond + (cond - uncond) * cfg_scale."""
-    cond_logits, uncond_logits = logits.chunk(2, dim=0)
-    return uncond_logits + (cond_logits - uncond_logits) * cfg_scale
+def code_layers(cfg):  # LlamaGen's tokens: a learned vector per code in, logits over the codes out
+    return nn.Embedding(cfg.vocab_size, cfg.dim), CodeHead(cfg)
 
 
-def prefill(gpt, cond, mask):  # all condition positions at once -> logits (B, vocab) for image token 0
-    input_pos = torch.arange(gpt.config.cls_token_num, device=mask.device)
-    return gpt.forward_with_cache(gpt.embed_condition(cond), input_pos, mask)
-
-
-def decode_one_token(gpt, token, input_pos, mask):  # token (B, 1) at position input_pos (1,) -> logits (B, vocab)
-    return gpt.forward_with_cache(gpt.tok_embeddings(token), input_pos, mask)
-
-
-def compile_decode_one_token():
-    """gpt-fast's speed-up: compile the decode step once. Every token has the same shapes (one
-    token, the whole static cache), so one graph (a CUDA graph on a GPU) serves the whole
-    generation without Python in the loop. generate() calls decode_one_token by name, so it picks
-    up the compiled one."""
-    global decode_one_token
-    decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-
-
-def setup_generation(gpt, cond, cond_mask, guided):
-    """What every generation starts with: the CFG batch [cond; null] when guided, a KV cache for the
-    longest sequence, its attention mask (B or 1, 1, S, S), and the positions of the image tokens
-    fed back (kept on the device: no host copy per token)."""
-    cfg = gpt.config
-    if guided:
-        cond, cond_mask = with_null_condition(gpt, cond, cond_mask)    # (2B, ...)
-    max_seq_len = cfg.cls_token_num + cfg.block_size - 1  # the last token is never fed back
-    gpt.setup_caches(cond.shape[0], max_seq_len, gpt.tok_embeddings.weight.dtype, cond.device)
-    mask = attention_mask(max_seq_len, cond_mask, cond.device)
-    return cond, mask, torch.arange(cfg.cls_token_num, max_seq_len, device=cond.device)
-
-
-@torch.no_grad()
-def generate(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
-             top_p=1.0, generator=None):
-    """Sample block_size image tokens (B, block_size) in raster order for cond: class ids (B,) or
-    text features (B, L, caption_dim) with cond_mask (B, L). cfg_scale 1: no guidance, 0: the
-    unconditional model. cfg_interval >= 0 stops guidance after the first cfg_interval + 2 tokens
-    (the official convention)."""
-    cfg = gpt.config
-    was_training = gpt.training
-    gpt.eval()
-    B, guided = cond.shape[0], cfg_scale != 1.0
-    cond, mask, positions = setup_generation(gpt, cond, cond_mask, guided)
-    tokens = torch.zeros(B, cfg.block_size, dtype=torch.long, device=cond.device)
-    # Only the loop runs in inference mode: the tokens and the KV cache, made above, stay ordinary
-    # tensors that a training step or a later call can use.
-    with torch.inference_mode():
-        logits = prefill(gpt, cond, mask)
-        for t in range(cfg.block_size):
-            if guided:
-                in_interval = cfg_interval < 0 or t <= cfg_interval + 1
-                logits = guide(logits, cfg_scale) if in_interval else logits[:B]
-            next_token = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            tokens[:, t:t + 1] = next_token
-            if t + 1 < cfg.block_size:  # both halves of the CFG batch continue with the same token
-                fed_back = torch.cat([next_token, next_token]) if guided else next_token
-                logits = decode_one_token(gpt, fed_back, positions[t:t + 1], mask)
-    gpt.train(was_training)
-    return tokens
-
-
-@torch.no_grad()
-def generate_without_cache(gpt, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
-                           top_k=0, top_p=1.0, generator=None):
-    """generate() without the KV cache, as a contrast: every new token reruns the whole sequence so
-    far through the model, O(T^2) token passes per image instead of O(T). The same random draws
-    from the same distributions: the same tokens as generate()."""
-    was_training = gpt.training
-    gpt.eval()
-    B, T = cond.shape[0], gpt.config.block_size
-    guided = cfg_scale != 1.0
-    if guided:
-        cond, cond_mask = with_null_condition(gpt, cond, cond_mask)    # (2B, ...)
-    tokens = torch.zeros(B, T, dtype=torch.long, device=cond.device)
-    for t in range(T):
-        so_far = tokens[:, :t + 1]  # tokens[:, t] is a placeholder: logits[:, t] reads only tokens[:, :t]
-        logits = gpt(torch.cat([so_far, so_far]) if guided else so_far, cond, cond_mask)[:, t]
-        if guided:
-            in_interval = cfg_interval < 0 or t <= cfg_interval + 1
-            logits = guide(logits, cfg_scale) if in_interval else logits[:B]
-        tokens[:, t:t + 1] = sample(logits, temperature, top_k, top_p, generator)
-    gpt.train(was_training)
-    return tokens
+# GPTConfig.tokens -> the layer that reads such tokens in and the readout of the Llama's output;
+# section 9 adds MAR's "continuous"
+TOKEN_LAYERS = {"discrete": code_layers}
 
 
 # -----------------------------------------------------------------------------
-# 6. Beyond vector quantization (MAR): continuous tokens, a diffusion loss per token
-# "Autoregressive Image Generation without Vector Quantization" (Li, Tian, Li, Deng, He 2024,
-# https://arxiv.org/abs/2406.11838; official code LTH14/mar). The codebook goes away: the tokenizer
-# gives each grid cell a continuous vector, and the same Llama, reading those vectors, outputs for
-# each position a condition z on which a small diffusion model draws the next token. LlamaGen's
-# softmax over codes becomes MAR's Diffusion Loss; everything else (raster order, causal attention,
-# the KV cache, CFG with the doubled batch) stays. This is MAR's causal raster-order variant; MAR's
-# main model predicts tokens in random order with bidirectional attention.
+# 5. GPT: the Llama assembled, trained by teacher forcing, sampled in raster order with a KV cache
 
 
-@dataclasses.dataclass
-class KLConfig:  # the encoder and decoder of VQConfig with a continuous latent (MAR's KL-16)
-    embed_dim: int = 16              # channels per token
-    kl_weight: float = 1e-6          # KL(q(z|x) || N(0, I)) per latent element, against the L2 loss
-    ch: int = 128
-    ch_mult: tuple = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 256
-    dropout: float = 0.0
+@contextlib.contextmanager
+def evaluating(*modules):
+    """Eval mode (no dropout, no condition dropout) while the block runs, then each module's mode
+    as it was."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
 
 
-KL_PRESETS = {
-    "KL-16": dict(),  # the sizes of MAR's KL-16 (whose decoder has no attention blocks)
-    "KL-mini": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, embed_dim=4),  # CPU demo
-    "KL-tiny": dict(ch=32, ch_mult=(1, 2), z_channels=32, embed_dim=4),                      # tests
-}
+def guidance_at(t, cfg_scale, cfg_interval):
+    """The CFG scale for image token t: cfg_scale, and 1 (none) after the first cfg_interval + 2
+    tokens when cfg_interval >= 0 (the official convention)."""
+    return cfg_scale if cfg_interval < 0 or t <= cfg_interval + 1 else 1.0
 
 
-class KLModel(nn.Module):
-    """The tokenizer with a continuous latent (LDM's AutoencoderKL, MAR's KL-16): the encoder gives
-    a mean and a log-variance for every latent value; training decodes a sample
-    z = mean + std * noise and pays kl_weight * KL(q(z|x) || N(0, I)), so that the latent stays
-    bounded and the decoder tolerates small errors in it. latent_scale, fixed after training, makes
-    the tokens the GPT sees have about unit variance (MAR's 0.2325 for KL-16 on ImageNet)."""
+class GPT(nn.Module):
+    """LlamaGen's generator: a Llama that reads [condition tokens, image tokens] and predicts each
+    image token from the condition and the tokens before it, in raster order. What a token is comes
+    from config.tokens: TOKEN_LAYERS builds the layer that reads tokens in (tok_embeddings) and the
+    readout of the Llama's output (output)."""
 
-    def __init__(self, cfg: KLConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, 2 * cfg.embed_dim, 1)      # mean and log-variance
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.register_buffer("latent_scale", torch.ones(()))
+        if cfg.tokens not in TOKEN_LAYERS:
+            raise ValueError(f"tokens {cfg.tokens!r} is not a kind of token this code knows ({', '.join(TOKEN_LAYERS)}).")
+        grid_size = math.isqrt(cfg.block_size)
+        if grid_size ** 2 != cfg.block_size:
+            raise ValueError(f"block_size {cfg.block_size} is not a square number: it is a grid of tokens.")
+        self.config = cfg
+        # the condition embedder; "cls_embedding" is the official name for classes and text alike
+        self.cls_embedding = LabelEmbedder(cfg) if cfg.model_type == "c2i" else CaptionEmbedder(cfg)
+        token_input, readout = TOKEN_LAYERS[cfg.tokens](cfg)
+        self.tok_embeddings = token_input                           # image tokens -> (B, T, dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = readout                                       # (B, T, dim) -> a prediction per token
+        self.register_buffer("rope", precompute_rope_2d(grid_size, cfg.dim // cfg.n_head, cfg.rope_base,
+                                                        cfg.cls_token_num, cfg.rope_2d), persistent=False)
+        for module in self.modules():  # the official initialisation, then the readout's own
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        self.output.initialize()
 
-    @property
-    def downsample_factor(self):
-        return 2 ** (len(self.cfg.ch_mult) - 1)
+    def cast(self, device, dtype):
+        """Move the model and cast its weights; the RoPE table stays float32, as the official
+        code keeps it, so that the rotation angles are exact in bf16 too."""
+        rope = self.rope.to(device)
+        self.to(device, dtype)
+        self.rope = rope
+        return self
 
-    def posterior(self, images):  # (B, 3, H, W) -> mean, log-variance (B, D, h, w)
-        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+    def embed_condition(self, cond):  # class ids (B,) or text features (B, L, caption_dim)
+        if cond.dim() == 3 and cond.shape[1] != self.config.cls_token_num:
+            raise ValueError(f"text features have {cond.shape[1]} positions but this model takes "
+                             f"{self.config.cls_token_num}; pad or cut them to that length.")
+        return self.cls_embedding(cond)   # (B, cls_token_num, dim)
 
-    def forward(self, images):  # -> reconstruction, latent sample (B, D, h, w), loss terms
-        mean, logvar = self.posterior(images)
-        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
-        kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
-        return self.decoder(self.post_quant_conv(z)), z, dict(kl_loss=self.cfg.kl_weight * kl)
+    def forward(self, tokens, cond, cond_mask=None):
+        """Teacher forcing: image tokens (B, T) codes or (B, T, D) vectors -> the readout (B, T, ..)
+        whose position t predicts tokens[:, t] from the condition and tokens[:, :t]: logits over the
+        codes, or MAR's z. cond_mask (B, L): 1 = real text token (padding on the left)."""
+        return self.predict(cond, self.tok_embeddings(tokens[:, :-1]), cond_mask)
 
-    @torch.no_grad()
-    def encode_latents(self, images):  # (B, 3, H, W) -> the posterior mean as tokens (B, h*w, D), scaled
-        mean, _ = self.posterior(images)
-        return mean.flatten(2).transpose(1, 2) * self.latent_scale   # (B, D, h, w) -> (B, h*w, D)
-
-    @torch.no_grad()
-    def decode_latents(self, tokens):  # tokens (B, h*w, D), scaled -> images (B, 3, H, W)
-        B, T, D = tokens.shape
-        grid = math.isqrt(T)
-        z = (tokens / self.latent_scale).transpose(1, 2).reshape(B, D, grid, grid)  # (B, D, h, w)
-        return self.decoder(self.post_quant_conv(z))
-
-
-def cosine_schedule(num_steps=1000, offset=0.008):
-    """alpha_bar_t for t = 0 .. num_steps - 1 (Nichol & Dhariwal 2021, as MAR): how much of the
-    token is left in x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise; from about 1 at
-    t = 0 down to about 0 at the last step. float64, as the official code keeps it."""
-    def f(u):
-        return math.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2
-    betas = torch.tensor([min(1 - f((t + 1) / num_steps) / f(t / num_steps), 0.999) for t in range(num_steps)],
-                         dtype=torch.float64)
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def timestep_embedding(t, dim, max_period=10000):  # t (N,) -> (N, dim): [cos(t f), sin(t f)]
-    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    angles = t.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
-class AdaLNBlock(nn.Module):
-    """A residual MLP block whose LayerNorm is shifted and scaled, and whose output is gated, by a
-    function of the condition (the timestep and the transformer's z): adaptive LayerNorm (DiT)."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
-        nn.init.zeros_(self.modulation[1].weight)  # gate 0: each block starts as the identity
-        nn.init.zeros_(self.modulation[1].bias)
-
-    def forward(self, x, c):  # x, c (N, width)
-        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
-        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
-
-
-class DiffusionHead(nn.Module):
-    """MAR's denoiser (SimpleMLPAdaLN): predicts the noise in a noisy token x_t, given the timestep t
-    and the transformer's output z at that position. Small: it runs once per token per diffusion
-    step, while the transformer runs once per token."""
-
-    def __init__(self, token_dim, z_dim, width, depth, frequency_dim=256):
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.input_proj = nn.Linear(token_dim, width)
-        self.time_embed = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-        self.cond_embed = nn.Linear(z_dim, width)
-        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.final_linear = nn.Linear(width, token_dim)
-        for layer in (self.final_modulation[1], self.final_linear):  # predict 0 noise at first
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x, t, z):  # x_t (N, D), t (N,) integer timesteps in [0, 1000), z (N, z_dim) -> noise (N, D)
-        c = self.time_embed(timestep_embedding(t, self.frequency_dim)) + self.cond_embed(z)   # (N, width)
-        h = self.input_proj(x)
-        for block in self.blocks:
-            h = block(h, c)
-        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
-        return self.final_linear(modulate(self.final_norm(h), shift, scale))
-
-
-def diffusion_loss(head, tokens, z, alphas_cumprod, repeats=4):
-    """MAR's Diffusion Loss for tokens (N, D) given their conditions z (N, z_dim): noise each token
-    at a random timestep and ask the head for the noise, E ||noise - head(x_t, t, z)||^2. Each token
-    is noised `repeats` times with other timesteps; z is computed once and shared (the transformer
-    is the expensive part)."""
-    tokens, z = tokens.repeat(repeats, 1), z.repeat(repeats, 1)                   # (repeats * N, ...)
-    t = torch.randint(0, len(alphas_cumprod), (len(tokens),), device=tokens.device)
-    alpha_bar = alphas_cumprod.to(tokens.device)[t].float()[:, None]             # (repeats * N, 1)
-    noise = torch.randn_like(tokens)
-    noisy = alpha_bar.sqrt() * tokens + (1 - alpha_bar).sqrt() * noise
-    return F.mse_loss(head(noisy, t, z), noise)
-
-
-@dataclasses.dataclass
-class ContinuousGPTConfig(GPTConfig):
-    vocab_size: int = 0              # no codebook
-    token_dim: int = 16              # = the KL tokenizer's embed_dim
-    diffusion_width: int = 1024      # MAR's training recipe: 3 blocks of width 1024
-    diffusion_depth: int = 3
-    diffusion_repeats: int = 4       # timesteps drawn per token per training step (diffusion_batch_mul)
-
-
-class ContinuousGPT(GPT):
-    """The same Llama on continuous tokens: a linear projection reads them in, and its output at each
-    position is z, the condition on which the diffusion head draws the next token (instead of
-    logits over a codebook). With vocab_size 0, GPT's code embedding and output layer are empty."""
-
-    def __init__(self, cfg: ContinuousGPTConfig):
-        with warnings.catch_warnings():  # GPT's output layer over 0 codes is empty, and removed below
-            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-            super().__init__(cfg)
-        del self.output
-        self.tok_embeddings = nn.Linear(cfg.token_dim, cfg.dim)  # (B, T, token_dim) -> (B, T, dim)
-        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
-        self.diffusion = DiffusionHead(cfg.token_dim, cfg.dim, cfg.diffusion_width, cfg.diffusion_depth)
-        self.register_buffer("alphas_cumprod", cosine_schedule(), persistent=False)
-
-    def head(self, h):  # final hidden states (.., dim) -> the conditions z of the diffusion head
-        return h
+    def predict(self, cond, inputs, cond_mask=None):
+        """[condition, embedded image tokens inputs (B, t, dim)] through the Llama -> the readout at
+        the t + 1 positions that predict image tokens 0 .. t (causal: each sees what comes before)."""
+        h = self.tok_dropout(torch.cat([self.embed_condition(cond), inputs], dim=1))  # (B, S, dim)
+        S = h.shape[1]                                                     # cls_token_num + t
+        rope, mask = self.rope[:S], attention_mask(S, cond_mask, h.device)
+        for layer in self.layers:
+            h = layer(h, rope, mask)
+        return self.output.readout(self.norm(h))[:, self.config.cls_token_num - 1:]  # (B, t + 1, ..)
 
     def loss(self, tokens, cond, cond_mask=None):
-        """The training objective: the Diffusion Loss of every token (B, T, D) given z, the
-        transformer's output one position earlier (teacher forcing, as the cross-entropy)."""
-        z = self(tokens, cond, cond_mask)                                          # (B, T, dim)
-        return diffusion_loss(self.diffusion, tokens.flatten(0, 1), z.flatten(0, 1), self.alphas_cumprod,
-                              self.config.diffusion_repeats)
+        """The training objective: the readout's loss of every token (the cross-entropy of the next
+        code, or MAR's Diffusion Loss), every position at once."""
+        return self.output.loss(self(tokens, cond, cond_mask), tokens)
 
+    # Generation (gpt-fast): the KV cache set up once, prefill the condition, then one token per step
 
-def respaced_schedule(alphas_cumprod, num_steps):
-    """The num_steps of the 1000 training steps that sampling visits, evenly spaced with both ends
-    kept (MAR's '100'), with alpha_bar there and the betas between them."""
-    T = len(alphas_cumprod)
-    timesteps = [round(i * (T - 1) / (num_steps - 1)) for i in range(num_steps)] if num_steps > 1 else [T - 1]
-    alpha_bar = alphas_cumprod[timesteps]                                        # (num_steps,)
-    alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-    return timesteps, alpha_bar, alpha_bar_prev, 1 - alpha_bar / alpha_bar_prev
+    def setup_caches(self, batch_size, max_seq_len, dtype, device):
+        """Give every attention layer its KV cache. A cache of the same shape is kept (a compiled
+        decode step holds on to its buffers); what a previous generation left in it is never read,
+        since the mask hides every position not written by this one."""
+        head_dim = self.config.dim // self.config.n_head
+        shape = (batch_size, self.config.n_head, max_seq_len, head_dim)
+        cache = self.layers[0].attention.kv_cache
+        if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == dtype \
+                and cache.k_cache.device == torch.device(device):
+            return
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_head, head_dim, dtype, device)
 
+    def free_caches(self):  # give the caches' memory back (train.py samples between training steps)
+        for layer in self.layers:
+            layer.attention.kv_cache = None
 
-@torch.no_grad()
-def sample_token(head, z, token_dim, alphas_cumprod, cfg_scale=1.0, temperature=1.0, num_steps=100, generator=None,
-                 x0_bound=5.0):
-    """Draw one token per row of z by reverse diffusion (DDPM ancestral sampling over num_steps
-    respaced steps): start from noise, and at each step predict the noise, estimate x_0 from it,
-    and step to the posterior mean plus fresh noise of variance beta~_t (times temperature: below 1
-    sharper, as MAR). With CFG, z is the [cond; null] batch (2B, z_dim): both halves see the same
-    x_t and the predicted noise is guided, uncond + (cond - uncond) * cfg_scale. -> (B, D)
+    def forward_with_cache(self, h, input_pos, mask):
+        """Embedded inputs h (B, S, dim) at new positions input_pos (S,) -> the readout of the last
+        one (B, ..). Their keys and values join the cache; mask (B or 1, 1, max_seq_len,
+        max_seq_len) says which cached positions each may see."""
+        h = self.tok_dropout(h)
+        rope, mask = self.rope[input_pos], mask[..., input_pos, :]  # (S, hs/2, 2), (B or 1, 1, S, max_seq_len)
+        for layer in self.layers:
+            h = layer(h, rope, mask, input_pos)
+        return self.output.readout(self.norm(h[:, -1]))
 
-    The estimate of x_0 is clipped to +-x0_bound (the tokens have unit variance), as ADM clips
-    images to [-1, 1]: at the first steps alpha_bar is about 1e-9, so x_0 = (x_t - sqrt(1 - a) noise)
-    / sqrt(a) multiplies any error in the predicted noise by thousands. MAR's large, long-trained
-    head predicts it precisely enough not to need this; a small head trained for minutes does not."""
-    guided = cfg_scale != 1.0
-    B = z.shape[0] // 2 if guided else z.shape[0]
-    timesteps, alpha_bar, alpha_bar_prev, betas = respaced_schedule(alphas_cumprod.cpu(), num_steps)
-    alpha_bar, alpha_bar_prev, betas = (v.float().tolist() for v in (alpha_bar, alpha_bar_prev, betas))
-    x = torch.randn(B, token_dim, device=z.device, generator=generator)
-    for i in reversed(range(num_steps)):
-        t = torch.full((z.shape[0],), timesteps[i], device=z.device)
-        noise_pred = head((torch.cat([x, x]) if guided else x).to(z.dtype), t, z).float()
+    def with_null_condition(self, cond, cond_mask):
+        """The CFG batch: the conditional rows, then the same rows with the null condition (2B, ...).
+        A caption's padding mask is kept for its null half, as in the official sampler."""
+        cond = torch.cat([cond, self.cls_embedding.null(cond)])
+        return cond, None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+
+    def setup_generation(self, cond, cond_mask, guided):
+        """What a generation starts with: the CFG batch [cond; null] when guided, a KV cache for the
+        longest sequence, its attention mask (B or 1, 1, S, S), and the positions of the image tokens
+        fed back (kept on the device: no host copy per token)."""
+        cfg = self.config
         if guided:
-            noise_pred = guide(noise_pred, cfg_scale)
-        x0 = ((x - math.sqrt(1 - alpha_bar[i]) * noise_pred) / math.sqrt(alpha_bar[i])).clamp(-x0_bound, x0_bound)
-        # the mean of the posterior q(x_{t-1} | x_t, x_0) at the estimated x_0
-        mean = (betas[i] * math.sqrt(alpha_bar_prev[i]) * x0 + (1 - alpha_bar_prev[i]) * math.sqrt(1 - betas[i]) * x) \
-            / (1 - alpha_bar[i])
-        if i == 0:
-            return mean
-        variance = betas[i] * (1 - alpha_bar_prev[i]) / (1 - alpha_bar[i])
-        x = mean + temperature * math.sqrt(variance) * torch.randn(B, token_dim, device=z.device, generator=generator)
+            cond, cond_mask = self.with_null_condition(cond, cond_mask)    # (2B, ...)
+        max_seq_len = cfg.cls_token_num + cfg.block_size - 1  # the last token is never fed back
+        self.setup_caches(cond.shape[0], max_seq_len, self.tok_embeddings.weight.dtype, cond.device)
+        mask = attention_mask(max_seq_len, cond_mask, cond.device)
+        return cond, mask, torch.arange(cfg.cls_token_num, max_seq_len, device=cond.device)
 
+    def prefill(self, cond, mask):  # all condition positions at once -> the readout for image token 0
+        input_pos = torch.arange(self.config.cls_token_num, device=mask.device)
+        return self.forward_with_cache(self.embed_condition(cond), input_pos, mask)
 
-@torch.no_grad()
-def generate_continuous(gpt, cond, cond_mask=None, cfg_scale=1.0, temperature=1.0, num_steps=100, generator=None):
-    """generate() for continuous tokens: (B, block_size, token_dim) in raster order. The same
-    prefill, KV cache and decode_one_token; where generate samples a code from logits, a token is
-    drawn here by reverse diffusion conditioned on the transformer's output z."""
-    cfg = gpt.config
-    was_training = gpt.training
-    gpt.eval()
-    B, guided = cond.shape[0], cfg_scale != 1.0
-    cond, mask, positions = setup_generation(gpt, cond, cond_mask, guided)
-    tokens = torch.zeros(B, cfg.block_size, cfg.token_dim, device=cond.device)
-    with torch.inference_mode():
-        z = prefill(gpt, cond, mask)                                               # (B or 2B, dim)
-        for t in range(cfg.block_size):
-            next_token = sample_token(gpt.diffusion, z, cfg.token_dim, gpt.alphas_cumprod, cfg_scale, temperature,
-                                      num_steps, generator)                        # (B, D)
-            tokens[:, t] = next_token
-            if t + 1 < cfg.block_size:
-                fed_back = torch.cat([next_token, next_token]) if guided else next_token
-                z = decode_one_token(gpt, fed_back[:, None], positions[t:t + 1], mask)  # (B, 1, D) in
-    gpt.train(was_training)
-    return tokens
+    def decode_one_token(self, token, input_pos, mask):  # token (B, 1, ..) at position input_pos (1,) -> readout
+        return self.forward_with_cache(self.tok_embeddings(token), input_pos, mask)
+
+    def compile_decode_one_token(self):
+        """gpt-fast's speed-up: compile the decode step once. Every token has the same shapes (one
+        token, the whole static cache), so one graph (a CUDA graph on a GPU) serves the whole
+        generation without Python in the loop. generate() calls self.decode_one_token, so it picks
+        up the compiled one."""
+        self.decode_one_token = torch.compile(self.decode_one_token, mode="reduce-overhead", fullgraph=True)
+
+    @torch.no_grad()
+    def generate(self, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, generator=None,
+                 **draw_options):
+        """Sample block_size image tokens in raster order for cond: class ids (B,) or text features
+        (B, L, caption_dim) with cond_mask (B, L) -> codes (B, block_size), or MAR's vectors
+        (B, block_size, D). cfg_scale 1: no guidance, 0: the unconditional model; cfg_interval:
+        guidance_at. draw_options go to the readout's draw (top_k, top_p for codes)."""
+        B, guided = cond.shape[0], cfg_scale != 1.0
+        with evaluating(self):
+            cond, mask, positions = self.setup_generation(cond, cond_mask, guided)
+            tokens = []
+            # Only the loop runs in inference mode: the tokens returned and the KV cache, made
+            # outside it, stay ordinary tensors that a training step or a later call can use.
+            with torch.inference_mode():
+                out = self.prefill(cond, mask)                                      # (B or 2B, ..)
+                for t in range(self.config.block_size):
+                    scale = guidance_at(t, cfg_scale, cfg_interval)
+                    token = self.output.draw(out if scale != 1.0 else out[:B], scale, temperature, generator,
+                                             **draw_options)                        # (B, 1, ..)
+                    tokens.append(token)
+                    if t + 1 < self.config.block_size:  # both halves of the CFG batch go on with the same token
+                        fed_back = torch.cat([token, token]) if guided else token
+                        out = self.decode_one_token(fed_back, positions[t:t + 1], mask)
+            return torch.cat(tokens, dim=1)                                         # (B, block_size, ..)
+
+    @torch.no_grad()
+    def generate_without_cache(self, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
+                               generator=None, **draw_options):
+        """generate() without the KV cache, as a contrast: every new token reruns the whole sequence
+        so far through the model, O(T^2) token passes per image instead of O(T). The same random
+        draws from the same distributions: the same tokens as generate()."""
+        B, guided = cond.shape[0], cfg_scale != 1.0
+        with evaluating(self):
+            if guided:
+                cond, cond_mask = self.with_null_condition(cond, cond_mask)        # (2B, ...)
+            inputs = self.tok_embeddings.weight.new_zeros(cond.shape[0], 0, self.config.dim)  # tokens fed so far
+            tokens = []
+            for t in range(self.config.block_size):
+                out = self.predict(cond, inputs, cond_mask)[:, t]                   # the whole sequence again
+                scale = guidance_at(t, cfg_scale, cfg_interval)
+                token = self.output.draw(out if scale != 1.0 else out[:B], scale, temperature, generator,
+                                         **draw_options)
+                tokens.append(token)
+                fed_back = torch.cat([token, token]) if guided else token
+                inputs = torch.cat([inputs, self.tok_embeddings(fed_back)], dim=1)
+            return torch.cat(tokens, dim=1)
 
 
 # -----------------------------------------------------------------------------
-# 7. Text conditioner: compact T5 encoder and SentencePiece tokenizer
+# 6. Text conditioner: a compact T5 encoder and a SentencePiece tokenizer
+# The text-conditional models read a caption as T5's features of its SentencePiece tokens: 120
+# positions, left-padded, from flan-t5-xl for the official models (a small T5 trained from scratch
+# in the demo).
+
+
+@dataclasses.dataclass
+class T5Config:  # field names as in a Hugging Face config.json; defaults are flan-t5-xl's
+    vocab_size: int = 32128
+    d_model: int = 2048
+    d_kv: int = 64                   # width of one attention head
+    d_ff: int = 5120
+    num_layers: int = 24
+    num_heads: int = 32
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"  # flan-T5 / T5 v1.1; the original T5 used "relu"
+    dropout_rate: float = 0.1
+
+
+T5_PRESETS = {"T5-mini": dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, dropout_rate=0.0)}
 
 
 def relative_position_bucket(relative_position, num_buckets, max_distance):
@@ -1275,6 +1138,136 @@ class TextTokenizer:
         return self.processor.decode([i for i in ids.tolist() if i > self.processor.eos_id()])
 
 
+class TextEncoder:
+    """Captions -> what a text-conditional GPT reads: T5's features (B, L, d_model) of the
+    SentencePiece ids, with their padding mask (B, L)."""
+
+    def __init__(self, text_tokenizer, t5):
+        self.text_tokenizer, self.t5 = text_tokenizer, t5
+
+    @torch.no_grad()
+    def __call__(self, captions, length, device):
+        ids, mask = self.text_tokenizer(captions, length)
+        ids, mask = ids.to(device), mask.to(device)
+        with evaluating(self.t5):
+            return self.t5(ids, mask), mask
+
+
+# -----------------------------------------------------------------------------
+# 7. Released weights: the official LlamaGen checkpoints and Hugging Face's T5, loaded with a plain
+# load_state_dict (each model's config is read off the shapes of its weights)
+
+
+def read_torch_file(path):
+    """torch.load(path) of tensors and plain values only (weights_only: nothing else is unpickled),
+    with one clear sentence for each way a file can be wrong."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; check the path.")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; pass the checkpoint file inside it.")
+    try:  # the official files carry their training script's settings as a Namespace: allow that one class
+        with torch.serialization.safe_globals([Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file can fail in torch.load in many ways
+        if "Unsupported global" in str(error):
+            raise ValueError(f"{path} holds Python objects besides weights, which are not loaded for safety; "
+                             "save its state dict alone (torch.save(model.state_dict(), path)).") from None
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path} is empty: copy it again, or retrain it.") from None
+        if is_zip:
+            raise ValueError(f"{path} is truncated or damaged, so it cannot be read: copy it again, or "
+                             "retrain it.") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this is "
+                         "not one): check the path.") from None
+
+
+def read_state_dict(path_or_state_dict):
+    """A state dict from a checkpoint file or dict in any of the official containers."""
+    checkpoint = path_or_state_dict
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_torch_file(checkpoint)
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path_or_state_dict} holds a {type(checkpoint).__name__}, not a state dict.")
+    for key in ("model", "ema", "module", "state_dict"):  # "model" first, as the official samplers
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def count_prefixed(state, pattern):  # how many i make pattern.format(i) a key of state
+    n = 0
+    while pattern.format(n) in state:
+        n += 1
+    return n
+
+
+class NotAnOfficialCheckpoint(ValueError):
+    """One of this project's own checkpoints (section 8) where an official one was expected."""
+
+
+def reject_our_checkpoint(checkpoint, source):
+    """Our own checkpoints carry a "kind": say so rather than fail on their shapes."""
+    if "kind" in checkpoint and "config" in checkpoint:
+        raise NotAnOfficialCheckpoint(f"{source} was written by train.py, not by the official LlamaGen code")
+
+
+def load_official_vq(path_or_state_dict):
+    """An official LlamaGen VQ tokenizer (vq_ds16_c2i.pt, vq_ds8_c2i.pt) -> VQModel in eval mode."""
+    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
+    checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    reject_our_checkpoint(checkpoint, source)
+    state = dict(read_state_dict(checkpoint))
+    if "encoder.conv_in.weight" not in state or "quantize.embedding.weight" not in state:
+        raise ValueError(f"{source} is not a LlamaGen VQ tokenizer checkpoint (no encoder / codebook "
+                         "weights); pass vq_ds16_c2i.pt or vq_ds8_c2i.pt.")
+    state.pop("quantize.codebook_used", None)  # the official usage record, not needed to run
+    ch = state["encoder.conv_in.weight"].shape[0]
+    levels = count_prefixed(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
+    cfg = VQConfig(
+        codebook_size=state["quantize.embedding.weight"].shape[0],
+        codebook_embed_dim=state["quantize.embedding.weight"].shape[1],
+        ch=ch,
+        ch_mult=tuple(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+        num_res_blocks=count_prefixed(state, "encoder.conv_blocks.0.res.{}.conv1.weight"),
+        z_channels=state["encoder.conv_out.weight"].shape[0],
+    )
+    vq = VQModel(cfg)
+    vq.load_state_dict(state)
+    return vq.eval()
+
+
+def load_official_gpt(path_or_state_dict, block_size):
+    """An official LlamaGen GPT (c2i_B_256.pt ... c2i_3B_384.pt, t2i_XL_stage1_256.pt, ...) ->
+    GPT in eval mode. block_size = (image_size / downsampling) ** 2, e.g. 256 for 256 px and VQ-16.
+    The number of heads is not in the weights: it is the preset's of that width."""
+    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
+    checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    reject_our_checkpoint(checkpoint, source)
+    state = read_state_dict(checkpoint)
+    if "tok_embeddings.weight" not in state:
+        raise ValueError(f"{source} is not a LlamaGen GPT checkpoint (no tok_embeddings.weight); pass "
+                         "one of the c2i_*.pt or t2i_*.pt files.")
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    heads_by_dim = {p["dim"]: p["n_head"] for p in GPT_PRESETS.values()}
+    if dim not in heads_by_dim or state["layers.0.attention.wqkv.weight"].shape[0] != 3 * dim:
+        raise ValueError(f"{source} is a GPT of width {dim} that matches none of the LlamaGen presets "
+                         f"({', '.join(GPT_PRESETS)}); pass one of the released c2i_*.pt or t2i_*.pt files.")
+    cfg = dict(dim=dim, n_layer=count_prefixed(state, "layers.{}.attention_norm.weight"), n_head=heads_by_dim[dim],
+               vocab_size=vocab_size, block_size=block_size, token_dropout_p=0.0, resid_dropout_p=0.0,
+               ffn_dropout_p=0.0)
+    if "cls_embedding.cap_proj.fc1.weight" in state:
+        uncond = state["cls_embedding.uncond_embedding"]
+        cfg.update(model_type="t2i", cls_token_num=uncond.shape[0], caption_dim=uncond.shape[1])
+    else:
+        cfg.update(model_type="c2i", cls_token_num=1,
+                   num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1)
+    gpt = GPT(GPTConfig(**cfg))
+    gpt.load_state_dict(state)
+    return gpt.eval()
+
+
 HF_T5_NAMES = [  # Hugging Face T5 state-dict names -> ours; anything else (the decoder) is dropped
     (r"^(shared|encoder\.embed_tokens)\.", "embed_tokens."),
     (r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.", "relative_attention_bias."),
@@ -1317,129 +1310,22 @@ def load_t5_encoder(hf_dir):
     encoder = T5Encoder(cfg)
     encoder.load_state_dict(state)
     spiece = os.path.join(hf_dir, "spiece.model")
-    tokenizer = None
+    text_tokenizer = None
     if os.path.isfile(spiece):
         with open(spiece, "rb") as f:
-            tokenizer = TextTokenizer(f.read())
-    return encoder.eval(), tokenizer
+            text_tokenizer = TextTokenizer(f.read())
+    return encoder.eval(), text_tokenizer
 
 
 # -----------------------------------------------------------------------------
-# 8. Official weights: the released LlamaGen checkpoints, loaded with a plain load_state_dict
+# 8. Our checkpoints: plain dicts (train.py writes them, sample.py reads them), with a format version
 
-
-def read_torch_file(path):
-    """torch.load(path) of tensors and plain values only (weights_only: nothing else is unpickled),
-    with one clear sentence for each way a file can be wrong."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; check the path.")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a folder; pass the checkpoint file inside it.")
-    try:  # the official files carry their training script's argparse.Namespace: allow that one class
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file can fail in torch.load in many ways
-        if "Unsupported global" in str(error):
-            raise ValueError(f"{path} holds Python objects besides weights, which are not loaded for safety; "
-                             "save its state dict alone (torch.save(model.state_dict(), path)).") from None
-        with open(path, "rb") as f:
-            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-        if os.path.getsize(path) == 0:
-            raise ValueError(f"{path} is empty: copy it again, or retrain it.") from None
-        if is_zip:
-            raise ValueError(f"{path} is truncated or damaged, so it cannot be read: copy it again, or "
-                             "retrain it.") from None
-        raise ValueError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this is "
-                         "not one): check the path.") from None
-
-
-def read_state_dict(path_or_state_dict):
-    """A state dict from a checkpoint file or dict in any of the official containers."""
-    checkpoint = path_or_state_dict
-    if not isinstance(checkpoint, dict):
-        checkpoint = read_torch_file(checkpoint)
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"{path_or_state_dict} holds a {type(checkpoint).__name__}, not a state dict.")
-    for key in ("model", "ema", "module", "state_dict"):  # "model" first, as the official samplers
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
-def count_prefixed(state, pattern):  # how many i make pattern.format(i) a key of state
-    n = 0
-    while pattern.format(n) in state:
-        n += 1
-    return n
-
-
-def ours_not_official(state, source):
-    """Our own checkpoints (train.py's) carry a "kind": say so rather than fail on shapes."""
-    if "kind" in state and "config" in state:
-        raise ValueError(f"{source} was written by train.py, not by the official LlamaGen code: pass "
-                         "its folder with --out-dir instead.")
-
-
-def load_official_vq(path_or_state_dict):
-    """An official LlamaGen VQ tokenizer (vq_ds16_c2i.pt, vq_ds8_c2i.pt) -> VQModel in eval mode."""
-    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
-    checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
-    ours_not_official(checkpoint, source)
-    state = dict(read_state_dict(checkpoint))
-    if "encoder.conv_in.weight" not in state or "quantize.embedding.weight" not in state:
-        raise ValueError(f"{source} is not a LlamaGen VQ tokenizer checkpoint (no encoder / codebook "
-                         "weights); pass vq_ds16_c2i.pt or vq_ds8_c2i.pt.")
-    state.pop("quantize.codebook_used", None)  # the official usage record, not needed to run
-    ch = state["encoder.conv_in.weight"].shape[0]
-    levels = count_prefixed(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
-    cfg = VQConfig(
-        codebook_size=state["quantize.embedding.weight"].shape[0],
-        codebook_embed_dim=state["quantize.embedding.weight"].shape[1],
-        ch=ch,
-        ch_mult=tuple(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-        num_res_blocks=count_prefixed(state, "encoder.conv_blocks.0.res.{}.conv1.weight"),
-        z_channels=state["encoder.conv_out.weight"].shape[0],
-    )
-    vq = VQModel(cfg)
-    vq.load_state_dict(state)
-    return vq.eval()
-
-
-def load_official_gpt(path_or_state_dict, block_size):
-    """An official LlamaGen GPT (c2i_B_256.pt ... c2i_3B_384.pt, t2i_XL_stage1_256.pt, ...) ->
-    GPT in eval mode. block_size = (image_size / downsampling) ** 2, e.g. 256 for 256 px and VQ-16.
-    The number of heads is not in the weights: it is the preset's of that width."""
-    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
-    checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
-    ours_not_official(checkpoint, source)
-    state = read_state_dict(checkpoint)
-    if "tok_embeddings.weight" not in state:
-        raise ValueError(f"{source} is not a LlamaGen GPT checkpoint (no tok_embeddings.weight); pass "
-                         "one of the c2i_*.pt or t2i_*.pt files.")
-    vocab_size, dim = state["tok_embeddings.weight"].shape
-    heads_by_dim = {p["dim"]: p["n_head"] for p in GPT_PRESETS.values()}
-    if dim not in heads_by_dim or state["layers.0.attention.wqkv.weight"].shape[0] != 3 * dim:
-        raise ValueError(f"{source} is a GPT of width {dim} that matches none of the LlamaGen presets "
-                         f"({', '.join(GPT_PRESETS)}); pass one of the released c2i_*.pt or t2i_*.pt files.")
-    cfg = dict(dim=dim, n_layer=count_prefixed(state, "layers.{}.attention_norm.weight"), n_head=heads_by_dim[dim],
-               vocab_size=vocab_size, block_size=block_size, token_dropout_p=0.0, resid_dropout_p=0.0,
-               ffn_dropout_p=0.0)
-    if "cls_embedding.cap_proj.fc1.weight" in state:
-        uncond = state["cls_embedding.uncond_embedding"]
-        cfg.update(model_type="t2i", cls_token_num=uncond.shape[0], caption_dim=uncond.shape[1])
-    else:
-        cfg.update(model_type="c2i", cls_token_num=1,
-                   num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1)
-    gpt = GPT(GPTConfig(**cfg))
-    gpt.load_state_dict(state)
-    return gpt.eval()
-
-
-# -----------------------------------------------------------------------------
-# 9. Our checkpoints (train.py writes them, sample.py reads them) and what both scripts need
-
-CHECKPOINT_FORMAT = 1  # the layout of the dicts below; a file of another format is refused by name
+CHECKPOINT_FORMAT = 2  # the layout of the dicts below; a file of another format is refused by name
 CHECKPOINT_KINDS = {"tokenizer": "tokenizer (tokenizer.pt)", "gpt": "GPT (gpt.pt)"}
+
+
+class NotOurCheckpoint(ValueError):
+    """A file that is not one of these checkpoints (an official LlamaGen file, for example)."""
 
 
 def save_checkpoint(checkpoint, path):
@@ -1454,12 +1340,11 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, kind):
-    """One of our checkpoints ("tokenizer" or "gpt"), checked: written by train.py, of this kind,
-    in the format this code reads. checkpoint["tokens"] says "discrete" (VQ) or "continuous" (KL)."""
+    """One of our checkpoints ("tokenizer" or "gpt"), checked: of this kind, in the format this code
+    reads."""
     checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in CHECKPOINT_KINDS:
-        raise ValueError(f"{path} was not written by train.py (an official LlamaGen file? pass it "
-                         "with --official-vq / --official-gpt).")
+        raise NotOurCheckpoint(f"{path} was not written by train.py (an official LlamaGen file?)")
     if checkpoint["kind"] != kind:
         raise ValueError(f"{path} holds the {CHECKPOINT_KINDS[checkpoint['kind']]}, not the "
                          f"{CHECKPOINT_KINDS[kind]}: were the two files swapped?")
@@ -1476,11 +1361,25 @@ def load_checkpoint(path, kind):
 def config_from_dict(config_class, values, path):
     """A config stored in one of our checkpoints; a setting this version does not know means a
     newer version wrote it."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} has no readable settings: it is damaged; copy it again, or retrain it.")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
     if unknown:
         raise ValueError(f"{path} has settings this version does not know ({', '.join(unknown)}): it was "
                          "written by a newer version of this code; update it.")
     return config_class(**values)
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state), with one sentence when the weights do not fit the settings
+    stored next to them (a damaged or hand-edited file)."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0].rstrip(":.")
+        raise ValueError(f"{path} holds weights that do not fit its own settings ({first}): it is damaged; "
+                         "copy it again, or retrain it.") from None
+    return model.eval()
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -1494,162 +1393,286 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def load_tokenizer(path):
-    """Our trained tokenizer in eval mode, a VQModel or a KLModel (its EMA weights when it has
-    them), and its checkpoint."""
+    """Our trained image tokenizer in eval mode (its EMA weights when it has them), of the kind its
+    checkpoint names, and the checkpoint."""
     checkpoint = load_checkpoint(path, "tokenizer")
-    if checkpoint["tokens"] == "discrete":
-        tokenizer = VQModel(config_from_dict(VQConfig, checkpoint["config"], path))
-    else:
-        tokenizer = KLModel(config_from_dict(KLConfig, checkpoint["config"], path))
-    tokenizer.load_state_dict(checkpoint["ema"] or checkpoint["model"])
-    return tokenizer.eval(), checkpoint
+    if checkpoint.get("tokens") not in TOKENIZERS:
+        raise ValueError(f"{path} makes tokens of a kind this code does not know ({checkpoint.get('tokens')!r}): "
+                         "it was written by another version of this code.")
+    tokenizer_class = TOKENIZERS[checkpoint["tokens"]]
+    tokenizer = tokenizer_class(config_from_dict(tokenizer_class.config_class, checkpoint["config"], path))
+    return load_weights(tokenizer, checkpoint["ema"] or checkpoint["model"], path), checkpoint
 
 
 def load_gpt(path, tokenizer, tokenizer_path):
-    """Our trained GPT (a GPT or a ContinuousGPT) in eval mode, its text encoder (tokenizer, T5) or
-    None, and its checkpoint; refused when it was trained on another tokenizer."""
+    """Our trained GPT in eval mode, its TextEncoder (or None for classes), and its checkpoint;
+    refused when it was trained on another tokenizer."""
     checkpoint = load_checkpoint(path, "gpt")
-    tokens = "continuous" if isinstance(tokenizer, KLModel) else "discrete"
-    if checkpoint["tokens"] != tokens:
-        raise ValueError(f"{path} models {checkpoint['tokens']} tokens but {tokenizer_path} makes {tokens} ones: "
+    cfg = config_from_dict(GPTConfig, checkpoint["config"], path)
+    if cfg.tokens != tokenizer.tokens:
+        raise ValueError(f"{path} models {cfg.tokens} tokens but {tokenizer_path} makes {tokenizer.tokens} ones: "
                          "pair it with the tokenizer it was trained on.")
     if checkpoint["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"{path} was trained on another tokenizer than {tokenizer_path}, so it would sample "
                          "tokens that mean something else: pair it with the tokenizer it was trained on, or "
-                         "retrain the GPT on this one (python train.py gpt).")
-    if tokens == "discrete":
-        gpt = GPT(config_from_dict(GPTConfig, checkpoint["config"], path))
-    else:
-        gpt = ContinuousGPT(config_from_dict(ContinuousGPTConfig, checkpoint["config"], path))
-    gpt.load_state_dict(checkpoint["model"])
+                         "retrain the GPT on this tokenizer.")
+    gpt = load_weights(GPT(cfg), checkpoint["model"], path)
     text_encoder = None
     if checkpoint["t5"] is not None:
-        t5 = T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path))
-        t5.load_state_dict(checkpoint["t5"])
-        text_encoder = TextTokenizer(checkpoint["text_tokenizer"]), t5.eval()
-    return gpt.eval(), text_encoder, checkpoint
+        t5 = load_weights(T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path)), checkpoint["t5"], path)
+        text_encoder = TextEncoder(TextTokenizer(checkpoint["text_tokenizer"]), t5)
+    return gpt, text_encoder, checkpoint
+
+
+# -----------------------------------------------------------------------------
+# 9. Beyond LlamaGen, on the same Llama: MAR's continuous tokens and a diffusion loss per token
+# "Autoregressive Image Generation without Vector Quantization" (Li, Tian, Li, Deng, He 2024,
+# https://arxiv.org/abs/2406.11838; official code LTH14/mar): FID 1.55 on ImageNet 256 without a
+# codebook. The tokenizer gives each grid cell a continuous vector. What changes on the Llama is
+# only how tokens go in and out: a linear projection reads a vector in, and the Llama's output at a
+# position is z, the condition on which a small diffusion model draws the next token. LlamaGen's
+# softmax over codes becomes MAR's Diffusion Loss; the raster order, causal attention, the KV cache,
+# CFG with the doubled batch and the generation loop stay. This is MAR's causal raster-order
+# variant; MAR's main model predicts tokens in random order with bidirectional attention.
+
+
+@dataclasses.dataclass
+class KLConfig:  # the encoder and decoder of VQConfig with a continuous latent (MAR's KL-16)
+    embed_dim: int = 16              # channels per token
+    kl_weight: float = 1e-6          # KL(q(z|x) || N(0, I)) per latent element, against the L2 loss
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dropout: float = 0.0
+
+
+KL_PRESETS = {
+    "KL-16": dict(),  # the sizes of MAR's KL-16 (whose decoder has no attention blocks)
+    "KL-mini": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, embed_dim=4),  # CPU demo
+    "KL-tiny": dict(ch=32, ch_mult=(1, 2), z_channels=32, embed_dim=4),                      # tests
+}
+
+
+class KLModel(ImageTokenizer):
+    """The tokenizer with a continuous latent (LDM's AutoencoderKL, MAR's KL-16): the encoder gives
+    a mean and a log-variance for every latent value; training decodes a sample
+    z = mean + std * noise and pays kl_weight * KL(q(z|x) || N(0, I)), so that the latent stays
+    bounded and the decoder tolerates small errors in it. latent_scale, fixed after training, makes
+    the tokens the GPT sees have about unit variance (MAR's 0.2325 for KL-16 on ImageNet)."""
+
+    config_class = KLConfig
+    tokens = "continuous"  # a vector of embed_dim values per grid cell
+
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, 2 * cfg.embed_dim, 1)      # mean and log-variance
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.register_buffer("latent_scale", torch.ones(()))
+
+    def posterior(self, images):  # (B, 3, H, W) -> mean, log-variance (B, D, h, w)
+        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def forward(self, images):  # -> reconstruction, latent sample (B, D, h, w), loss terms
+        mean, logvar = self.posterior(images)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
+        return self.decoder(self.post_quant_conv(z)), z, dict(kl_loss=self.cfg.kl_weight * kl)
+
+    @torch.no_grad()
+    def encode(self, images):  # (B, 3, H, W) -> the posterior mean as tokens (B, h*w, D), scaled
+        mean, _ = self.posterior(images)
+        return mean.flatten(2).transpose(1, 2) * self.latent_scale   # (B, D, h, w) -> (B, h*w, D)
+
+    @torch.no_grad()
+    def decode(self, tokens):  # tokens (B, h*w, D), scaled -> images (B, 3, H, W) in [-1, 1], float32
+        B, T, D = tokens.shape
+        grid = math.isqrt(T)
+        z = (tokens / self.latent_scale).transpose(1, 2).reshape(B, D, grid, grid)  # (B, D, h, w)
+        return self.decoder(self.post_quant_conv(z)).float().clamp(-1, 1)
+
+    def token_config(self):
+        return dict(tokens=self.tokens, token_dim=self.cfg.embed_dim)
+
+    @torch.no_grad()
+    def encode_posterior(self, images):
+        """The scaled mean and standard deviation of each token (B, h*w, 2, D): every training step
+        of the GPT draws a fresh sample from them (as MAR)."""
+        mean, logvar = self.posterior(images)                                      # (B, D, h, w) each
+        moments = torch.stack([mean, (0.5 * logvar).exp()], dim=1) * self.latent_scale  # (B, 2, D, h, w)
+        return moments.flatten(3).permute(0, 3, 1, 2)                             # (B, h*w, 2, D)
+
+    def draw_from_posterior(self, moments):  # (B, h*w, 2, D) -> tokens (B, h*w, D)
+        mean, std = moments.unbind(dim=2)
+        return mean + std * torch.randn_like(mean)
+
+    @torch.no_grad()
+    def calibrate(self, image_batches):
+        """latent_scale = 1 / the standard deviation of the latents over the training images: the
+        fixed scale that gives the GPT tokens of about unit variance (as MAR's 0.2325)."""
+        samples = []
+        for images in image_batches:
+            mean, logvar = self.posterior(images)
+            samples.append((mean + (0.5 * logvar).exp() * torch.randn_like(mean)).flatten().cpu())
+        self.latent_scale.fill_(1.0 / torch.cat(samples).std())
+        return {"latent scale 1 / std of the latents": self.latent_scale.item()}
+
+
+def cosine_schedule(num_steps=1000, offset=0.008):
+    """alpha_bar_t for t = 0 .. num_steps - 1 (Nichol & Dhariwal 2021, as MAR): how much of the
+    token is left in x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise; from about 1 at
+    t = 0 down to about 0 at the last step. float64, as the official code keeps it."""
+    def f(u):
+        return math.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2
+    betas = torch.tensor([min(1 - f((t + 1) / num_steps) / f(t / num_steps), 0.999) for t in range(num_steps)],
+                         dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def timestep_embedding(t, dim, max_period=10000):  # t (N,) -> (N, dim): [cos(t f), sin(t f)]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class AdaLNBlock(nn.Module):
+    """A residual MLP block whose LayerNorm is shifted and scaled, and whose output is gated, by a
+    function of the condition (the timestep and the transformer's z): adaptive LayerNorm (DiT)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, c):  # x, c (N, width)
+        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+
+
+class DiffusionHead(nn.Module):
+    """MAR's denoiser (SimpleMLPAdaLN): predicts the noise in a noisy token x_t, given the timestep t
+    and the transformer's output z at that position. Small: it runs once per token per diffusion
+    step, while the transformer runs once per token. As the GPT's readout (see CodeHead) it keeps
+    z as it is, trains by diffusion_loss and draws by reverse_diffusion."""
+
+    draw_options = ("diffusion_steps",)
+
+    def __init__(self, token_dim, z_dim, width, depth, repeats=4, frequency_dim=256):
+        super().__init__()
+        self.token_dim, self.repeats, self.frequency_dim = token_dim, repeats, frequency_dim
+        self.input_proj = nn.Linear(token_dim, width)
+        self.time_embed = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.cond_embed = nn.Linear(z_dim, width)
+        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.final_linear = nn.Linear(width, token_dim)
+        # the noise schedule: a constant, kept in float64 on the CPU whatever the head's device and dtype
+        self.alphas_cumprod = cosine_schedule()
+        self.initialize()
+
+    def initialize(self):
+        """PyTorch's default initialisation, with the modulations and the output zero: each block
+        starts as the identity and the head predicts no noise."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        for layer in [block.modulation[1] for block in self.blocks] + [self.final_modulation[1], self.final_linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, z):  # x_t (N, D), t (N,) integer timesteps in [0, 1000), z (N, z_dim) -> noise (N, D)
+        c = self.time_embed(timestep_embedding(t, self.frequency_dim)) + self.cond_embed(z)   # (N, width)
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
+        return self.final_linear(modulate(self.final_norm(h), shift, scale))
+
+    def readout(self, h):  # the Llama's final hidden states are z, the head's condition
+        return h
+
+    def loss(self, z, tokens):  # z (B, T, dim), tokens (B, T, D) -> the Diffusion Loss of every token
+        return diffusion_loss(self, tokens.flatten(0, 1), z.flatten(0, 1), self.alphas_cumprod, self.repeats)
+
+    def draw(self, z, cfg_scale=1.0, temperature=1.0, generator=None, diffusion_steps=100):
+        """One token per row, (B, 1, D), by reverse diffusion: from z (B, dim), or from the CFG
+        batch (2B, dim) guided when cfg_scale is not 1."""
+        return reverse_diffusion(self, z, self.token_dim, self.alphas_cumprod, cfg_scale, temperature,
+                                 diffusion_steps, generator)[:, None]
+
+
+def diffusion_loss(head, tokens, z, alphas_cumprod, repeats=4):
+    """MAR's Diffusion Loss for tokens (N, D) given their conditions z (N, z_dim): noise each token
+    at a random timestep and ask the head for the noise, E ||noise - head(x_t, t, z)||^2. Each token
+    is noised `repeats` times with other timesteps; z is computed once and shared (the transformer
+    is the expensive part)."""
+    tokens, z = tokens.repeat(repeats, 1), z.repeat(repeats, 1)                   # (repeats * N, ...)
+    t = torch.randint(0, len(alphas_cumprod), (len(tokens),), device=tokens.device)
+    alpha_bar = alphas_cumprod.to(tokens.device)[t].float()[:, None]             # (repeats * N, 1)
+    noise = torch.randn_like(tokens)
+    noisy = alpha_bar.sqrt() * tokens + (1 - alpha_bar).sqrt() * noise
+    return F.mse_loss(head(noisy, t, z), noise)
+
+
+def respaced_schedule(alphas_cumprod, num_steps):
+    """The num_steps of the 1000 training steps that sampling visits, evenly spaced with both ends
+    kept (MAR's '100'), with alpha_bar there and the betas between them."""
+    T = len(alphas_cumprod)
+    timesteps = [round(i * (T - 1) / (num_steps - 1)) for i in range(num_steps)] if num_steps > 1 else [T - 1]
+    alpha_bar = alphas_cumprod[timesteps]                                        # (num_steps,)
+    alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return timesteps, alpha_bar, alpha_bar_prev, 1 - alpha_bar / alpha_bar_prev
 
 
 @torch.no_grad()
-def decode_tokens(tokenizer, tokens):
-    """What a GPT generates -> images (B, 3, H, W) in [-1, 1]: code grids (B, h*w) through a
-    VQModel, continuous tokens (B, h*w, D) through a KLModel."""
-    if isinstance(tokenizer, KLModel):
-        return tokenizer.decode_latents(tokens).float().clamp(-1, 1)
-    grid = math.isqrt(tokens.shape[1])
-    return tokenizer.decode_indices(tokens.view(-1, grid, grid)).float().clamp(-1, 1)  # (B, h*w) -> (B, h, w)
+def reverse_diffusion(head, z, token_dim, alphas_cumprod, cfg_scale=1.0, temperature=1.0, num_steps=100,
+                      generator=None, x0_bound=5.0):
+    """Draw one token per row of z by reverse diffusion (DDPM ancestral sampling over num_steps
+    respaced steps): start from noise, and at each step predict the noise, estimate x_0 from it,
+    and step to the posterior mean plus fresh noise of variance beta~_t (times temperature: below 1
+    sharper, as MAR). With CFG, z is the [cond; null] batch (2B, z_dim): both halves see the same
+    x_t and the predicted noise is guided, uncond + (cond - uncond) * cfg_scale. -> (B, D)
+
+    The estimate of x_0 is clipped to +-x0_bound (the tokens have unit variance), as ADM clips
+    images to [-1, 1]: at the first steps alpha_bar is about 1e-9, so x_0 = (x_t - sqrt(1 - a) noise)
+    / sqrt(a) multiplies any error in the predicted noise by thousands. MAR's large, long-trained
+    head predicts it precisely enough not to need this; a small head trained for minutes does not."""
+    guided = cfg_scale != 1.0
+    B = z.shape[0] // 2 if guided else z.shape[0]
+    timesteps, alpha_bar, alpha_bar_prev, betas = respaced_schedule(alphas_cumprod.cpu(), num_steps)
+    alpha_bar, alpha_bar_prev, betas = (v.float().tolist() for v in (alpha_bar, alpha_bar_prev, betas))
+    x = torch.randn(B, token_dim, device=z.device, generator=generator)
+    for i in reversed(range(num_steps)):
+        t = torch.full((z.shape[0],), timesteps[i], device=z.device)
+        noise_pred = head((torch.cat([x, x]) if guided else x).to(z.dtype), t, z).float()
+        if guided:
+            noise_pred = guide(noise_pred, cfg_scale)
+        x0 = ((x - math.sqrt(1 - alpha_bar[i]) * noise_pred) / math.sqrt(alpha_bar[i])).clamp(-x0_bound, x0_bound)
+        # the mean of the posterior q(x_{t-1} | x_t, x_0) at the estimated x_0
+        mean = (betas[i] * math.sqrt(alpha_bar_prev[i]) * x0 + (1 - alpha_bar_prev[i]) * math.sqrt(1 - betas[i]) * x) \
+            / (1 - alpha_bar[i])
+        if i == 0:
+            return mean
+        variance = betas[i] * (1 - alpha_bar_prev[i]) / (1 - alpha_bar[i])
+        x = mean + temperature * math.sqrt(variance) * torch.randn(B, token_dim, device=z.device, generator=generator)
 
 
-@torch.no_grad()
-def encode_text(t5, tokenizer, prompts, length, device):  # -> features (B, L, d_model), mask (B, L)
-    ids, mask = tokenizer(prompts, length)
-    ids, mask = ids.to(device), mask.to(device)
-    was_training = t5.training
-    features = t5.eval()(ids, mask)
-    t5.train(was_training)
-    return features, mask
+def continuous_layers(cfg):
+    """MAR's tokens: a linear projection reads a vector in; the Llama's output is read out by the
+    diffusion head that draws the next one."""
+    return nn.Linear(cfg.token_dim, cfg.dim), DiffusionHead(cfg.token_dim, cfg.dim, cfg.diffusion_width,
+                                                            cfg.diffusion_depth, cfg.diffusion_repeats)
 
 
-def pick_device(name=None):
-    """--device when given (checked), else the best there is: cuda, then mps, then cpu."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use cuda, cuda:1, mps or cpu.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asks for a CUDA GPU, but torch sees none on this machine: "
-                         "use --device cpu (or leave --device out).")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                         f"numbered from 0.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name} asks for Apple's GPU (MPS), which is not available here: use --device cpu.")
-    if device.type not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"--device {name}: only cuda, mps and cpu are supported.")
-    return device
-
-
-def diversity(images):
-    """How different images (N, 3, H, W) in [-1, 1] of one condition are: the RMS pixel distance
-    between two of them, averaged over all pairs, in units of the pixel range (0: all identical)."""
-    x = (images.float().flatten(1) + 1) / 2                                   # (N, 3*H*W) in [0, 1]
-    n = len(x)
-    return (torch.cdist(x, x).sum() / (n * (n - 1)) / x.shape[1] ** 0.5).item() if n > 1 else 0.0
-
-
-def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def grid_image(images, columns):
-    """images (N, 3, H, W) in [-1, 1] -> one Pillow image, `columns` images per row, 2-pixel gaps."""
-    from PIL import Image
-    images = to_uint8(images.cpu())
-    N, _, H, W = images.shape
-    rows, gap = math.ceil(N / columns), 2
-    grid = torch.full((3, rows * (H + gap) + gap, columns * (W + gap) + gap), 255, dtype=torch.uint8)
-    for i, image in enumerate(images):
-        top, left = gap + (i // columns) * (H + gap), gap + (i % columns) * (W + gap)
-        grid[:, top:top + H, left:left + W] = image
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
-
-
-def plain_warning(message, category, filename, lineno, line=None):
-    """warnings.formatwarning for the scripts: one line for the user, without the source line."""
-    return f"warning: {message}\n"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, unless there is none."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.help is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with --help showing the defaults, and a mistake told in one line, not after the
-    whole usage text."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (python {self.prog} --help lists the options)\n")
-
-
-def bounded(kind, minimum, maximum=None, above=False):
-    """An argparse type: a number of `kind` (int or float) at least `minimum` (above it with
-    above=True) and at most `maximum`. A value out of range gets one sentence from argparse."""
-    low = f"above {minimum}" if above else f"at least {minimum}"
-    allowed = low if maximum is None else f"{low} and at most {maximum}"
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not math.isfinite(value) or (value <= minimum if above else value < minimum) \
-                or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {allowed}")
-        return value
-    return parse
-
-
-def check_output_dir(path, flag):
-    """Make the folder an option names (and its parents) and check that files can be written in
-    it, so that a bad path stops a run before its work, not after."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a file, not a folder: pass a folder.")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise ValueError(f"{flag} {path} cannot be written ({error.strerror}): pass a folder you can "
-                         "write to.") from None
+TOKENIZERS["continuous"] = KLModel
+TOKEN_LAYERS["continuous"] = continuous_layers

@@ -7,11 +7,16 @@
     python sample.py --official-vq vq_ds16_c2i.pt --official-gpt t2i_XL_stage1_256.pt --t5 flan-t5-xl \\
         --image-size 256 --prompt "a red fox in the snow"
     python sample.py --benchmark --preset GPT-B --batch-size 2
+
+The models are in llamagen.py; this file loads them, samples, writes pictures, and holds the
+command-line plumbing that train.py shares (it imports this file, never the other way round).
 """
 import argparse
+import inspect
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -31,6 +36,13 @@ OFFICIAL_T2I_PROMPTS = [  # the official sample_t2i.py's
     "A photo of an astronaut riding a horse in the forest. There is a river in front of them with water lilies.",
     "A map of the United States made out of sushi. It is on a table next to a glass of red wine.",
 ]
+OFFICIAL_C2I_SAMPLING = dict(cfg_scale=4.0, top_k=2000)  # the official samplers' defaults
+OFFICIAL_T2I_SAMPLING = dict(cfg_scale=7.5, top_k=1000)
+# generate()'s keywords that the command line sets: its own, and those it passes on to the readout's
+# draw (CodeHead's, DiffusionHead's). Each is taken from the command line only when given, so that its
+# default has one home: the library, or where the models come from (a Pipeline).
+GENERATE_OPTIONS = ("cfg_scale", "cfg_interval", "temperature")
+DRAW_OPTIONS = ("top_k", "top_p", "diffusion_steps")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -38,14 +50,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Models: ours or the official ones, and what to condition them on
 
 
-class Sampler:
-    """The tokenizer (VQ or KL), the GPT, and what its conditions are: class names, or a text
-    encoder (tokenizer, T5). cfg_scale and top_k are the defaults when the command line gives none."""
+class Pipeline:
+    """What sampling needs, whatever the kind of tokens: the image tokenizer, the GPT, its text
+    encoder (None for classes), the class names or prompts shown by default, and the sampling
+    settings that go with where the models come from (generate()'s keywords)."""
 
-    def __init__(self, tokenizer, gpt, text_encoder=None, class_names=None, prompts=None, cfg_scale=4.0, top_k=0):
+    def __init__(self, tokenizer, gpt, text_encoder=None, class_names=None, prompts=None, sampling=None):
         self.tokenizer, self.gpt, self.text_encoder = tokenizer, gpt, text_encoder
-        self.class_names, self.prompts = class_names, prompts
-        self.cfg_scale, self.top_k = cfg_scale, top_k
+        self.class_names, self.prompts, self.sampling = class_names, prompts, sampling or {}
 
     @property
     def grid_size(self):
@@ -58,56 +70,63 @@ def load_ours(out_dir):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist: run python train.py first "
                                     "(or pass --out-dir, or --official-vq and --official-gpt).")
-    tokenizer, _ = L.load_tokenizer(tokenizer_path)
-    gpt, text_encoder, checkpoint = L.load_gpt(gpt_path, tokenizer, tokenizer_path)
-    return Sampler(tokenizer, gpt, text_encoder, checkpoint["class_names"], checkpoint["prompts"],
-                   cfg_scale=checkpoint["cfg_scale"])
+    try:
+        tokenizer, _ = L.load_tokenizer(tokenizer_path)
+        gpt, text_encoder, checkpoint = L.load_gpt(gpt_path, tokenizer, tokenizer_path)
+    except L.NotOurCheckpoint as error:
+        raise ValueError(f"{error}: pass it with --official-vq / --official-gpt.") from None
+    return Pipeline(tokenizer, gpt, text_encoder, checkpoint["class_names"], checkpoint["prompts"],
+                    dict(cfg_scale=checkpoint["cfg_scale"]))
 
 
 def load_official(args):
-    vq = L.load_official_vq(args.official_vq)
-    if args.image_size % vq.downsample_factor:
-        raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
-                         f"{vq.downsample_factor}x downsampling.")
-    gpt = L.load_official_gpt(args.official_gpt, block_size=(args.image_size // vq.downsample_factor) ** 2)
+    try:
+        vq = L.load_official_vq(args.official_vq)
+        if args.image_size % vq.downsample_factor:
+            raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
+                             f"{vq.downsample_factor}x downsampling.")
+        gpt = L.load_official_gpt(args.official_gpt, block_size=(args.image_size // vq.downsample_factor) ** 2)
+    except L.NotAnOfficialCheckpoint as error:
+        raise ValueError(f"{error}: pass its folder with --out-dir instead.") from None
     if gpt.config.vocab_size != vq.cfg.codebook_size:
         raise ValueError(f"{args.official_gpt} predicts {gpt.config.vocab_size} codes but {args.official_vq} "
                          f"has {vq.cfg.codebook_size}: pass the tokenizer the GPT was trained with.")
-    if gpt.config.model_type == "c2i":  # the official sampler's defaults
-        return Sampler(vq, gpt, cfg_scale=4.0, top_k=2000)
+    if gpt.config.model_type == "c2i":
+        return Pipeline(vq, gpt, sampling=OFFICIAL_C2I_SAMPLING)
     if not args.t5:
         raise ValueError(f"{args.official_gpt} is text-conditional: pass --t5 DIR, a Hugging Face flan-t5-xl "
                          "directory.")
-    t5, tokenizer = L.load_t5_encoder(args.t5)
-    if tokenizer is None:
+    t5, text_tokenizer = L.load_t5_encoder(args.t5)
+    if text_tokenizer is None:
         raise FileNotFoundError(f"{args.t5} has no spiece.model, the T5 tokenizer.")
     if t5.config.d_model != gpt.config.caption_dim:
         raise ValueError(f"{args.t5} gives {t5.config.d_model}-wide features but {args.official_gpt} reads "
                          f"{gpt.config.caption_dim}: pass the T5 it was trained with (flan-t5-xl).")
-    return Sampler(vq, gpt, (tokenizer, t5), prompts=OFFICIAL_T2I_PROMPTS, cfg_scale=7.5, top_k=1000)
+    return Pipeline(vq, gpt, L.TextEncoder(text_tokenizer, t5), prompts=OFFICIAL_T2I_PROMPTS,
+                    sampling=OFFICIAL_T2I_SAMPLING)
 
 
-def conditions(args, sampler):
+def conditions(args, pipeline):
     """One entry per grid row: class ids, or prompts."""
-    cfg = sampler.gpt.config
+    cfg = pipeline.gpt.config
     if cfg.model_type == "t2i":
         if args.class_id or args.class_name:
             raise ValueError("this GPT is text-conditional: use --prompt, not --class-id / --class-name.")
-        return args.prompt or sampler.prompts
+        return args.prompt or pipeline.prompts
     if args.prompt:
         raise ValueError("this GPT is class-conditional: use --class-id or --class-name, not --prompt.")
     ids = list(args.class_id or [])
     for name in args.class_name or []:
-        if not sampler.class_names or name not in sampler.class_names:
-            valid = ", ".join(sampler.class_names or []) or "none stored: use --class-id"
+        if not pipeline.class_names or name not in pipeline.class_names:
+            valid = ", ".join(pipeline.class_names or []) or "none stored: use --class-id"
             raise ValueError(f"unknown class name {name!r}; the classes are: {valid}.")
-        ids.append(sampler.class_names.index(name))
+        ids.append(pipeline.class_names.index(name))
     for class_id in ids:
         if not 0 <= class_id < cfg.num_classes:
             raise ValueError(f"class id {class_id} is out of range: this model knows ids 0 to {cfg.num_classes - 1}.")
     if ids:
         return ids
-    if sampler.class_names:  # our checkpoints: every class, up to 16
+    if pipeline.class_names:  # our checkpoints: every class, up to 16
         return list(range(min(16, cfg.num_classes)))
     return OFFICIAL_C2I_CLASSES if cfg.num_classes == 1000 else list(range(min(8, cfg.num_classes)))
 
@@ -116,37 +135,45 @@ def conditions(args, sampler):
 # Sampling
 
 
+def sampling_options(args, gpt, defaults):
+    """generate()'s keywords: the defaults of where the models come from, then what the command line
+    gives. An option the GPT's readout does not draw with (--top-k for continuous tokens, say) is a
+    mistake to report, not to ignore."""
+    given = {name: getattr(args, name) for name in GENERATE_OPTIONS + DRAW_OPTIONS if hasattr(args, name)}
+    draws_with = gpt.output.draw_options
+    foreign = [name for name in DRAW_OPTIONS if name in given and name not in draws_with]
+    if foreign:
+        raise ValueError(f"{flag(foreign[0])} does not apply to this GPT: its readout ({type(gpt.output).__name__}) "
+                         f"draws with {', '.join(map(flag, draws_with))}, --temperature and --cfg-scale.")
+    return {**defaults, **given}
+
+
+def condition_tensors(gpt, text_encoder, conditions, device):
+    """Class ids, or captions through the text encoder -> what gpt.generate reads: cond, cond_mask."""
+    if text_encoder is None:
+        return torch.tensor(conditions, device=device), None
+    cond, cond_mask = text_encoder(conditions, gpt.config.cls_token_num, device)
+    return cond.to(gpt.tok_embeddings.weight.dtype), cond_mask
+
+
 @torch.no_grad()
-def sample_tokens(sampler, rows, args, device):
-    """Token grids (N, block_size) for every row repeated num_samples times, in batches."""
+def generate_tokens(pipeline, rows, args, options, device):
+    """Tokens (N, block_size, ..) for every row repeated num_samples times, in batches."""
     requests = [row for row in rows for _ in range(args.num_samples)]
     generator = torch.Generator(device).manual_seed(args.seed)
-    options = dict(cfg_scale=sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                   temperature=args.temperature, generator=generator)
-    if isinstance(sampler.gpt, L.ContinuousGPT):
-        generate = L.generate_continuous
-        options.update(num_steps=args.diffusion_steps)
-    else:
-        generate = L.generate_without_cache if args.no_kv_cache else L.generate
-        options.update(cfg_interval=args.cfg_interval, top_k=sampler.top_k if args.top_k is None else args.top_k,
-                       top_p=args.top_p)
+    generate = pipeline.gpt.generate_without_cache if args.no_kv_cache else pipeline.gpt.generate
     tokens = []
     for start in tqdm(range(0, len(requests), args.batch_size), desc="sampling", leave=False,
                       disable=len(requests) <= args.batch_size):
-        batch = requests[start:start + args.batch_size]
-        if sampler.text_encoder is not None:
-            tokenizer, t5 = sampler.text_encoder
-            cond, cond_mask = L.encode_text(t5, tokenizer, batch, sampler.gpt.config.cls_token_num, device)
-            cond = cond.to(sampler.gpt.tok_embeddings.weight.dtype)
-        else:
-            cond, cond_mask = torch.tensor(batch, device=device), None
-        tokens.append(generate(sampler.gpt, cond, cond_mask, **options))
+        cond, cond_mask = condition_tensors(pipeline.gpt, pipeline.text_encoder,
+                                            requests[start:start + args.batch_size], device)
+        tokens.append(generate(cond, cond_mask, generator=generator, **options))
     return torch.cat(tokens)
 
 
 @torch.no_grad()
-def decode(tokenizer, tokens, batch_size=32):  # (N, h*w) codes or (N, h*w, D) tokens -> images (N, 3, H, W)
-    return torch.cat([L.decode_tokens(tokenizer, tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
+def decode(tokenizer, tokens, batch_size=32):  # (N, h*w, ..) tokens -> images (N, 3, H, W) in [-1, 1]
+    return torch.cat([tokenizer.decode(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)])
 
 
 @torch.no_grad()
@@ -170,20 +197,20 @@ def generation_frames(tokenizer, tokens, grid_size, tokens_per_frame, batch_size
 
 def save_gif(frames, path, columns):
     # each frame gets its own 256-color palette, undithered, so the last one stays close to the grid
-    pictures = [L.grid_image(frame, columns).quantize(256, dither=Image.Dither.NONE) for frame in frames]
+    pictures = [grid_image(frame, columns).quantize(256, dither=Image.Dither.NONE) for frame in frames]
     durations = [120] * (len(pictures) - 1) + [1500]  # hold the finished images
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
 
 def save_outputs(images, args, columns):
-    L.grid_image(images, columns).save(args.output)
+    grid_image(images, columns).save(args.output)
     print(f"wrote {args.output} ({len(images)} images)")
     if args.num_samples > 1:  # images come in runs of num_samples per condition
         rows = images.split(args.num_samples)
-        print(f"diversity: samples of one condition differ by {sum(map(L.diversity, rows)) / len(rows):.3f} "
+        print(f"diversity: samples of one condition differ by {sum(map(diversity, rows)) / len(rows):.3f} "
               "(RMS pixel distance, 0 = identical)")
     if args.save_dir:
-        pixels = L.to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
+        pixels = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
         for i, picture in enumerate(pixels):
             Image.fromarray(picture).save(os.path.join(args.save_dir, f"{i:05d}.png"))
         np.savez(os.path.join(args.save_dir, "samples.npz"), arr_0=pixels)  # what FID tools read
@@ -259,32 +286,33 @@ def benchmark(args, device, dtype):
                       num_classes=1000)
     torch.manual_seed(args.seed)
     gpt = L.GPT(cfg).cast(device, dtype).eval()
+    if args.compile:
+        gpt.compile_decode_one_token()
+    options = sampling_options(args, gpt, OFFICIAL_C2I_SAMPLING)
     labels = torch.arange(args.batch_size, device=device) % cfg.num_classes
-    cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
-    top_k = 2000 if args.top_k is None else args.top_k
-    rows = args.batch_size * (2 if cfg_scale != 1 else 1)
+    rows = args.batch_size * (2 if options["cfg_scale"] != 1 else 1)
     print(f"{args.preset} ({sum(p.numel() for p in gpt.parameters()) / 1e6:.0f}M parameters), class-conditional, "
-          f"{cfg.block_size} tokens ({image_size} px with VQ-16), batch {args.batch_size}, CFG {cfg_scale} "
-          f"({rows} rows), top-k {top_k}, {args.dtype} on {device}"
+          f"{cfg.block_size} tokens ({image_size} px with VQ-16), batch {args.batch_size}, CFG {options['cfg_scale']} "
+          f"({rows} rows), top-k {options['top_k']}, {args.dtype} on {device}"
           + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
 
     def run(generate):
         generator = torch.Generator(device).manual_seed(args.seed)
-        return time_it(lambda: generate(gpt, labels, cfg_scale=cfg_scale, top_k=top_k, generator=generator), device)
-    run(L.generate)  # warm-up (and compilation with --compile)
+        return time_it(lambda: generate(labels, generator=generator, **options), device)
+    run(gpt.generate)  # warm-up (and compilation with --compile)
     cached, floor = math.inf, math.inf
     for _ in range(args.repeat):  # alternate the two so that both see the same machine; keep the best
-        cached = min(cached, run(L.generate)[0])
+        cached = min(cached, run(gpt.generate)[0])
         floor = min(floor, matmul_floor(gpt, rows, cfg.block_size, device, dtype))
     report = [("KV cache", cached)]
     if args.no_kv_cache:
-        report.append(("no KV cache (full recompute)", run(L.generate_without_cache)[0]))
+        report.append(("no KV cache (full recompute)", run(gpt.generate_without_cache)[0]))
     report.append(("matrix products alone (floor)", floor))
     for name, seconds in report:
         print(f"  {name:32s} {seconds:7.2f} s  {args.batch_size * cfg.block_size / seconds:8.0f} tokens/s  "
               f"{args.batch_size / seconds:7.3f} images/s")
     print(f"  generation / floor: {cached / floor:.2f}x")
-    parts = time_parts(gpt, rows, args.batch_size, top_k, device, dtype)
+    parts = time_parts(gpt, rows, args.batch_size, options["top_k"], device, dtype)
     rest = cached - floor - sum(parts.values())
     print("  where generation's time goes: " + ", ".join(
         f"{name} {seconds:.2f} s" for name, seconds in [("matrix products", floor), *parts.items(),
@@ -294,52 +322,175 @@ def benchmark(args, device, dtype):
 
 
 # -----------------------------------------------------------------------------
+# Pictures and command-line plumbing (train.py uses these too)
+
+
+def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def grid_image(images, columns):
+    """images (N, 3, H, W) in [-1, 1] -> one Pillow image, `columns` images per row, 2-pixel gaps."""
+    images = to_uint8(images.cpu())
+    N, _, H, W = images.shape
+    rows, gap = math.ceil(N / columns), 2
+    grid = torch.full((3, rows * (H + gap) + gap, columns * (W + gap) + gap), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        top, left = gap + (i // columns) * (H + gap), gap + (i % columns) * (W + gap)
+        grid[:, top:top + H, left:left + W] = image
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def diversity(images):
+    """How different images (N, 3, H, W) in [-1, 1] of one condition are: the RMS pixel distance
+    between two of them, averaged over all pairs, in units of the pixel range (0: all identical)."""
+    x = (images.float().flatten(1) + 1) / 2                                   # (N, 3*H*W) in [0, 1]
+    n = len(x)
+    return (torch.cdist(x, x).sum() / (n * (n - 1)) / x.shape[1] ** 0.5).item() if n > 1 else 0.0
+
+
+def pick_device(name=None):
+    """--device when given (checked), else the best there is: cuda, then mps, then cpu."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cuda, cuda:1, mps or cpu.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asks for a CUDA GPU, but torch sees none on this machine: "
+                         "use --device cpu (or leave --device out).")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"numbered from 0.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} asks for Apple's GPU (MPS), which is not available here: use --device cpu.")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device {name}: only cuda, mps and cpu are supported.")
+    return device
+
+
+def plain_warning(message, category, filename, lineno, line=None):
+    """warnings.formatwarning for the scripts: one line for the user, without the source line."""
+    return f"warning: {message}\n"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, unless there is none."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with --help showing the defaults, and a mistake told in one line, not after the
+    whole usage text."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists the options)\n")
+
+
+def bounded(kind, minimum, maximum=None, above=False):
+    """An argparse type: a number of `kind` (int or float) at least `minimum` (above it with
+    above=True) and at most `maximum`. A value out of range gets one sentence from argparse."""
+    low = f"above {minimum}" if above else f"at least {minimum}"
+    allowed = low if maximum is None else f"{low} and at most {maximum}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not math.isfinite(value) or (value <= minimum if above else value < minimum) \
+                or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {allowed}")
+        return value
+    return parse
+
+
+def flag(name):  # a keyword's command-line flag: top_k -> --top-k
+    return "--" + name.replace("_", "-")
+
+
+def library_default(function, name):  # a keyword's default, read off the library: its one home
+    return inspect.signature(function).parameters[name].default
+
+
+def check_output_dir(path, option):
+    """Make the folder an option names (and its parents) and check that files can be written in
+    it, so that a bad path stops a run before its work, not after."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a file, not a folder: pass a folder.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path} cannot be written ({error.strerror}): pass a folder you can "
+                         "write to.") from None
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv=None):
-    parser = L.ArgumentParser(description="Sample images from a trained LlamaGen (ours or official).")
+    parser = ArgumentParser(description="Sample images from a trained LlamaGen (ours or official).")
     group = parser.add_argument_group("models")
-    group.add_argument("--out-dir", default="out", help="where python train.py wrote vq.pt and gpt.pt")
+    group.add_argument("--out-dir", default="out", help="where python train.py wrote tokenizer.pt and gpt.pt")
     group.add_argument("--official-vq", help="an official tokenizer, e.g. vq_ds16_c2i.pt")
     group.add_argument("--official-gpt", help="an official GPT, e.g. c2i_L_256.pt or t2i_XL_stage1_256.pt")
-    group.add_argument("--image-size", type=L.bounded(int, 1), help="with official checkpoints: 256, 384 or 512")
+    group.add_argument("--image-size", type=bounded(int, 1), help="with official checkpoints: 256, 384 or 512")
     group.add_argument("--t5", help="a Hugging Face flan-t5-xl directory, for official text-conditional GPTs")
     group = parser.add_argument_group("conditions")
     group.add_argument("--prompt", action="append", type=prompt_text, help="a caption (repeat for several)")
     group.add_argument("--class-id", type=int, action="append", help="a class id (repeat for several)")
     group.add_argument("--class-name", action="append", help="a class name stored in our checkpoint")
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--num-samples", type=L.bounded(int, 1), default=4, help="images per prompt or class")
-    group.add_argument("--cfg-scale", type=L.bounded(float, 0),
+    group = parser.add_argument_group("sampling (each default is the model's own: the checkpoint's, the official "
+                                      "sampler's, or the library's)")
+    group.add_argument("--num-samples", type=bounded(int, 1), default=4, help="images per prompt or class")
+    group.add_argument("--cfg-scale", type=bounded(float, 0), default=argparse.SUPPRESS,
                        help="classifier-free guidance: 1 none, 0 the unconditional model, above 1 closer to the "
-                            "condition, less varied (default: the checkpoint's for ours, 4.0 official c2i, 7.5 t2i)")
-    group.add_argument("--cfg-interval", type=L.bounded(int, -1), default=-1,
-                       help="guide only the first N + 2 tokens (-1: all)")
-    group.add_argument("--temperature", type=L.bounded(float, 0), default=1.0,
-                       help="below 1: sharper, above 1: more varied, 0: always the most likely token")
-    group.add_argument("--top-k", type=L.bounded(int, 0),
-                       help="draw from the k most likely tokens only, 0: all (default: 0 ours, 2000 official c2i, "
-                            "1000 t2i)")
-    group.add_argument("--top-p", type=L.bounded(float, 0, 1, above=True), default=1.0,
-                       help="draw from the most likely tokens that make up this much probability, in (0, 1]")
+                            "condition, less varied (default: the checkpoint's for ours, "
+                            f"{OFFICIAL_C2I_SAMPLING['cfg_scale']} official c2i, {OFFICIAL_T2I_SAMPLING['cfg_scale']} t2i)")
+    group.add_argument("--cfg-interval", type=bounded(int, -1), default=argparse.SUPPRESS,
+                       help="guide only the first N + 2 tokens, -1: all "
+                            f"(default: {library_default(L.GPT.generate, 'cfg_interval')})")
+    group.add_argument("--temperature", type=bounded(float, 0), default=argparse.SUPPRESS,
+                       help="below 1: sharper, above 1: more varied, 0: always the most likely token "
+                            f"(default: {library_default(L.GPT.generate, 'temperature')})")
+    group.add_argument("--top-k", type=bounded(int, 0), default=argparse.SUPPRESS,
+                       help="codes: draw from the k most likely codes only, 0: all (default: "
+                            f"{library_default(L.CodeHead.draw, 'top_k')} ours, {OFFICIAL_C2I_SAMPLING['top_k']} "
+                            f"official c2i, {OFFICIAL_T2I_SAMPLING['top_k']} t2i)")
+    group.add_argument("--top-p", type=bounded(float, 0, 1, above=True), default=argparse.SUPPRESS,
+                       help="codes: draw from the most likely codes that make up this much probability, in (0, 1] "
+                            f"(default: {library_default(L.CodeHead.draw, 'top_p')})")
+    group.add_argument("--diffusion-steps", type=bounded(int, 1), default=argparse.SUPPRESS,
+                       help="continuous tokens (MAR): reverse diffusion steps per token "
+                            f"(default: {library_default(L.DiffusionHead.draw, 'diffusion_steps')})")
     group.add_argument("--seed", type=int, default=0, help="same seed, same images")
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the GPT and T5")
     group.add_argument("--compile", action="store_true", help="torch.compile the decode step (gpt-fast)")
-    group.add_argument("--batch-size", type=L.bounded(int, 1), default=32, help="images generated at once")
+    group.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images generated at once")
     group.add_argument("--no-kv-cache", action="store_true", help="recompute every step (slow; for teaching)")
-    group.add_argument("--diffusion-steps", type=L.bounded(int, 1), default=100,
-                       help="continuous tokens (MAR): reverse diffusion steps per token")
     group = parser.add_argument_group("outputs")
     group.add_argument("--output", default="samples.png", help="the grid, an image file (.png, .jpg, ...)")
     group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
     group.add_argument("--gif", help="an animation of the token grid filling in (.gif)")
-    group.add_argument("--gif-tokens-per-frame", type=L.bounded(int, 1), help="tokens per GIF frame (default: one row)")
+    group.add_argument("--gif-tokens-per-frame", type=bounded(int, 1), help="tokens per GIF frame (default: one row)")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark", action="store_true", help="time generation of a random-weight model")
     group.add_argument("--preset", choices=list(L.GPT_PRESETS), default="GPT-B", help="the model to time")
-    group.add_argument("--repeat", type=L.bounded(int, 1), default=3, help="timed runs; the fastest is reported")
+    group.add_argument("--repeat", type=bounded(int, 1), default=3, help="timed runs; the fastest is reported")
     return parser.parse_args(argv)
 
 
@@ -354,44 +505,32 @@ def image_extensions():  # the file extensions Pillow can write
     return sorted(ext for ext, format in Image.registered_extensions().items() if format in Image.SAVE)
 
 
-def check_output_file(path, flag, extensions, example):
+def check_output_file(path, option, extensions, example):
     """An output file's name and folder, checked (the folder made) before any sampling starts."""
     if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder: pass a file name, such as {os.path.join(path, example)}.")
+        raise ValueError(f"{option} {path} is a folder: pass a file name, such as {os.path.join(path, example)}.")
     if os.path.splitext(path)[1].lower() not in extensions:
         shown = " ".join(extensions) if len(extensions) < 6 else ".png, .jpg, .webp, ..."
-        raise ValueError(f"{flag} {path} needs a file extension Pillow can write ({shown}).")
-    L.check_output_dir(os.path.dirname(path) or ".", f"the folder of {flag}")
+        raise ValueError(f"{option} {path} needs a file extension Pillow can write ({shown}).")
+    check_output_dir(os.path.dirname(path) or ".", f"the folder of {option}")
     if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path} exists and cannot be overwritten: pass another file name.")
-
-
-def check_options_fit(args, sampler):
-    """Options that belong to the other kind of tokens: say so rather than ignore them."""
-    discrete_only = dict(top_k=None, top_p=1.0, cfg_interval=-1, no_kv_cache=False)
-    if isinstance(sampler.gpt, L.ContinuousGPT):
-        for name, default in discrete_only.items():
-            if getattr(args, name) != default:
-                raise ValueError(f"--{name.replace('_', '-')} is for discrete tokens; this GPT draws continuous "
-                                 "tokens by diffusion (see --diffusion-steps and --temperature).")
-    elif args.diffusion_steps != 100:
-        raise ValueError("--diffusion-steps is for continuous tokens; this GPT samples discrete codes.")
+        raise ValueError(f"{option} {path} exists and cannot be overwritten: pass another file name.")
 
 
 def check_outputs(args):
     """Every output path, checked before any sampling starts."""
     check_output_file(args.output, "--output", image_extensions(), "samples.png")
     if args.save_dir:
-        L.check_output_dir(args.save_dir, "--save-dir")
+        check_output_dir(args.save_dir, "--save-dir")
     if args.gif:
         check_output_file(args.gif, "--gif", [".gif"], "generation.gif")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    warnings.formatwarning = L.plain_warning
+    warnings.formatwarning = plain_warning
     try:
-        device = L.pick_device(args.device)
+        device = pick_device(args.device)
         if args.benchmark:
             if args.image_size and args.image_size % 16:
                 raise ValueError(f"--image-size {args.image_size} is not a multiple of 16 (VQ-16's downsampling).")
@@ -401,27 +540,27 @@ def main(argv=None):
                 raise ValueError("pass both --official-vq and --official-gpt.")
             if args.official_gpt and not args.image_size:
                 raise ValueError("pass --image-size (256, 384 or 512) with official checkpoints.")
-            sampler = load_official(args) if args.official_gpt else load_ours(args.out_dir)
-            rows = conditions(args, sampler)
-            check_options_fit(args, sampler)
+            pipeline = load_official(args) if args.official_gpt else load_ours(args.out_dir)
+            rows = conditions(args, pipeline)
+            options = sampling_options(args, pipeline.gpt, pipeline.sampling)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     dtype = DTYPES[args.dtype]
-    if args.compile:
-        L.compile_decode_one_token()
     try:
         if args.benchmark:
             return benchmark(args, device, dtype)
-        sampler.tokenizer.to(device)
-        sampler.gpt.cast(device, dtype)
-        if sampler.text_encoder is not None:
-            sampler.text_encoder[1].to(device, dtype)
-        tokens = sample_tokens(sampler, rows, args, device)
+        pipeline.tokenizer.to(device)
+        pipeline.gpt.cast(device, dtype)
+        if pipeline.text_encoder is not None:
+            pipeline.text_encoder.t5.to(device, dtype)
+        if args.compile:
+            pipeline.gpt.compile_decode_one_token()
+        tokens = generate_tokens(pipeline, rows, args, options, device)
         columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
-        save_outputs(decode(sampler.tokenizer, tokens), args, columns)
+        save_outputs(decode(pipeline.tokenizer, tokens), args, columns)
         if args.gif:
-            frames = generation_frames(sampler.tokenizer, tokens, sampler.grid_size,
-                                       args.gif_tokens_per_frame or sampler.grid_size)
+            frames = generation_frames(pipeline.tokenizer, tokens, pipeline.grid_size,
+                                       args.gif_tokens_per_frame or pipeline.grid_size)
             save_gif(frames, args.gif, columns)
             print(f"wrote {args.gif} ({len(frames)} frames)")
     except KeyboardInterrupt:

@@ -3,12 +3,13 @@
     python train.py                          # the whole demo on built-in shapes: about 10 minutes on a 2-core CPU
     python train.py tokenizer --data DIR     # the tokenizer on your images
     python train.py gpt --data DIR --cond class
-    python train.py --tokens continuous      # MAR: continuous tokens and a diffusion loss (llamagen.py section 6)
+    python train.py --tokens continuous      # MAR: continuous tokens and a diffusion loss (llamagen.py section 9)
     python train.py --resume                 # continue an interrupted run (Ctrl-C saves one)
     torchrun --nproc_per_node=2 train.py     # data-parallel on 2 GPUs (or CPU processes)
 
-Everything goes to --out-dir: tokenizer.pt, gpt.pt, log.txt and sample grids. The models and losses are
-in llamagen.py; this file holds the data, the two training stages and the command line.
+Everything goes to --out-dir: tokenizer.pt, gpt.pt, log.txt and sample grids. The file follows the
+data: a folder (or the built-in shapes) -> images -> stage 1, the tokenizer -> tokens -> stage 2,
+the GPT -> samples, judged on the shapes. The models and losses are in llamagen.py.
 """
 import argparse
 import dataclasses
@@ -26,12 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import llamagen as L
+import sample as S
 
 # -----------------------------------------------------------------------------
 # Data: a folder of your images, with class subfolders and/or captions
@@ -146,44 +147,9 @@ class ImageFolderDataset:
             return raw.decode("utf-8", errors="replace").strip()
 
 
-@dataclasses.dataclass
-class TrainingSet:
-    images: torch.Tensor    # (N, 3, H, W) uint8
-    labels: list            # class ids, or None
-    captions: list          # strings (None where an image has none), or None
-    class_names: list       # or None
-    held_out: torch.Tensor  # (M, 3, H, W) uint8: the images the tokenizer's PSNR is measured on
-    held_out_name: str      # what they are, for the log
-
-
-def load_data(args):
-    """The training set, with the images the tokenizer is measured on: never trained on, or for
-    a folder of under 20 images, some of the training images."""
-    if args.data is None:
-        shapes = ShapesDataset(args.num_images, args.image_size, args.seed, parse_holdout(args.holdout))
-        items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
-        held_out = ShapesDataset(256, args.image_size, args.seed + 1)
-        return TrainingSet(L.to_uint8(torch.stack([item["image"] for item in items])),
-                           [item["label"] for item in items], [item["caption"] for item in items], SHAPE_CLASSES,
-                           L.to_uint8(torch.stack([held_out[i]["image"] for i in range(len(held_out))])), "held-out")
-    folder = ImageFolderDataset(args.data, args.image_size)
-    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(args.seed))
-    n_held_out = min(256, len(folder) // 20)  # 5% (at most 256) never trained on, for the PSNR
-    train, held_out = order[n_held_out:].tolist(), order[:n_held_out]
-    images = folder.images[train]
-    return TrainingSet(images, [folder.labels[i] for i in train] if folder.labels else None,
-                       [folder.captions[i] for i in train], folder.class_names,
-                       folder.images[held_out] if n_held_out else images[:256],
-                       "held-out" if n_held_out else "training (under 20 images: none held out)")
-
-
-def to_float(images):  # uint8 -> (N, 3, H, W) float in [-1, 1]
-    return images.float() / 127.5 - 1.0
-
-
 # -----------------------------------------------------------------------------
-# The built-in shapes world: one colored shape on a plain background, drawn with Pillow; its
-# captions; and the fixed-rule judge that checks whether a generated image shows what was asked
+# The built-in shapes: one colored shape on a plain background, drawn with Pillow, and its captions
+# (judge_shape, after stage 2, reads them back off generated images)
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (230, 50, 50), "green": (50, 190, 70), "blue": (60, 90, 235),
@@ -265,90 +231,39 @@ def mirror_caption(text):
     return re.sub(r"\b(left|right)\b", lambda word: {"left": "right", "right": "left"}[word[0]], text)
 
 
-def judge_shape(image):
-    """Read (color, shape, size, position) off an image (3, H, W) in [-1, 1] with fixed rules.
-    color: the palette color most non-background pixels are nearest to. Coverage of each pixel:
-    how far it is from the background towards that color (0..1, smooth edges count partly).
-    shape: triangle if the top third of its bounding box is much narrower than the bottom third;
-    else square if it covers the box's corners (the part outside the inscribed circle), else
-    circle. size and position from the bounding box. None when no shape is found."""
-    rgb = (image.float() + 1) * 127.5                                   # (3, H, W)
-    W = rgb.shape[-1]
-    background = torch.tensor(BACKGROUND, dtype=torch.float32)
-    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # (6, 3)
-    distance = (rgb - background[:, None, None]).norm(dim=0)            # (H, W)
-    if (distance > 90).sum() < 4:
-        return None
-    nearest = torch.cdist(rgb[:, distance > 90].t(), palette).argmin(dim=1)
-    color_index = torch.bincount(nearest, minlength=len(COLORS)).argmax().item()
-    coverage = (distance / (palette[color_index] - background).norm()).clamp(0, 1)  # (H, W)
-    foreground = coverage > 0.5                                         # (H, W)
-    if not foreground.any():
-        return None
-    rows, cols = foreground.any(dim=1).nonzero()[:, 0], foreground.any(dim=0).nonzero()[:, 0]
-    top, bottom, left, right = rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1
-    box = coverage[top:bottom, left:right]                              # (h, w)
-    h, w = box.shape
-    third = max(1, h // 3)
-    ys, xs = torch.meshgrid(torch.arange(h) + 0.5 - h / 2, torch.arange(w) + 0.5 - w / 2, indexing="ij")
-    corners = (ys / h) ** 2 + (xs / w) ** 2 > 0.25 * 1.1                # outside the inscribed ellipse
-    if box[:third].sum() < 0.5 * box[-third:].sum():
-        shape = "triangle"                                              # narrow top, wide base
-    elif corners.any() and box[corners].mean() > 0.4:
-        shape = "square"
-    else:
-        shape = "circle"
-    size = "large" if max(h, w) > 0.49 * W else "small"  # small: at most 0.44 W wide, large: at least 0.54 W
-    dx, dy = (left + right) / 2 / W - 0.5, (top + bottom) / 2 / W - 0.5
-    if max(abs(dx), abs(dy)) < 0.07:
-        position = "center"
-    elif abs(dy) > abs(dx):
-        position = "top" if dy < 0 else "bottom"
-    else:
-        position = "left" if dx < 0 else "right"
-    return dict(color=list(COLORS)[color_index], shape=shape, size=size, position=position)
+@dataclasses.dataclass
+class TrainingSet:
+    images: torch.Tensor    # (N, 3, H, W) uint8
+    labels: list            # class ids, or None
+    captions: list          # strings (None where an image has none), or None
+    class_names: list       # or None
+    held_out: torch.Tensor  # (M, 3, H, W) uint8: the images the tokenizer's PSNR is measured on
+    held_out_name: str      # what they are, for the log
 
 
-@torch.no_grad()
-def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128):
-    """Generate for every (color, shape) `per_class` samples (3x that for held-out ones), with
-    prompts in the training captions' varied wording, and judge every image. Returns, per group,
-    the fraction that shows the asked color and shape (and size and position, asked for in text),
-    and the diversity of the samples of one color and shape (llamagen.diversity)."""
-    rng = random.Random(args.seed + 2)
-    holdout = parse_holdout(args.holdout)
-    requests = []  # (class name, size, position, prompt)
-    for name in SHAPE_CLASSES:
-        color, shape = name.split()
-        for _ in range(per_class * (3 if name in holdout else 1)):
-            size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
-            requests.append((name, size, position, random_caption(rng, color, shape, size, position)))
-    judged, images = [], []
-    for start in range(0, len(requests), batch_size):
-        batch = requests[start:start + batch_size]
-        conditions = [r[3] for r in batch] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in batch]
-        images.append(generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device).cpu())
-        judged += [judge_shape(image) for image in images[-1]]
-    images = torch.cat(images)
-    results = {}
-    for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
-        pairs = [(r, j) for r, j in zip(requests, judged) if r[0] in names]
-        right = [j is not None and f"{j['color']} {j['shape']}" == r[0] for r, j in pairs]
-        spread = [L.diversity(images[[i for i, r in enumerate(requests) if r[0] == name]]) for name in names]
-        results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs),
-                              diversity=sum(spread) / len(spread))
-        if args.cond == "text":
-            results[group]["size"] = sum(j is not None and j["size"] == r[1] for r, j in pairs) / len(pairs)
-            results[group]["position"] = sum(j is not None and j["position"] == r[2] for r, j in pairs) / len(pairs)
-    return results
+def load_data(args):
+    """The training set, with the images the tokenizer is measured on: never trained on, or for
+    a folder of under 20 images, some of the training images."""
+    if args.data is None:
+        shapes = ShapesDataset(args.num_images, args.image_size, args.seed, parse_holdout(args.holdout))
+        items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
+        held_out = ShapesDataset(256, args.image_size, args.seed + 1)
+        return TrainingSet(S.to_uint8(torch.stack([item["image"] for item in items])),
+                           [item["label"] for item in items], [item["caption"] for item in items], SHAPE_CLASSES,
+                           S.to_uint8(torch.stack([held_out[i]["image"] for i in range(len(held_out))])), "held-out")
+    folder = ImageFolderDataset(args.data, args.image_size)
+    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(args.seed))
+    n_held_out = min(256, len(folder) // 20)  # 5% (at most 256) never trained on, for the PSNR
+    train, held_out = order[n_held_out:].tolist(), order[:n_held_out]
+    images = folder.images[train]
+    return TrainingSet(images, [folder.labels[i] for i in train] if folder.labels else None,
+                       [folder.captions[i] for i in train], folder.class_names,
+                       folder.images[held_out] if n_held_out else images[:256],
+                       "held-out" if n_held_out else "training (under 20 images: none held out)")
 
 
-def report_shapes(metrics, run, cfg_scale):
-    for group, result in metrics.items():
-        name = "trained color/shape combinations" if group == "seen" else f"held-out combination '{group}'"
-        extras = "".join(f", {key} {result[key]:.0%}" for key in ("size", "position") if key in result)
-        run.log(f"{name}: {result['color_and_shape']:.1%} of {result['samples']} samples show the asked "
-                f"color and shape{extras}, diversity {result['diversity']:.3f} (CFG {cfg_scale})")
+def to_float(images):  # uint8 -> (N, 3, H, W) float in [-1, 1]
+    return images.float() / 127.5 - 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -361,7 +276,7 @@ class Run:
 
     def __init__(self, args):
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.device = L.pick_device(args.device)
+        self.device = S.pick_device(args.device)
         if self.world > 1:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -488,77 +403,63 @@ def set_rng_state(state, device):
 
 
 def save_grid(images, path, columns):
-    L.grid_image(images, columns).save(path)
+    S.grid_image(images, columns).save(path)
 
 
 # -----------------------------------------------------------------------------
-# Stage 1: the tokenizer, a VQ (discrete codes) or a KL autoencoder (continuous tokens, section 6)
+# Stage 1: images -> the tokenizer (a VQ for codes, MAR's KL autoencoder for continuous tokens)
 
 
 def tokenizer_config(args):
-    """The preset's architecture with the options of the command line."""
-    if args.tokens == "continuous":
-        options = {"kl_weight": args.kl_weight} if args.kl_weight is not None else {}
-        return L.KLConfig(**{**L.KL_PRESETS[args.tokenizer_preset], **options})
-    options = {name: getattr(args, name) for name in QUANTIZER_OPTIONS if getattr(args, name) is not None}
-    return L.VQConfig(**{**L.VQ_PRESETS[args.tokenizer_preset], **options})
+    """The --tokens kind's tokenizer: its preset with the options the command line gives."""
+    kind = TOKEN_KINDS[args.tokens]
+    options = {name: getattr(args, name) for name in kind["options"] if getattr(args, name) is not None}
+    return L.TOKENIZERS[args.tokens].config_class(**{**kind["presets"][args.tokenizer_preset], **options})
 
 
-def codebook_usage(indices, codebook_size):  # the fraction of the codebook that indices use
-    return indices.unique().numel() / codebook_size
+def load_perceptual_loss(weight):
+    """LPIPS for the perceptual term (None with weight 0). Without its VGG16 weights (offline),
+    one warning, and the tokenizer trains without it."""
+    if weight == 0:
+        return None
+    try:
+        return L.load_lpips()
+    except OSError as error:
+        warnings.warn(f"LPIPS perceptual loss is off: {error} and run again, or pass --perceptual-weight 0 to "
+                      "train without it.", stacklevel=2)
+        return None
 
 
-@torch.no_grad()
-def encode(tokenizer, images):  # images -> what the GPT reads: code grids (B, h*w) or tokens (B, h*w, D)
-    if isinstance(tokenizer, L.KLModel):
-        return tokenizer.encode_latents(images)
-    return tokenizer.encode_indices(images).flatten(1)          # (B, h, w) -> (B, h*w)
+def codebook_stats(stats, separator):  # a tokenizer's token_stats, for a log line
+    return "".join(f"{separator}{name} {value:.0%}" for name, value in stats.items())
 
 
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer, images, device, batch_size=64):
-    """PSNR (dB) of the reconstructions as 8-bit images, and for a VQ the fraction of the codebook
-    used."""
-    was_training = tokenizer.training
-    tokenizer.eval()
-    psnrs, codes = [], []
-    for start in range(0, len(images), batch_size):
-        originals = images[start:start + batch_size]
-        tokens = encode(tokenizer, to_float(originals).to(device))
-        recon = L.to_uint8(L.decode_tokens(tokenizer, tokens).cpu())
-        mse = (recon.float() - originals.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-        psnrs.append(10 * torch.log10(255.0 ** 2 / mse))
-        codes.append(tokens.flatten().cpu())
-    tokenizer.train(was_training)
-    metrics = dict(psnr=torch.cat(psnrs).mean().item())
-    if isinstance(tokenizer, L.VQModel):
-        metrics["usage"] = codebook_usage(torch.cat(codes), tokenizer.cfg.codebook_size)
-    return metrics
-
-
-@torch.no_grad()
-def latent_scale(tokenizer, images, device, batch_size=256):
-    """1 / the standard deviation of the KL tokenizer's latents over the training images: the fixed
-    scale that gives the GPT tokens of about unit variance (as MAR's 0.2325)."""
-    samples = []
-    for start in range(0, len(images), batch_size):
-        mean, logvar = tokenizer.posterior(to_float(images[start:start + batch_size]).to(device))
-        samples.append((mean + (0.5 * logvar).exp() * torch.randn_like(mean)).flatten().cpu())
-    return 1.0 / torch.cat(samples).std()
+    """PSNR (dB) of the reconstructions as 8-bit images, and the tokenizer's token_stats."""
+    psnrs, tokens = [], []
+    with L.evaluating(tokenizer):
+        for start in range(0, len(images), batch_size):
+            originals = images[start:start + batch_size]
+            encoded = tokenizer.encode(to_float(originals).to(device))
+            recon = S.to_uint8(tokenizer.decode(encoded).cpu())
+            mse = (recon.float() - originals.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+            psnrs.append(10 * torch.log10(255.0 ** 2 / mse))
+            tokens.append(encoded.cpu())
+    return torch.cat(psnrs).mean().item(), tokenizer.token_stats(torch.cat(tokens))
 
 
 def train_tokenizer(args, run, data, checkpoint=None):
     path = os.path.join(args.out_dir, "tokenizer.pt")
-    continuous = args.tokens == "continuous"
-    if checkpoint:
-        cfg = L.config_from_dict(L.KLConfig if continuous else L.VQConfig, checkpoint["config"], path)
-    else:
-        cfg = tokenizer_config(args)
+    tokenizer_class = L.TOKENIZERS[args.tokens]
+    cfg = L.config_from_dict(tokenizer_class.config_class, checkpoint["config"], path) if checkpoint \
+        else tokenizer_config(args)
     torch.manual_seed(args.seed)
-    tokenizer = (L.KLModel(cfg) if continuous else L.VQModel(cfg)).to(run.device)
+    tokenizer = tokenizer_class(cfg).to(run.device)
     criterion = L.VQLoss(disc_start=args.disc_start, disc_weight=args.disc_weight,
-                         perceptual_weight=args.perceptual_weight,
-                         adaptive_disc_weight=args.adaptive_disc_weight).to(run.device)
+                         perceptual_weight=args.perceptual_weight, adaptive_disc_weight=args.adaptive_disc_weight)
+    criterion.lpips = load_perceptual_loss(args.perceptual_weight)
+    criterion.to(run.device)
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.95))
     disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.95))
     ema = AveragedModel(tokenizer, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
@@ -576,7 +477,7 @@ def train_tokenizer(args, run, data, checkpoint=None):
         run.log(f"resuming the tokenizer from {path} at step {start}")
 
     def save(step, metrics=None):
-        L.save_checkpoint(dict(kind="tokenizer", tokens=args.tokens, config=dataclasses.asdict(cfg),
+        L.save_checkpoint(dict(kind="tokenizer", tokens=tokenizer.tokens, config=dataclasses.asdict(cfg),
                                model=tokenizer.state_dict(), ema=ema.module.state_dict() if ema else None,
                                discriminator=criterion.discriminator.state_dict(), optimizer=optimizer.state_dict(),
                                disc_optimizer=disc_optimizer.state_dict(), step=step, rng=rng_state(run.device),
@@ -584,7 +485,7 @@ def train_tokenizer(args, run, data, checkpoint=None):
 
     model = run.data_parallel(tokenizer)
     shown = to_float(data.held_out[:32]).to(run.device)  # the same images in every reconstruction grid
-    timer, seen, codes_seen = time.time(), 0, []
+    timer, seen, recent_tokens = time.time(), 0, []
     bar = run.progress(args.tokenizer_steps, start, "tokenizer")
     with StopOnCtrlC() as stop:
         for step in bar:
@@ -595,7 +496,7 @@ def train_tokenizer(args, run, data, checkpoint=None):
             images = to_float(data.images[indices]).to(run.device)
             images = torch.where(flips[:, None, None, None].to(run.device), images.flip(-1), images)
             with run.autocast():
-                recon, codes, tokenizer_losses = model(images)  # codes: VQ indices, or the KL latent sample
+                recon, tokens, tokenizer_losses = model(images)
                 loss, logs = criterion.generator_loss(images, recon, tokenizer_losses, step,
                                                       tokenizer.decoder.conv_out.weight)
             done = step + 1
@@ -615,66 +516,35 @@ def train_tokenizer(args, run, data, checkpoint=None):
             if ema:
                 ema.update_parameters(tokenizer)
             seen += len(images) * run.world
-            if not continuous:
-                codes_seen.append(codes.flatten())
+            recent_tokens.append(tokens.detach())
             if done % args.log_every == 0 or done == args.tokenizer_steps:
+                stats = tokenizer.token_stats(torch.cat(recent_tokens))  # since the last line
+                recent_tokens = []
                 terms = " | ".join(f"{name.removesuffix('_loss')} {value.item():.4f}" for name, value in logs.items())
-                progress = f"rec {logs['rec_loss'].item():.4f}"
-                if not continuous:  # codebook usage since the last line
-                    usage = codebook_usage(torch.cat(codes_seen), cfg.codebook_size)
-                    terms, progress = f"{terms} | usage {usage:.0%}", f"{progress}, codebook usage {usage:.0%}"
-                    codes_seen = []
-                run.log(f"tokenizer step {done}/{args.tokenizer_steps} | loss {loss.item():.4f} | {terms} | "
-                        f"lr {lr:.1e} | {seen / (time.time() - timer):.0f} img/s")
-                bar.set_postfix_str(progress)
+                run.log(f"tokenizer step {done}/{args.tokenizer_steps} | loss {loss.item():.4f} | {terms}"
+                        f"{codebook_stats(stats, ' | ')} | lr {lr:.1e} | {seen / (time.time() - timer):.0f} img/s")
+                bar.set_postfix_str(f"rec {logs['rec_loss'].item():.4f}{codebook_stats(stats, ', codebook ')}")
             if run.is_main and (done % args.sample_every == 0 or done == args.tokenizer_steps):
                 shown_model = (ema.module if ema else tokenizer).eval()  # the weights that will be saved
-                recon = L.decode_tokens(shown_model, encode(shown_model, shown))
+                recon = shown_model.decode(shown_model.encode(shown))
                 tokenizer.train()
                 rows = [torch.cat([shown[i:i + 8], recon[i:i + 8]]) for i in range(0, len(shown), 8)]
                 save_grid(torch.cat(rows), os.path.join(args.out_dir, f"tokenizer_step{done:06d}.png"), columns=8)
             end_of_step(run, stop, done, args.tokenizer_steps, save, path)
     final = (ema.module if ema else tokenizer).eval()
-    if continuous:
-        final.latent_scale.fill_(latent_scale(final, data.images, run.device))
-        run.log(f"latent scale 1 / std of the latents: {final.latent_scale.item():.4f}")
-    metrics = evaluate_tokenizer(final, data.held_out, run.device)
-    usage = f", codebook usage {metrics['usage']:.0%}" if "usage" in metrics else ""
-    run.log(f"tokenizer on {len(data.held_out)} {data.held_out_name} images: PSNR {metrics['psnr']:.2f} dB{usage}")
+    batches = (to_float(data.images[i:i + 256]).to(run.device) for i in range(0, len(data.images), 256))
+    for name, value in final.calibrate(batches).items():
+        run.log(f"{name}: {value:.4f}")
+    psnr, stats = evaluate_tokenizer(final, data.held_out, run.device)
+    run.log(f"tokenizer on {len(data.held_out)} {data.held_out_name} images: PSNR {psnr:.2f} dB"
+            f"{codebook_stats(stats, ', codebook ')}")
     if run.is_main:
-        save(max(start, args.tokenizer_steps), metrics)
+        save(max(start, args.tokenizer_steps), dict(psnr=psnr, **stats))
     return final, criterion
 
 
 # -----------------------------------------------------------------------------
-# Stage 2: the GPT on the tokens of the training images
-
-
-@torch.no_grad()
-def encode_dataset(tokenizer, images, device, flip, batch_size=256):
-    """What the GPT trains on, computed once for every image, and for its mirror image when
-    flipping: code grids (N, h*w) for a VQ; for a KL tokenizer the scaled mean and standard
-    deviation of each latent (N, h*w, 2, D), so that every step draws a fresh sample (as MAR)."""
-    def tokens_of(x):
-        if isinstance(tokenizer, L.VQModel):
-            return tokenizer.encode_indices(x).flatten(1)                             # (B, h, w) -> (B, h*w)
-        mean, logvar = tokenizer.posterior(x)                                        # (B, D, h, w) each
-        moments = torch.stack([mean, (0.5 * logvar).exp()], dim=1) * tokenizer.latent_scale  # (B, 2, D, h, w)
-        return moments.flatten(3).permute(0, 3, 1, 2)                               # (B, h*w, 2, D)
-    tokens, mirrored = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc="encoding images", leave=False):
-        x = to_float(images[start:start + batch_size]).to(device)
-        tokens.append(tokens_of(x).cpu())
-        if flip:
-            mirrored.append(tokens_of(x.flip(-1)).cpu())
-    return torch.cat(tokens), torch.cat(mirrored) if flip else None
-
-
-def draw_tokens(encoded):  # a batch of encode_dataset's output -> the GPT's tokens
-    if encoded.dim() == 2:
-        return encoded                                             # codes (B, h*w)
-    mean, std = encoded.unbind(dim=2)                              # (B, h*w, D) each
-    return mean + std * torch.randn_like(mean)
+# Stage 2: tokens -> the GPT, and samples from it
 
 
 class Conditioned(nn.Module):
@@ -700,50 +570,81 @@ class Conditioned(nn.Module):
         return self
 
 
-def text_encoder(args, captions, checkpoint):
-    """(tokenizer, T5, whether the T5 trains): from the checkpoint being resumed; from a pretrained
-    Hugging Face directory (frozen); or a SentencePiece model trained on the captions and a small
-    T5 trained from scratch together with the GPT."""
+def build_text_encoder(args, captions, checkpoint):
+    """(L.TextEncoder, whether its T5 trains), or (None, False) for classes: from the checkpoint being
+    resumed; from a pretrained Hugging Face directory (frozen); or a SentencePiece model trained on
+    the captions and a small T5 trained from scratch together with the GPT."""
+    if args.cond == "class":
+        return None, False
     if checkpoint:
         t5 = L.T5Encoder(L.config_from_dict(L.T5Config, checkpoint["t5_config"], "gpt.pt"))
         t5.load_state_dict(checkpoint["t5"])
-        return L.TextTokenizer(checkpoint["text_tokenizer"]), t5, checkpoint["train_t5"]
+        return L.TextEncoder(L.TextTokenizer(checkpoint["text_tokenizer"]), t5), checkpoint["train_t5"]
     if args.t5:
-        t5, tokenizer = L.load_t5_encoder(args.t5)
-        return tokenizer, t5, False
-    tokenizer = L.TextTokenizer.train(captions, args.text_vocab)
-    return tokenizer, L.T5Encoder(L.T5Config(**L.T5_PRESETS[args.t5_preset], vocab_size=tokenizer.vocab_size)), True
+        t5, text_tokenizer = L.load_t5_encoder(args.t5)
+        return L.TextEncoder(text_tokenizer, t5), False
+    text_tokenizer = L.TextTokenizer.train(captions, args.text_vocab)
+    t5 = L.T5Encoder(L.T5Config(**L.T5_PRESETS["T5-mini"], vocab_size=text_tokenizer.vocab_size))
+    return L.TextEncoder(text_tokenizer, t5), True
 
 
-def gpt_config(args, tokenizer, block_size, caption_dim, num_classes):
+@dataclasses.dataclass
+class TokenizedSet:
+    """What the GPT trains on, computed once: with --flip, example originals + i is example i
+    mirrored, its caption mirrored too, so that the training loop has one path."""
+    posteriors: torch.Tensor  # what each example's tokens are drawn from (ImageTokenizer.encode_posterior)
+    cond: torch.Tensor        # class ids (N,), or caption ids (N, L) for the T5 that trains with the GPT
+    cond_mask: torch.Tensor   # the captions' padding masks (N, L), or None for classes
+    originals: int            # examples before the mirrored ones
+
+
+@torch.no_grad()
+def encode_posteriors(tokenizer, images, device, batch_size=256):  # uint8 images -> encode_posterior of each
+    return torch.cat([tokenizer.encode_posterior(to_float(images[start:start + batch_size]).to(device)).cpu()
+                      for start in tqdm(range(0, len(images), batch_size), desc="encoding images", leave=False)])
+
+
+def tokenize_training_set(args, data, tokenizer, text_encoder, device):
+    """Every training image (with a caption, for text) through the tokenizer, with its condition."""
+    keep = [i for i, caption in enumerate(data.captions) if caption] if text_encoder else range(len(data.images))
+    images = data.images[list(keep)]
+    posteriors = [encode_posteriors(tokenizer, images, device)]
+    if text_encoder is not None:
+        captions = [data.captions[i] for i in keep]
+        encoded = [text_encoder.text_tokenizer(captions, args.text_length)]   # (ids, mask)
+        if args.flip:  # a mirrored image goes with its mirrored caption
+            encoded.append(text_encoder.text_tokenizer([mirror_caption(c) for c in captions], args.text_length))
+        cond, cond_mask = torch.cat([ids for ids, _ in encoded]), torch.cat([mask for _, mask in encoded])
+    else:
+        labels = torch.tensor([data.labels[i] for i in keep])
+        cond, cond_mask = torch.cat([labels, labels]) if args.flip else labels, None
+    if args.flip:
+        posteriors.append(encode_posteriors(tokenizer, images.flip(-1), device))
+    return TokenizedSet(torch.cat(posteriors), cond, cond_mask, len(images))
+
+
+def gpt_config(args, tokenizer, text_encoder, num_classes):
     """The preset's size, for the tokenizer's tokens and the condition."""
-    options = dict(block_size=block_size, model_type="t2i" if args.cond == "text" else "c2i", num_classes=num_classes,
-                   caption_dim=caption_dim, cls_token_num=args.text_length if args.cond == "text" else 1,
-                   class_dropout_prob=args.class_dropout, token_dropout_p=args.dropout,
-                   resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout, rope_2d=args.rope == "2d")
-    if isinstance(tokenizer, L.KLModel):
-        return L.ContinuousGPTConfig(**L.GPT_PRESETS[args.gpt_preset], **options, token_dim=tokenizer.cfg.embed_dim,
-                                     diffusion_width=args.diffusion_width, diffusion_depth=args.diffusion_depth,
-                                     diffusion_repeats=args.diffusion_repeats)
-    return L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], **options, vocab_size=tokenizer.cfg.codebook_size)
+    text = text_encoder is not None
+    return L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], **tokenizer.token_config(),
+                       block_size=(args.image_size // tokenizer.downsample_factor) ** 2,
+                       model_type="t2i" if text else "c2i", num_classes=num_classes,
+                       caption_dim=text_encoder.t5.config.d_model if text else 0,
+                       cls_token_num=args.text_length if text else 1, class_dropout_prob=args.class_dropout,
+                       token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout,
+                       rope_2d=args.rope == "2d", diffusion_width=args.diffusion_width,
+                       diffusion_depth=args.diffusion_depth, diffusion_repeats=args.diffusion_repeats)
 
 
 @torch.no_grad()
 def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device):
     """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1]."""
-    if text_encoder is not None:
-        text_tokenizer, t5 = text_encoder
-        cond, cond_mask = L.encode_text(t5, text_tokenizer, conditions, gpt.config.cls_token_num, device)
-    else:
-        cond, cond_mask = torch.tensor(conditions, device=device), None
+    cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
-    if isinstance(gpt, L.ContinuousGPT):
-        tokens = L.generate_continuous(gpt, cond, cond_mask, cfg_scale=args.cfg_scale,
-                                       num_steps=args.diffusion_steps, generator=generator)
-    else:
-        tokens = L.generate(gpt, cond, cond_mask, cfg_scale=args.cfg_scale, generator=generator)
+    options = {name: getattr(args, name) for name in gpt.output.draw_options if hasattr(args, name)}
+    tokens = gpt.generate(cond, cond_mask, cfg_scale=args.cfg_scale, generator=generator, **options)
     gpt.free_caches()  # give the KV cache's memory back to training
-    return L.decode_tokens(tokenizer, tokens)
+    return tokenizer.decode(tokens)
 
 
 def demo_conditions(data, args):
@@ -760,28 +661,16 @@ def demo_conditions(data, args):
 
 
 def train_gpt(args, run, data, tokenizer, checkpoint=None):
+    """Stage 2: set up (the text encoder, the tokenized training set, the GPT, its optimizer, a
+    checkpoint to resume), the training loop, then the final samples and evaluation."""
     path = os.path.join(args.out_dir, "gpt.pt")
-    text = args.cond == "text"
-    keep = [i for i, caption in enumerate(data.captions) if caption] if text else list(range(len(data.images)))
-    encoded, mirrored = encode_dataset(tokenizer, data.images[keep], run.device, args.flip)
     torch.manual_seed(args.seed)
-    t5 = text_tokenizer = None
-    if text:
-        captions = [data.captions[i] for i in keep]
-        text_tokenizer, t5, train_t5 = text_encoder(args, captions, checkpoint)
-        ids, mask = text_tokenizer(captions, args.text_length)
-        if args.flip:  # a mirrored image goes with its mirrored caption
-            mirrored_ids, mirrored_mask = text_tokenizer([mirror_caption(c) for c in captions], args.text_length)
-    else:
-        labels, train_t5 = torch.tensor([data.labels[i] for i in keep]), False
-    if checkpoint:
-        config_class = L.ContinuousGPTConfig if args.tokens == "continuous" else L.GPTConfig
-        cfg = L.config_from_dict(config_class, checkpoint["config"], path)
-    else:
-        cfg = gpt_config(args, tokenizer, encoded.shape[1], t5.config.d_model if text else 0,
-                         len(data.class_names or []))
-    gpt = L.ContinuousGPT(cfg) if args.tokens == "continuous" else L.GPT(cfg)
-    model = Conditioned(gpt, t5, train_t5).to(run.device)
+    text_encoder, train_t5 = build_text_encoder(args, [c for c in data.captions or [] if c], checkpoint)
+    examples = tokenize_training_set(args, data, tokenizer, text_encoder, run.device)
+    cfg = L.config_from_dict(L.GPTConfig, checkpoint["config"], path) if checkpoint \
+        else gpt_config(args, tokenizer, text_encoder, len(data.class_names or []))
+    gpt = L.GPT(cfg)
+    model = Conditioned(gpt, text_encoder.t5 if text_encoder else None, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([  # weight decay on matrices and embeddings only
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -798,24 +687,31 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
         set_rng_state(checkpoint["rng"], run.device)
         run.log(f"resuming the GPT from {path} at step {start}")
     conditions = demo_conditions(data, args)
-    text_encoder_pair = (text_tokenizer, t5) if text else None
 
     def save(step, metrics=None):
-        L.save_checkpoint(dict(kind="gpt", tokens=args.tokens, config=dataclasses.asdict(cfg), model=gpt.state_dict(),
+        text = text_encoder is not None
+        L.save_checkpoint(dict(kind="gpt", config=dataclasses.asdict(cfg), model=gpt.state_dict(),
                                optimizer=optimizer.state_dict(), step=step, rng=rng_state(run.device),
                                class_names=data.class_names, tokenizer_fingerprint=fingerprint,
                                prompts=conditions[::4] if text else None,  # one per grid row
                                image_size=args.image_size, cfg_scale=args.cfg_scale,
-                               text_tokenizer=text_tokenizer.model_bytes if text else None,
-                               t5_config=dataclasses.asdict(t5.config) if text else None,
-                               t5=t5.state_dict() if text else None, train_t5=train_t5,
+                               text_tokenizer=text_encoder.text_tokenizer.model_bytes if text else None,
+                               t5_config=dataclasses.asdict(text_encoder.t5.config) if text else None,
+                               t5=text_encoder.t5.state_dict() if text else None, train_t5=train_t5,
                                args=vars(args), metrics=metrics), path)
 
+    gpt_training_loop(args, run, model, optimizer, examples, tokenizer, text_encoder, conditions, start, save, path)
+    return finish_gpt(args, run, gpt, tokenizer, text_encoder, conditions, save, start)
+
+
+def gpt_training_loop(args, run, model, optimizer, examples, tokenizer, text_encoder, conditions, start, save, path):
+    gpt = model.gpt
     # --compile compiles this stage only: the tokenizer's adaptive GAN weight differentiates its
     # graph twice per step, which compiled backward passes refuse
     wrapped = run.data_parallel(model)
     if args.compile:
         wrapped = torch.compile(wrapped)
+    params = [p for p in model.parameters() if p.requires_grad]
     timer, seen = time.time(), 0
     bar = run.progress(args.gpt_steps, start, "gpt")
     with StopOnCtrlC() as stop:
@@ -823,20 +719,11 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
             lr = learning_rate(step, args.gpt_steps, args.gpt_lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            indices, flips = batch_indices(len(encoded), args.gpt_batch_size, args.seed, step, run, args.flip)
-            if args.flip:
-                flipped = flips.view(-1, *[1] * (encoded.dim() - 1))
-                batch = torch.where(flipped, mirrored[indices], encoded[indices])
-            else:
-                batch = encoded[indices]
-            tokens = draw_tokens(batch).to(run.device)
-            if text and args.flip:
-                cond = torch.where(flips[:, None], mirrored_ids[indices], ids[indices]).to(run.device)
-                cond_mask = torch.where(flips[:, None], mirrored_mask[indices], mask[indices]).to(run.device)
-            elif text:
-                cond, cond_mask = ids[indices].to(run.device), mask[indices].to(run.device)
-            else:
-                cond, cond_mask = labels[indices].to(run.device), None
+            indices, flips = batch_indices(examples.originals, args.gpt_batch_size, args.seed, step, run, args.flip)
+            rows = indices + flips.long() * examples.originals          # a flip picks the mirrored example
+            tokens = tokenizer.draw_from_posterior(examples.posteriors[rows]).to(run.device)
+            cond = examples.cond[rows].to(run.device)
+            cond_mask = None if examples.cond_mask is None else examples.cond_mask[rows].to(run.device)
             with run.autocast():
                 loss = wrapped(tokens, cond, cond_mask)
             done = step + 1
@@ -851,22 +738,116 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
                         f"{seen / (time.time() - timer):.0f} tokens/s")
                 bar.set_postfix_str(f"loss {loss.item():.4f}")
             if run.is_main and done % args.sample_every == 0:
-                images = generate_images(gpt, tokenizer, text_encoder_pair, conditions, args, args.seed, run.device)
+                images = generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed, run.device)
                 save_grid(images, os.path.join(args.out_dir, f"gpt_step{done:06d}.png"), columns=4)
             end_of_step(run, stop, done, args.gpt_steps, save, path)
+
+
+def finish_gpt(args, run, gpt, tokenizer, text_encoder, conditions, save, start):
+    """The final sample grid, timed; for the shapes, the judged evaluation; the last checkpoint."""
     gpt.eval()
-    metrics = None
     if run.is_main:
         timer = time.time()
-        images = generate_images(gpt, tokenizer, text_encoder_pair, conditions, args, args.seed, run.device)
+        images = generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed, run.device)
         run.log(f"sampled {len(images)} images in {time.time() - timer:.1f} s "
                 f"({(time.time() - timer) / len(images) * 1000:.0f} ms per image, batch {len(images)})")
         save_grid(images, os.path.join(args.out_dir, "samples.png"), columns=4)
+        metrics = None
         if args.data is None and args.eval_per_class > 0:
-            metrics = evaluate_shapes(gpt, tokenizer, text_encoder_pair, args, run.device, args.eval_per_class)
+            metrics = evaluate_shapes(gpt, tokenizer, text_encoder, args, run.device, args.eval_per_class)
             report_shapes(metrics, run, args.cfg_scale)
         save(max(start, args.gpt_steps), metrics)
     return gpt
+
+
+# -----------------------------------------------------------------------------
+# Samples of the shapes, judged: the fixed-rule judge reads what a generated image shows
+
+
+def judge_shape(image):
+    """Read (color, shape, size, position) off an image (3, H, W) in [-1, 1] with fixed rules.
+    color: the palette color most non-background pixels are nearest to. Coverage of each pixel:
+    how far it is from the background towards that color (0..1, smooth edges count partly).
+    shape: triangle if the top third of its bounding box is much narrower than the bottom third;
+    else square if it covers the box's corners (the part outside the inscribed circle), else
+    circle. size and position from the bounding box. None when no shape is found."""
+    rgb = (image.float() + 1) * 127.5                                   # (3, H, W)
+    W = rgb.shape[-1]
+    background = torch.tensor(BACKGROUND, dtype=torch.float32)
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # (6, 3)
+    distance = (rgb - background[:, None, None]).norm(dim=0)            # (H, W)
+    if (distance > 90).sum() < 4:
+        return None
+    nearest = torch.cdist(rgb[:, distance > 90].t(), palette).argmin(dim=1)
+    color_index = torch.bincount(nearest, minlength=len(COLORS)).argmax().item()
+    coverage = (distance / (palette[color_index] - background).norm()).clamp(0, 1)  # (H, W)
+    foreground = coverage > 0.5                                         # (H, W)
+    if not foreground.any():
+        return None
+    rows, cols = foreground.any(dim=1).nonzero()[:, 0], foreground.any(dim=0).nonzero()[:, 0]
+    top, bottom, left, right = rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1
+    box = coverage[top:bottom, left:right]                              # (h, w)
+    h, w = box.shape
+    third = max(1, h // 3)
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5 - h / 2, torch.arange(w) + 0.5 - w / 2, indexing="ij")
+    corners = (ys / h) ** 2 + (xs / w) ** 2 > 0.25 * 1.1                # outside the inscribed ellipse
+    if box[:third].sum() < 0.5 * box[-third:].sum():
+        shape = "triangle"                                              # narrow top, wide base
+    elif corners.any() and box[corners].mean() > 0.4:
+        shape = "square"
+    else:
+        shape = "circle"
+    size = "large" if max(h, w) > 0.49 * W else "small"  # small: at most 0.44 W wide, large: at least 0.54 W
+    dx, dy = (left + right) / 2 / W - 0.5, (top + bottom) / 2 / W - 0.5
+    if max(abs(dx), abs(dy)) < 0.07:
+        position = "center"
+    elif abs(dy) > abs(dx):
+        position = "top" if dy < 0 else "bottom"
+    else:
+        position = "left" if dx < 0 else "right"
+    return dict(color=list(COLORS)[color_index], shape=shape, size=size, position=position)
+
+
+@torch.no_grad()
+def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128):
+    """Generate for every (color, shape) `per_class` samples (3x that for held-out ones), with
+    prompts in the training captions' varied wording, and judge every image. Returns, per group,
+    the fraction that shows the asked color and shape (and size and position, asked for in text),
+    and the diversity of the samples of one color and shape (llamagen.diversity)."""
+    rng = random.Random(args.seed + 2)
+    holdout = parse_holdout(args.holdout)
+    requests = []  # (class name, size, position, prompt)
+    for name in SHAPE_CLASSES:
+        color, shape = name.split()
+        for _ in range(per_class * (3 if name in holdout else 1)):
+            size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
+            requests.append((name, size, position, random_caption(rng, color, shape, size, position)))
+    judged, images = [], []
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        conditions = [r[3] for r in batch] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in batch]
+        images.append(generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device).cpu())
+        judged += [judge_shape(image) for image in images[-1]]
+    images = torch.cat(images)
+    results = {}
+    for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
+        pairs = [(r, j) for r, j in zip(requests, judged) if r[0] in names]
+        right = [j is not None and f"{j['color']} {j['shape']}" == r[0] for r, j in pairs]
+        spread = [S.diversity(images[[i for i, r in enumerate(requests) if r[0] == name]]) for name in names]
+        results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs),
+                              diversity=sum(spread) / len(spread))
+        if args.cond == "text":
+            results[group]["size"] = sum(j is not None and j["size"] == r[1] for r, j in pairs) / len(pairs)
+            results[group]["position"] = sum(j is not None and j["position"] == r[2] for r, j in pairs) / len(pairs)
+    return results
+
+
+def report_shapes(metrics, run, cfg_scale):
+    for group, result in metrics.items():
+        name = "trained color/shape combinations" if group == "seen" else f"held-out combination '{group}'"
+        extras = "".join(f", {key} {result[key]:.0%}" for key in ("size", "position") if key in result)
+        run.log(f"{name}: {result['color_and_shape']:.1%} of {result['samples']} samples show the asked "
+                f"color and shape{extras}, diversity {result['diversity']:.3f} (CFG {cfg_scale})")
 
 
 # -----------------------------------------------------------------------------
@@ -875,6 +856,14 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
 
 QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", "commit_loss_beta",
                      "entropy_loss_ratio")
+# --tokens, the kind of token, chosen here once: its tokenizer's presets and own options, and the
+# defaults that differ by kind. A continuous GPT step also trains the diffusion head on 4 noisings
+# of every token and takes about twice as long: 600 steps give it the training time of the
+# discrete demo's 1400.
+TOKEN_KINDS = {
+    "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS, tokenizer_preset="VQ-mini", gpt_steps=1400),
+    "continuous": dict(presets=L.KL_PRESETS, options=("kl_weight",), tokenizer_preset="KL-mini", gpt_steps=600),
+}
 # What a resumed run must share with the run that wrote the checkpoint (the rest, such as
 # --log-every or --device, may change between the two)
 DATA_SETTINGS = ("data", "image_size", "num_images", "holdout", "seed", "flip", "warmup", "grad_clip", "tokens")
@@ -882,23 +871,18 @@ TOKENIZER_SETTINGS = DATA_SETTINGS + QUANTIZER_OPTIONS + (
     "tokenizer_preset", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr", "kl_weight", "perceptual_weight",
     "disc_start", "disc_weight", "adaptive_disc_weight", "ema")
 GPT_SETTINGS = DATA_SETTINGS + ("cond", "gpt_preset", "gpt_steps", "gpt_batch_size", "gpt_lr", "weight_decay",
-                                "dropout", "class_dropout", "text_length", "text_vocab", "t5_preset", "t5", "rope",
+                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope",
                                 "diffusion_width", "diffusion_depth", "diffusion_repeats")
-# Defaults that depend on the kind of tokens. A continuous GPT step also trains the diffusion head
-# on 4 noisings of every token and takes about twice as long: 600 steps give it the training time
-# of the discrete demo's 1400.
-DEFAULTS = {"discrete": dict(tokenizer_preset="VQ-mini", gpt_steps=1400),
-            "continuous": dict(tokenizer_preset="KL-mini", gpt_steps=600)}
 
 
 def parse_args(argv=None):
-    parser = L.ArgumentParser(
+    parser = S.ArgumentParser(
         description="Train the tokenizer, then the GPT. With no arguments: the whole demo on the "
                     "built-in shapes, text-conditional, about 10 minutes on a 2-core CPU.")
     parser.add_argument("stage", nargs="?", default="all", choices=["all", "tokenizer", "gpt", "evaluate"],
                         help="both stages, or one (gpt reads --out-dir/tokenizer.pt); evaluate: judge the "
                              "finished shapes run in --out-dir again, e.g. at another --cfg-scale")
-    positive, fraction = L.bounded(int, 1), L.bounded(float, 0, 1)
+    positive, fraction = S.bounded(int, 1), S.bounded(float, 0, 1)
     group = parser.add_argument_group("data")
     group.add_argument("--data", help="a folder of images (class subfolders and/or captions in "
                                       "metadata.jsonl or .txt files); default: the built-in shapes")
@@ -912,49 +896,50 @@ def parse_args(argv=None):
                             "where a flip turns writing, digits and faces into something else)")
     group.add_argument("--cond", choices=["text", "class"], default="text", help="what the GPT is conditioned on")
     group = parser.add_argument_group("tokenizer (stage 1)")
-    group.add_argument("--tokens", choices=["discrete", "continuous"], default="discrete",
+    group.add_argument("--tokens", choices=list(TOKEN_KINDS), default="discrete",
                        help="discrete codes from a VQ tokenizer (LlamaGen), or continuous tokens from a KL "
                             "tokenizer with a diffusion loss per token (MAR)")
-    group.add_argument("--tokenizer-preset", choices=list(L.VQ_PRESETS) + list(L.KL_PRESETS),
-                       help="the tokenizer's size (default: VQ-mini, or KL-mini with --tokens continuous)")
+    group.add_argument("--tokenizer-preset", choices=[name for kind in TOKEN_KINDS.values() for name in kind["presets"]],
+                       help="the tokenizer's size (default: " + ", ".join(
+                           f"{kind['tokenizer_preset']} for {tokens}" for tokens, kind in TOKEN_KINDS.items()) + ")")
     group.add_argument("--tokenizer-steps", type=positive, default=800, help="training steps of the tokenizer")
     group.add_argument("--tokenizer-batch-size", type=positive, default=16,
                        help="images per step (all processes together)")
-    group.add_argument("--tokenizer-lr", type=L.bounded(float, 0, above=True), default=1e-3,
+    group.add_argument("--tokenizer-lr", type=S.bounded(float, 0, above=True), default=1e-3,
                        help="peak learning rate (Adam)")
-    group.add_argument("--codebook-size", type=L.bounded(int, 2),
+    group.add_argument("--codebook-size", type=S.bounded(int, 2),
                        help="VQ: codes in the codebook (default: the preset's)")
     group.add_argument("--codebook-embed-dim", type=positive,
                        help="VQ: dimensions per code; low dimensions use the codebook better (ViT-VQGAN; default: 8)")
     group.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="VQ: compare l2-normalised codes, by cosine similarity (ViT-VQGAN; default: on)")
-    group.add_argument("--commit-loss-beta", type=L.bounded(float, 0),
+    group.add_argument("--commit-loss-beta", type=S.bounded(float, 0),
                        help="VQ: weight of the commitment loss that keeps the encoder near its codes (VQ-VAE; "
                             "default: 0.25)")
     # 0.1 rather than the official 0: on the simple shapes most codes die without it
-    group.add_argument("--entropy-loss-ratio", type=L.bounded(float, 0), default=0.1,
+    group.add_argument("--entropy-loss-ratio", type=S.bounded(float, 0), default=0.1,
                        help="VQ: weight of the entropy loss that keeps the whole codebook in use (MaskGIT; 0: off)")
-    group.add_argument("--kl-weight", type=L.bounded(float, 0),
+    group.add_argument("--kl-weight", type=S.bounded(float, 0),
                        help="KL tokenizer: weight of KL(q(z|x) || N(0, I)) per latent value (default: the preset's)")
-    group.add_argument("--perceptual-weight", type=L.bounded(float, 0), default=1.0, help="LPIPS weight (0: off)")
-    group.add_argument("--disc-start", type=L.bounded(int, 0), default=600,
+    group.add_argument("--perceptual-weight", type=S.bounded(float, 0), default=1.0, help="LPIPS weight (0: off)")
+    group.add_argument("--disc-start", type=S.bounded(int, 0), default=600,
                        help="step at which the PatchGAN loss starts")
-    group.add_argument("--disc-weight", type=L.bounded(float, 0), default=0.5, help="weight of the adversarial loss")
+    group.add_argument("--disc-weight", type=S.bounded(float, 0), default=0.5, help="weight of the adversarial loss")
     # on rather than the official off: with a fixed weight the discriminator wrecks the small
     # demo tokenizer's reconstructions
     group.add_argument("--adaptive-disc-weight", action=argparse.BooleanOptionalAction, default=True,
                        help="scale the adversarial loss by the gradient-norm ratio at the decoder's last layer (VQGAN)")
-    group.add_argument("--ema", type=L.bounded(float, 0, 1), default=0.0,
+    group.add_argument("--ema", type=S.bounded(float, 0, 1), default=0.0,
                        help="EMA decay of the tokenizer weights (0: no EMA)")
     group = parser.add_argument_group("GPT (stage 2)")
     group.add_argument("--gpt-preset", choices=list(L.GPT_PRESETS), default="GPT-mini")
-    group.add_argument("--gpt-steps", type=positive,
-                       help="training steps of the GPT (default: 1400, or 600 with --tokens continuous)")
+    group.add_argument("--gpt-steps", type=positive, help="training steps of the GPT (default: " + ", ".join(
+                           f"{kind['gpt_steps']} for {tokens}" for tokens, kind in TOKEN_KINDS.items()) + ")")
     group.add_argument("--gpt-batch-size", type=positive, default=32,
                        help="token grids per step (all processes together)")
-    group.add_argument("--gpt-lr", type=L.bounded(float, 0, above=True), default=2e-3,
+    group.add_argument("--gpt-lr", type=S.bounded(float, 0, above=True), default=2e-3,
                        help="peak learning rate (AdamW)")
-    group.add_argument("--weight-decay", type=L.bounded(float, 0), default=0.05,
+    group.add_argument("--weight-decay", type=S.bounded(float, 0), default=0.05,
                        help="AdamW weight decay, on matrices only")
     # 0 rather than the official 0.1: the official models train for hundreds of epochs, the demo
     # for a few minutes
@@ -963,25 +948,24 @@ def parse_args(argv=None):
                        help="how often the condition is replaced by the null one while training, so that CFG works")
     group.add_argument("--rope", choices=["2d", "1d"], default="2d",
                        help="rotary positions by (row, column) of the token grid, or by raster position")
-    group.add_argument("--text-length", type=L.bounded(int, 2), default=16,
+    group.add_argument("--text-length", type=S.bounded(int, 2), default=16,
                        help="text tokens the GPT reads (official: 120)")
-    group.add_argument("--text-vocab", type=L.bounded(int, 16), default=128,
+    group.add_argument("--text-vocab", type=S.bounded(int, 16), default=128,
                        help="SentencePiece vocabulary trained on the captions")
-    group.add_argument("--t5-preset", choices=list(L.T5_PRESETS), default="T5-mini",
-                       help="the text encoder trained jointly with the GPT")
-    group.add_argument("--t5", help="a pretrained Hugging Face T5 directory to use, frozen, instead")
+    group.add_argument("--t5", help="a pretrained Hugging Face T5 directory to use, frozen, instead of a small T5 "
+                                    "trained with the GPT")
     # smaller than MAR's 3 x 1024: the demo's transformer is 128 wide
     group.add_argument("--diffusion-width", type=positive, default=128,
                        help="continuous tokens: width of the diffusion head's MLP blocks")
     group.add_argument("--diffusion-depth", type=positive, default=3,
                        help="continuous tokens: residual blocks of the diffusion head")
-    group.add_argument("--diffusion-repeats", type=positive, default=L.ContinuousGPTConfig.diffusion_repeats,
+    group.add_argument("--diffusion-repeats", type=positive, default=L.GPTConfig.diffusion_repeats,
                        help="continuous tokens: timesteps drawn per token per training step")
     group.add_argument("--diffusion-steps", type=positive, default=100,
                        help="continuous tokens: reverse diffusion steps per token when sampling grids")
-    group.add_argument("--cfg-scale", type=L.bounded(float, 0), default=2.0,
+    group.add_argument("--cfg-scale", type=S.bounded(float, 0), default=2.0,
                        help="classifier-free guidance for the sample grids and the evaluation (1: none)")
-    group.add_argument("--eval-per-class", type=L.bounded(int, 0), default=20,
+    group.add_argument("--eval-per-class", type=S.bounded(int, 0), default=20,
                        help="samples per color/shape combination judged at the end of the shapes demo (0: none)")
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", default="out", help="checkpoints, log.txt and sample grids go here")
@@ -991,8 +975,8 @@ def parse_args(argv=None):
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--seed", type=int, default=0, help="data, initialisation and batches follow from it")
     group.add_argument("--compile", action="store_true", help="torch.compile the GPT's training step")
-    group.add_argument("--warmup", type=L.bounded(int, 0), default=100, help="learning-rate warmup steps")
-    group.add_argument("--grad-clip", type=L.bounded(float, 0, above=True), default=1.0, help="gradient norm clipping")
+    group.add_argument("--warmup", type=S.bounded(int, 0), default=100, help="learning-rate warmup steps")
+    group.add_argument("--grad-clip", type=S.bounded(float, 0, above=True), default=1.0, help="gradient norm clipping")
     group.add_argument("--log-every", type=positive, default=100, help="steps between log lines")
     group.add_argument("--sample-every", type=positive, default=500, help="steps between sample grids")
     group.add_argument("--save-every", type=positive, default=500,
@@ -1000,18 +984,18 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.flip is None:
         args.flip = args.data is None
-    for name, default in DEFAULTS[args.tokens].items():
+    kind = TOKEN_KINDS[args.tokens]
+    for name in ("tokenizer_preset", "gpt_steps"):
         if getattr(args, name) is None:
-            setattr(args, name, default)
-    presets = L.KL_PRESETS if args.tokens == "continuous" else L.VQ_PRESETS
-    if args.tokenizer_preset not in presets:
+            setattr(args, name, kind[name])
+    if args.tokenizer_preset not in kind["presets"]:
         parser.error(f"--tokenizer-preset {args.tokenizer_preset} is not for {args.tokens} tokens; choose from "
-                     f"{', '.join(presets)}")
-    misplaced = [name for name in (QUANTIZER_OPTIONS if args.tokens == "continuous" else ("kl_weight",))
-                 if name != "entropy_loss_ratio" and getattr(args, name) is not None]
-    if misplaced:
-        parser.error(f"--{misplaced[0].replace('_', '-')} is for "
-                     f"{'discrete' if args.tokens == 'continuous' else 'continuous'} tokens, not {args.tokens} ones")
+                     f"{', '.join(kind['presets'])}")
+    for tokens, other in TOKEN_KINDS.items():  # an option of another kind's tokenizer (entropy_loss_ratio has a default)
+        misplaced = [name for name in other["options"] if name not in kind["options"]
+                     and name != "entropy_loss_ratio" and getattr(args, name) is not None]
+        if misplaced:
+            parser.error(f"--{misplaced[0].replace('_', '-')} is for {tokens} tokens, not {args.tokens} ones")
     return args
 
 
@@ -1089,7 +1073,7 @@ def evaluate_run(args, run):
         raise ValueError("--eval-per-class 0 leaves nothing to evaluate.")
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
     if text_encoder is not None:
-        text_encoder[1].to(run.device)
+        text_encoder.t5.to(run.device)
     timer = time.time()
     metrics = evaluate_shapes(gpt.to(run.device), tokenizer.to(run.device), text_encoder, args, run.device,
                               args.eval_per_class)
@@ -1100,10 +1084,10 @@ def evaluate_run(args, run):
 
 def main(argv=None):
     args = parse_args(argv)
-    warnings.formatwarning = L.plain_warning
+    warnings.formatwarning = S.plain_warning
     run = None
     try:
-        L.check_output_dir(args.out_dir, "--out-dir")
+        S.check_output_dir(args.out_dir, "--out-dir")
         run = Run(args)
         if args.stage == "evaluate":
             return evaluate_run(args, run)
