@@ -280,6 +280,12 @@ class ImageTokenizer(nn.Module):
       token_stats(tokens)    fractions of the codebook in use, for the training log
       encode_posterior, draw_from_posterior, calibrate: below, for tokens drawn at random"""
 
+    def __init__(self, cfg):  # the same VQGAN encoder and decoder around every kind of bottleneck
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
     @property
     def downsample_factor(self):  # image pixels per token, along each side
         return 2 ** (len(self.cfg.ch_mult) - 1)
@@ -306,10 +312,7 @@ class VQModel(ImageTokenizer):
     tokens = "discrete"  # one code of the codebook per grid cell
 
     def __init__(self, cfg: VQConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        super().__init__(cfg)
         self.quantize = VectorQuantizer(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
@@ -1465,10 +1468,7 @@ class KLModel(ImageTokenizer):
     tokens = "continuous"  # a vector of embed_dim values per grid cell
 
     def __init__(self, cfg: KLConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        super().__init__(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, 2 * cfg.embed_dim, 1)      # mean and log-variance
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.register_buffer("latent_scale", torch.ones(()))
@@ -1537,6 +1537,62 @@ def timestep_embedding(t, dim, max_period=10000):  # t (N,) -> (N, dim): [cos(t 
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def diffusion_loss(head, tokens, z, alphas_cumprod, repeats=4):
+    """MAR's Diffusion Loss for tokens (N, D) given their conditions z (N, z_dim): noise each token
+    at a random timestep and ask the head for the noise, E ||noise - head(x_t, t, z)||^2. Each token
+    is noised `repeats` times with other timesteps; z is computed once and shared (the transformer
+    is the expensive part)."""
+    tokens, z = tokens.repeat(repeats, 1), z.repeat(repeats, 1)                   # (repeats * N, ...)
+    t = torch.randint(0, len(alphas_cumprod), (len(tokens),), device=tokens.device)
+    alpha_bar = alphas_cumprod.to(tokens.device)[t].float()[:, None]             # (repeats * N, 1)
+    noise = torch.randn_like(tokens)
+    noisy = alpha_bar.sqrt() * tokens + (1 - alpha_bar).sqrt() * noise
+    return F.mse_loss(head(noisy, t, z), noise)
+
+
+def respaced_schedule(alphas_cumprod, num_steps):
+    """The num_steps of the 1000 training steps that sampling visits, evenly spaced with both ends
+    kept (MAR's '100'), with alpha_bar there and the betas between them."""
+    T = len(alphas_cumprod)
+    timesteps = [round(i * (T - 1) / (num_steps - 1)) for i in range(num_steps)] if num_steps > 1 else [T - 1]
+    alpha_bar = alphas_cumprod[timesteps]                                        # (num_steps,)
+    alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return timesteps, alpha_bar, alpha_bar_prev, 1 - alpha_bar / alpha_bar_prev
+
+
+@torch.no_grad()
+def reverse_diffusion(head, z, token_dim, alphas_cumprod, cfg_scale=1.0, temperature=1.0, num_steps=100,
+                      generator=None, x0_bound=5.0):
+    """Draw one token per row of z by reverse diffusion (DDPM ancestral sampling over num_steps
+    respaced steps): start from noise, and at each step predict the noise, estimate x_0 from it,
+    and step to the posterior mean plus fresh noise of variance beta~_t (times temperature: below 1
+    sharper, as MAR). With CFG, z is the [cond; null] batch (2B, z_dim): both halves see the same
+    x_t and the predicted noise is guided, uncond + (cond - uncond) * cfg_scale. -> (B, D)
+
+    The estimate of x_0 is clipped to +-x0_bound (the tokens have unit variance), as ADM clips
+    images to [-1, 1]: at the first steps alpha_bar is about 1e-9, so x_0 = (x_t - sqrt(1 - a) noise)
+    / sqrt(a) multiplies any error in the predicted noise by thousands. MAR's large, long-trained
+    head predicts it precisely enough not to need this; a small head trained for minutes does not."""
+    guided = cfg_scale != 1.0
+    B = z.shape[0] // 2 if guided else z.shape[0]
+    timesteps, alpha_bar, alpha_bar_prev, betas = respaced_schedule(alphas_cumprod.cpu(), num_steps)
+    alpha_bar, alpha_bar_prev, betas = (v.float().tolist() for v in (alpha_bar, alpha_bar_prev, betas))
+    x = torch.randn(B, token_dim, device=z.device, generator=generator)
+    for i in reversed(range(num_steps)):
+        t = torch.full((z.shape[0],), timesteps[i], device=z.device)
+        noise_pred = head((torch.cat([x, x]) if guided else x).to(z.dtype), t, z).float()
+        if guided:
+            noise_pred = guide(noise_pred, cfg_scale)
+        x0 = ((x - math.sqrt(1 - alpha_bar[i]) * noise_pred) / math.sqrt(alpha_bar[i])).clamp(-x0_bound, x0_bound)
+        # the mean of the posterior q(x_{t-1} | x_t, x_0) at the estimated x_0
+        mean = (betas[i] * math.sqrt(alpha_bar_prev[i]) * x0 + (1 - alpha_bar_prev[i]) * math.sqrt(1 - betas[i]) * x) \
+            / (1 - alpha_bar[i])
+        if i == 0:
+            return mean
+        variance = betas[i] * (1 - alpha_bar_prev[i]) / (1 - alpha_bar[i])
+        x = mean + temperature * math.sqrt(variance) * torch.randn(B, token_dim, device=z.device, generator=generator)
 
 
 def modulate(x, shift, scale):
@@ -1609,62 +1665,6 @@ class DiffusionHead(nn.Module):
         batch (2B, dim) guided when cfg_scale is not 1."""
         return reverse_diffusion(self, z, self.token_dim, self.alphas_cumprod, cfg_scale, temperature,
                                  diffusion_steps, generator)[:, None]
-
-
-def diffusion_loss(head, tokens, z, alphas_cumprod, repeats=4):
-    """MAR's Diffusion Loss for tokens (N, D) given their conditions z (N, z_dim): noise each token
-    at a random timestep and ask the head for the noise, E ||noise - head(x_t, t, z)||^2. Each token
-    is noised `repeats` times with other timesteps; z is computed once and shared (the transformer
-    is the expensive part)."""
-    tokens, z = tokens.repeat(repeats, 1), z.repeat(repeats, 1)                   # (repeats * N, ...)
-    t = torch.randint(0, len(alphas_cumprod), (len(tokens),), device=tokens.device)
-    alpha_bar = alphas_cumprod.to(tokens.device)[t].float()[:, None]             # (repeats * N, 1)
-    noise = torch.randn_like(tokens)
-    noisy = alpha_bar.sqrt() * tokens + (1 - alpha_bar).sqrt() * noise
-    return F.mse_loss(head(noisy, t, z), noise)
-
-
-def respaced_schedule(alphas_cumprod, num_steps):
-    """The num_steps of the 1000 training steps that sampling visits, evenly spaced with both ends
-    kept (MAR's '100'), with alpha_bar there and the betas between them."""
-    T = len(alphas_cumprod)
-    timesteps = [round(i * (T - 1) / (num_steps - 1)) for i in range(num_steps)] if num_steps > 1 else [T - 1]
-    alpha_bar = alphas_cumprod[timesteps]                                        # (num_steps,)
-    alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-    return timesteps, alpha_bar, alpha_bar_prev, 1 - alpha_bar / alpha_bar_prev
-
-
-@torch.no_grad()
-def reverse_diffusion(head, z, token_dim, alphas_cumprod, cfg_scale=1.0, temperature=1.0, num_steps=100,
-                      generator=None, x0_bound=5.0):
-    """Draw one token per row of z by reverse diffusion (DDPM ancestral sampling over num_steps
-    respaced steps): start from noise, and at each step predict the noise, estimate x_0 from it,
-    and step to the posterior mean plus fresh noise of variance beta~_t (times temperature: below 1
-    sharper, as MAR). With CFG, z is the [cond; null] batch (2B, z_dim): both halves see the same
-    x_t and the predicted noise is guided, uncond + (cond - uncond) * cfg_scale. -> (B, D)
-
-    The estimate of x_0 is clipped to +-x0_bound (the tokens have unit variance), as ADM clips
-    images to [-1, 1]: at the first steps alpha_bar is about 1e-9, so x_0 = (x_t - sqrt(1 - a) noise)
-    / sqrt(a) multiplies any error in the predicted noise by thousands. MAR's large, long-trained
-    head predicts it precisely enough not to need this; a small head trained for minutes does not."""
-    guided = cfg_scale != 1.0
-    B = z.shape[0] // 2 if guided else z.shape[0]
-    timesteps, alpha_bar, alpha_bar_prev, betas = respaced_schedule(alphas_cumprod.cpu(), num_steps)
-    alpha_bar, alpha_bar_prev, betas = (v.float().tolist() for v in (alpha_bar, alpha_bar_prev, betas))
-    x = torch.randn(B, token_dim, device=z.device, generator=generator)
-    for i in reversed(range(num_steps)):
-        t = torch.full((z.shape[0],), timesteps[i], device=z.device)
-        noise_pred = head((torch.cat([x, x]) if guided else x).to(z.dtype), t, z).float()
-        if guided:
-            noise_pred = guide(noise_pred, cfg_scale)
-        x0 = ((x - math.sqrt(1 - alpha_bar[i]) * noise_pred) / math.sqrt(alpha_bar[i])).clamp(-x0_bound, x0_bound)
-        # the mean of the posterior q(x_{t-1} | x_t, x_0) at the estimated x_0
-        mean = (betas[i] * math.sqrt(alpha_bar_prev[i]) * x0 + (1 - alpha_bar_prev[i]) * math.sqrt(1 - betas[i]) * x) \
-            / (1 - alpha_bar[i])
-        if i == 0:
-            return mean
-        variance = betas[i] * (1 - alpha_bar_prev[i]) / (1 - alpha_bar[i])
-        x = mean + temperature * math.sqrt(variance) * torch.randn(B, token_dim, device=z.device, generator=generator)
 
 
 def continuous_layers(cfg):

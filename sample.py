@@ -47,6 +47,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # -----------------------------------------------------------------------------
+# Pictures
+
+
+def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def grid_image(images, columns):
+    """images (N, 3, H, W) in [-1, 1] -> one Pillow image, `columns` images per row, 2-pixel gaps."""
+    images = to_uint8(images.cpu())
+    N, _, H, W = images.shape
+    rows, gap = math.ceil(N / columns), 2
+    grid = torch.full((3, rows * (H + gap) + gap, columns * (W + gap) + gap), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        top, left = gap + (i // columns) * (H + gap), gap + (i % columns) * (W + gap)
+        grid[:, top:top + H, left:left + W] = image
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def diversity(images):
+    """How different images (N, 3, H, W) in [-1, 1] of one condition are: the RMS pixel distance
+    between two of them, averaged over all pairs, in units of the pixel range (0: all identical)."""
+    x = (images.float().flatten(1) + 1) / 2                                   # (N, 3*H*W) in [0, 1]
+    n = len(x)
+    return (torch.cdist(x, x).sum() / (n * (n - 1)) / x.shape[1] ** 0.5).item() if n > 1 else 0.0
+
+
+# -----------------------------------------------------------------------------
 # Models: ours or the official ones, and what to condition them on
 
 
@@ -133,6 +161,10 @@ def conditions(args, pipeline):
 
 # -----------------------------------------------------------------------------
 # Sampling
+
+
+def flag(name):  # a keyword's command-line flag: top_k -> --top-k
+    return "--" + name.replace("_", "-")
 
 
 def sampling_options(args, gpt, defaults):
@@ -322,31 +354,7 @@ def benchmark(args, device, dtype):
 
 
 # -----------------------------------------------------------------------------
-# Pictures and command-line plumbing (train.py uses these too)
-
-
-def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def grid_image(images, columns):
-    """images (N, 3, H, W) in [-1, 1] -> one Pillow image, `columns` images per row, 2-pixel gaps."""
-    images = to_uint8(images.cpu())
-    N, _, H, W = images.shape
-    rows, gap = math.ceil(N / columns), 2
-    grid = torch.full((3, rows * (H + gap) + gap, columns * (W + gap) + gap), 255, dtype=torch.uint8)
-    for i, image in enumerate(images):
-        top, left = gap + (i // columns) * (H + gap), gap + (i % columns) * (W + gap)
-        grid[:, top:top + H, left:left + W] = image
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
-
-
-def diversity(images):
-    """How different images (N, 3, H, W) in [-1, 1] of one condition are: the RMS pixel distance
-    between two of them, averaged over all pairs, in units of the pixel range (0: all identical)."""
-    x = (images.float().flatten(1) + 1) / 2                                   # (N, 3*H*W) in [0, 1]
-    n = len(x)
-    return (torch.cdist(x, x).sum() / (n * (n - 1)) / x.shape[1] ** 0.5).item() if n > 1 else 0.0
+# Command line, and the plumbing train.py shares
 
 
 def pick_device(name=None):
@@ -415,10 +423,6 @@ def bounded(kind, minimum, maximum=None, above=False):
     return parse
 
 
-def flag(name):  # a keyword's command-line flag: top_k -> --top-k
-    return "--" + name.replace("_", "-")
-
-
 def library_default(function, name):  # a keyword's default, read off the library: its one home
     return inspect.signature(function).parameters[name].default
 
@@ -437,8 +441,27 @@ def check_output_dir(path, option):
                          "write to.") from None
 
 
-# -----------------------------------------------------------------------------
-# Command line
+def prompt_text(text):  # an argparse type: an empty prompt is a mistake, not a request
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty prompt says nothing: write a caption, or sample the "
+                                         "unconditional model with --cfg-scale 0")
+    return text
+
+
+def image_extensions():  # the file extensions Pillow can write
+    return sorted(ext for ext, format in Image.registered_extensions().items() if format in Image.SAVE)
+
+
+def check_output_file(path, option, extensions, example):
+    """An output file's name and folder, checked (the folder made) before any sampling starts."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a folder: pass a file name, such as {os.path.join(path, example)}.")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        shown = " ".join(extensions) if len(extensions) < 6 else ".png, .jpg, .webp, ..."
+        raise ValueError(f"{option} {path} needs a file extension Pillow can write ({shown}).")
+    check_output_dir(os.path.dirname(path) or ".", f"the folder of {option}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{option} {path} exists and cannot be overwritten: pass another file name.")
 
 
 def parse_args(argv=None):
@@ -492,29 +515,6 @@ def parse_args(argv=None):
     group.add_argument("--preset", choices=list(L.GPT_PRESETS), default="GPT-B", help="the model to time")
     group.add_argument("--repeat", type=bounded(int, 1), default=3, help="timed runs; the fastest is reported")
     return parser.parse_args(argv)
-
-
-def prompt_text(text):  # an argparse type: an empty prompt is a mistake, not a request
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty prompt says nothing: write a caption, or sample the "
-                                         "unconditional model with --cfg-scale 0")
-    return text
-
-
-def image_extensions():  # the file extensions Pillow can write
-    return sorted(ext for ext, format in Image.registered_extensions().items() if format in Image.SAVE)
-
-
-def check_output_file(path, option, extensions, example):
-    """An output file's name and folder, checked (the folder made) before any sampling starts."""
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path} is a folder: pass a file name, such as {os.path.join(path, example)}.")
-    if os.path.splitext(path)[1].lower() not in extensions:
-        shown = " ".join(extensions) if len(extensions) < 6 else ".png, .jpg, .webp, ..."
-        raise ValueError(f"{option} {path} needs a file extension Pillow can write ({shown}).")
-    check_output_dir(os.path.dirname(path) or ".", f"the folder of {option}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ValueError(f"{option} {path} exists and cannot be overwritten: pass another file name.")
 
 
 def check_outputs(args):

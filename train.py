@@ -410,6 +410,18 @@ def save_grid(images, path, columns):
 # Stage 1: images -> the tokenizer (a VQ for codes, MAR's KL autoencoder for continuous tokens)
 
 
+QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", "commit_loss_beta",
+                     "entropy_loss_ratio")
+# --tokens, the kind of token, chosen here once: its tokenizer's presets and own options, and the
+# defaults that differ by kind. A continuous GPT step also trains the diffusion head on 4 noisings
+# of every token and takes about twice as long: 600 steps give it the training time of the
+# discrete demo's 1400.
+TOKEN_KINDS = {
+    "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS, tokenizer_preset="VQ-mini", gpt_steps=1400),
+    "continuous": dict(presets=L.KL_PRESETS, options=("kl_weight",), tokenizer_preset="KL-mini", gpt_steps=600),
+}
+
+
 def tokenizer_config(args):
     """The --tokens kind's tokenizer: its preset with the options the command line gives."""
     kind = TOKEN_KINDS[args.tokens]
@@ -854,16 +866,6 @@ def report_shapes(metrics, run, cfg_scale):
 # Command line. Each default lives here once; where it differs from the paper's (the config
 # classes in llamagen.py), the reason is next to it.
 
-QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", "commit_loss_beta",
-                     "entropy_loss_ratio")
-# --tokens, the kind of token, chosen here once: its tokenizer's presets and own options, and the
-# defaults that differ by kind. A continuous GPT step also trains the diffusion head on 4 noisings
-# of every token and takes about twice as long: 600 steps give it the training time of the
-# discrete demo's 1400.
-TOKEN_KINDS = {
-    "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS, tokenizer_preset="VQ-mini", gpt_steps=1400),
-    "continuous": dict(presets=L.KL_PRESETS, options=("kl_weight",), tokenizer_preset="KL-mini", gpt_steps=600),
-}
 # What a resumed run must share with the run that wrote the checkpoint (the rest, such as
 # --log-every or --device, may change between the two)
 DATA_SETTINGS = ("data", "image_size", "num_images", "holdout", "seed", "flip", "warmup", "grad_clip", "tokens")
