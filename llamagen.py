@@ -14,7 +14,7 @@ Read it top to bottom:
   4. codes in, out    a learned vector per code in; logits out: cross-entropy, classifier-free
                       guidance, temperature / top-k / top-p   (LlamaGen generate.py, Ho & Salimans 2022)
   5. GPT              the Llama assembled: teacher forcing, then generation through the KV cache:
-                      prefill, and decode_one_token -> guide -> sample for every token (gpt-fast)
+                      prefill, and decode_one_token -> guide -> sample_code per token (gpt-fast)
   6. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
                       Hugging Face transformers' modeling_t5.py)
   7. released weights the official LlamaGen checkpoints and Hugging Face's T5, with a plain
@@ -27,7 +27,8 @@ Beyond LlamaGen, on the same Llama:
 One Llama, several generators: a kind of token is a tokenizer (TOKENIZERS: every one has
 encode(images) -> tokens and decode(tokens) -> images) and the two layers that read such tokens into
 the Llama and read its output out (TOKEN_LAYERS: every readout has readout, loss and draw). The GPT
-builds what its config names, so its training loss and its generation loop serve every kind.
+builds what its config's token_kind names, so its training loss and its generation loop serve every
+kind.
 
 State-dict names and shapes follow the official code (FoundationVision/LlamaGen), so its released
 checkpoints load unchanged and give its outputs (test_llamagen.py checks this against a fixture).
@@ -270,15 +271,16 @@ class VectorQuantizer(nn.Module):
 
 
 class ImageTokenizer(nn.Module):
-    """What every image tokenizer offers, whatever its tokens are (train.py and sample.py use only
-    this):
-      tokens                 the kind of token it makes: a key of TOKENIZERS and of TOKEN_LAYERS
-      forward(images)        training: reconstruction, tokens, its own loss terms
-      encode(images)         images (B, 3, H, W) in [-1, 1] -> tokens (B, h*w, ...) in raster order
+    """What every image tokenizer offers, whatever its tokens are (the scripts use only this):
+      token_kind, config_class  the kind of token it makes (a key of TOKENIZERS and TOKEN_LAYERS),
+                             and its config's class
+      forward(images)        training: the reconstruction, what the bottleneck made of the images
+                             (codes, or a latent sample: token_stats reads it), its own loss terms
+      encode(images)         images (B, 3, H, W) in [-1, 1] -> tokens (B, h*w, ..) in raster order
       decode(tokens)         tokens -> images (B, 3, H, W) in [-1, 1]
-      token_config()         what a GPT must know of the tokens (GPTConfig fields)
-      token_stats(tokens)    fractions of the codebook in use, for the training log
-      encode_posterior, draw_from_posterior, calibrate: below, for tokens drawn at random"""
+      token_config()         what a GPT must know of the tokens: GPTConfig fields
+      token_stats(...)       fractions of the codebook in use, for the training log
+      downsample_factor, encode_posterior, draw_from_posterior, calibrate: below"""
 
     def __init__(self, cfg):  # the same VQGAN encoder and decoder around every kind of bottleneck
         super().__init__()
@@ -309,7 +311,7 @@ class ImageTokenizer(nn.Module):
 
 class VQModel(ImageTokenizer):
     config_class = VQConfig
-    tokens = "discrete"  # one code of the codebook per grid cell
+    token_kind = "discrete"  # one code of the codebook per grid cell
 
     def __init__(self, cfg: VQConfig):
         super().__init__(cfg)
@@ -335,16 +337,16 @@ class VQModel(ImageTokenizer):
 
     def decode(self, codes):  # (B, h*w) -> images (B, 3, H, W) in [-1, 1], float32
         grid = math.isqrt(codes.shape[1])
-        return self.decode_indices(codes.view(-1, grid, grid)).float().clamp(-1, 1)
+        return self.decode_indices(codes.view(-1, grid, grid)).float().clamp(-1, 1)  # (B, h*w) -> (B, h, w)
 
     def token_config(self):
-        return dict(tokens=self.tokens, vocab_size=self.cfg.codebook_size)
+        return dict(token_kind=self.token_kind, vocab_size=self.cfg.codebook_size)
 
     def token_stats(self, codes):  # any number of codes -> the fraction of the codebook they use
         return {"usage": codes.unique().numel() / self.cfg.codebook_size}
 
 
-# the kind of token a checkpoint names -> its tokenizer; section 9 adds MAR's "continuous"
+# a token_kind -> its tokenizer; section 9 adds MAR's "continuous"
 TOKENIZERS = {"discrete": VQModel}
 
 
@@ -412,15 +414,15 @@ class VQLoss(nn.Module):
     """The tokenizer's training objective (LlamaGen vq_loss.py):
     L2 + perceptual_weight * LPIPS + the tokenizer's own terms (codebook + commitment (+ entropy)
     for the VQ) + disc_weight * (-mean D(reconstruction)) once step >= disc_start.
-    lpips is load_lpips()'s model, or None to train without the perceptual term.
+    lpips: load_lpips()'s model for the perceptual term, or None to train without it.
     The discriminator starts late: early reconstructions are so poor that it would win at once and
     its gradients would only add noise. It is trained in its own step on detached images, so its
     loss never reaches the tokenizer."""
 
-    def __init__(self, disc_start, disc_weight, perceptual_weight, adaptive_disc_weight, lpips=None):
+    def __init__(self, lpips, perceptual_weight, disc_start, disc_weight, adaptive_disc_weight):
         super().__init__()
-        self.discriminator = PatchGANDiscriminator()
         self.lpips = lpips if perceptual_weight > 0 else None
+        self.discriminator = PatchGANDiscriminator()
         self.disc_start = disc_start
         self.disc_weight = disc_weight
         self.perceptual_weight = perceptual_weight
@@ -479,7 +481,7 @@ class GPTConfig:
     cls_token_num: int = 1
     block_size: int = 256            # image tokens = (image_size / downsampling) ** 2
     rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise)
-    tokens: str = "discrete"         # what the image tokens are: a key of TOKEN_LAYERS
+    token_kind: str = "discrete"     # what the image tokens are: a key of TOKEN_LAYERS
     vocab_size: int = 16384          # discrete: the tokenizer's codebook size
     # continuous tokens (MAR, section 9): their width, and the diffusion head that draws them
     token_dim: int = 16              # = the KL tokenizer's embed_dim
@@ -699,7 +701,25 @@ def guide(out, cfg_scale):
     return uncond_out + (cond_out - uncond_out) * cfg_scale
 
 
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def draw_inverse_cdf(probs, generator=None):  # (B, vocab) -> (B, 1)
+    """The first token whose running total of probability passes a uniform draw: one random
+    number per row, much faster on a CPU than torch.multinomial over 16384 codes. It relies on an
+    exact running total, which a CPU computes in order: a removed token adds exactly 0, so no draw
+    can land on it."""
+    cdf = probs.cumsum(dim=-1)                                                   # (B, vocab)
+    draw = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True)
+
+
+def draw_exponential_race(probs, generator=None):  # (B, vocab) -> (B, 1)
+    """For a GPU, whose parallel cumsum may round the running total up across removed tokens:
+    with E_i ~ Exp(1), E_i / p_i is an exponential waiting time with rate p_i, and the first to
+    finish, argmax p_i / E_i, is token i with probability p_i (gpt-fast; no sync with the host)."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)          # (B, vocab)
+    return (probs / noise).argmax(dim=-1, keepdim=True)
+
+
+def sample_code(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row of logits (B, vocab) -> (B, 1): temperature, top-k and top-p filtering as
     in the official sampler, then a draw from what is left. temperature 0 is greedy (argmax)."""
     if temperature == 0:
@@ -719,24 +739,6 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if probs.device.type == "cpu":
         return draw_inverse_cdf(probs, generator)
     return draw_exponential_race(probs, generator)
-
-
-def draw_inverse_cdf(probs, generator=None):  # (B, vocab) -> (B, 1)
-    """The first token whose running total of probability passes a uniform draw: one random
-    number per row, much faster on a CPU than torch.multinomial over 16384 codes. It relies on an
-    exact running total, which a CPU computes in order: a removed token adds exactly 0, so no draw
-    can land on it."""
-    cdf = probs.cumsum(dim=-1)                                                   # (B, vocab)
-    draw = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, draw, right=True)
-
-
-def draw_exponential_race(probs, generator=None):  # (B, vocab) -> (B, 1)
-    """For a GPU, whose parallel cumsum may round the running total up across removed tokens:
-    with E_i ~ Exp(1), E_i / p_i is an exponential waiting time with rate p_i, and the first to
-    finish, argmax p_i / E_i, is token i with probability p_i (gpt-fast; no sync with the host)."""
-    noise = torch.empty_like(probs).exponential_(generator=generator)          # (B, vocab)
-    return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
 class CodeHead(nn.Linear):
@@ -764,14 +766,14 @@ class CodeHead(nn.Linear):
         guided when cfg_scale is not 1."""
         if cfg_scale != 1.0:
             logits = guide(logits, cfg_scale)
-        return sample(logits, temperature, top_k, top_p, generator)
+        return sample_code(logits, temperature, top_k, top_p, generator)
 
 
 def code_layers(cfg):  # LlamaGen's tokens: a learned vector per code in, logits over the codes out
     return nn.Embedding(cfg.vocab_size, cfg.dim), CodeHead(cfg)
 
 
-# GPTConfig.tokens -> the layer that reads such tokens in and the readout of the Llama's output;
+# GPTConfig.token_kind -> the layer that reads such tokens in and the readout of the Llama's output;
 # section 9 adds MAR's "continuous"
 TOKEN_LAYERS = {"discrete": code_layers}
 
@@ -781,17 +783,14 @@ TOKEN_LAYERS = {"discrete": code_layers}
 
 
 @contextlib.contextmanager
-def evaluating(*modules):
-    """Eval mode (no dropout, no condition dropout) while the block runs, then each module's mode
-    as it was."""
-    modes = [module.training for module in modules]
-    for module in modules:
-        module.eval()
+def evaluating(module):
+    """Eval mode (no dropout, no condition dropout) while the block runs, then the mode it had."""
+    was_training = module.training
+    module.eval()
     try:
         yield
     finally:
-        for module, mode in zip(modules, modes):
-            module.train(mode)
+        module.train(was_training)
 
 
 def guidance_at(t, cfg_scale, cfg_interval):
@@ -803,20 +802,20 @@ def guidance_at(t, cfg_scale, cfg_interval):
 class GPT(nn.Module):
     """LlamaGen's generator: a Llama that reads [condition tokens, image tokens] and predicts each
     image token from the condition and the tokens before it, in raster order. What a token is comes
-    from config.tokens: TOKEN_LAYERS builds the layer that reads tokens in (tok_embeddings) and the
+    from config.token_kind: TOKEN_LAYERS builds the layer that reads tokens in (tok_embeddings) and the
     readout of the Llama's output (output)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.tokens not in TOKEN_LAYERS:
-            raise ValueError(f"tokens {cfg.tokens!r} is not a kind of token this code knows ({', '.join(TOKEN_LAYERS)}).")
+        if cfg.token_kind not in TOKEN_LAYERS:
+            raise ValueError(f"token_kind {cfg.token_kind!r} is not one this code knows ({', '.join(TOKEN_LAYERS)}).")
         grid_size = math.isqrt(cfg.block_size)
         if grid_size ** 2 != cfg.block_size:
             raise ValueError(f"block_size {cfg.block_size} is not a square number: it is a grid of tokens.")
         self.config = cfg
         # the condition embedder; "cls_embedding" is the official name for classes and text alike
         self.cls_embedding = LabelEmbedder(cfg) if cfg.model_type == "c2i" else CaptionEmbedder(cfg)
-        token_input, readout = TOKEN_LAYERS[cfg.tokens](cfg)
+        token_input, readout = TOKEN_LAYERS[cfg.token_kind](cfg)
         self.tok_embeddings = token_input                           # image tokens -> (B, T, dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
@@ -828,6 +827,10 @@ class GPT(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
         self.output.initialize()
+
+    @property
+    def draw_options(self):  # the keywords generate() passes on to the readout's draw
+        return self.output.draw_options
 
     def cast(self, device, dtype):
         """Move the model and cast its weights; the RoPE table stays float32, as the official
@@ -1213,7 +1216,7 @@ class NotAnOfficialCheckpoint(ValueError):
 def reject_our_checkpoint(checkpoint, source):
     """Our own checkpoints carry a "kind": say so rather than fail on their shapes."""
     if "kind" in checkpoint and "config" in checkpoint:
-        raise NotAnOfficialCheckpoint(f"{source} was written by train.py, not by the official LlamaGen code")
+        raise NotAnOfficialCheckpoint(f"{source} is one of this project's checkpoints, not an official LlamaGen file")
 
 
 def load_official_vq(path_or_state_dict):
@@ -1325,6 +1328,11 @@ def load_t5_encoder(hf_dir):
 
 CHECKPOINT_FORMAT = 2  # the layout of the dicts below; a file of another format is refused by name
 CHECKPOINT_KINDS = {"tokenizer": "tokenizer (tokenizer.pt)", "gpt": "GPT (gpt.pt)"}
+CHECKPOINT_FIELDS = {  # what loading and resuming read of each kind
+    "tokenizer": ("token_kind", "config", "model", "ema", "step", "args", "image_size"),
+    "gpt": ("config", "model", "tokenizer_fingerprint", "t5", "t5_config", "text_tokenizer", "class_names",
+            "prompts", "cfg_scale", "step", "args"),
+}
 
 
 class NotOurCheckpoint(ValueError):
@@ -1347,17 +1355,21 @@ def load_checkpoint(path, kind):
     reads."""
     checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in CHECKPOINT_KINDS:
-        raise NotOurCheckpoint(f"{path} was not written by train.py (an official LlamaGen file?)")
+        raise NotOurCheckpoint(f"{path} is not one of this project's checkpoints (an official LlamaGen file?)")
     if checkpoint["kind"] != kind:
         raise ValueError(f"{path} holds the {CHECKPOINT_KINDS[checkpoint['kind']]}, not the "
                          f"{CHECKPOINT_KINDS[kind]}: were the two files swapped?")
     version = checkpoint.get("format", 0)
     if version > CHECKPOINT_FORMAT:
         raise ValueError(f"{path} was written by a newer version of this code (checkpoint format {version}, "
-                         f"this one reads {CHECKPOINT_FORMAT}): update llamagen.py, train.py and sample.py.")
+                         f"this one reads {CHECKPOINT_FORMAT}): update this code.")
     if version < CHECKPOINT_FORMAT:
         raise ValueError(f"{path} was written by an older version of this code (checkpoint format {version}, "
                          f"this one reads {CHECKPOINT_FORMAT}): retrain it, or use the version that wrote it.")
+    missing = [field for field in CHECKPOINT_FIELDS[kind] if field not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: it is damaged or was edited; copy it again, or "
+                         "retrain it.")
     return checkpoint
 
 
@@ -1399,10 +1411,10 @@ def load_tokenizer(path):
     """Our trained image tokenizer in eval mode (its EMA weights when it has them), of the kind its
     checkpoint names, and the checkpoint."""
     checkpoint = load_checkpoint(path, "tokenizer")
-    if checkpoint.get("tokens") not in TOKENIZERS:
-        raise ValueError(f"{path} makes tokens of a kind this code does not know ({checkpoint.get('tokens')!r}): "
+    if checkpoint["token_kind"] not in TOKENIZERS:
+        raise ValueError(f"{path} makes tokens of a kind this code does not know ({checkpoint['token_kind']!r}): "
                          "it was written by another version of this code.")
-    tokenizer_class = TOKENIZERS[checkpoint["tokens"]]
+    tokenizer_class = TOKENIZERS[checkpoint["token_kind"]]
     tokenizer = tokenizer_class(config_from_dict(tokenizer_class.config_class, checkpoint["config"], path))
     return load_weights(tokenizer, checkpoint["ema"] or checkpoint["model"], path), checkpoint
 
@@ -1412,9 +1424,9 @@ def load_gpt(path, tokenizer, tokenizer_path):
     refused when it was trained on another tokenizer."""
     checkpoint = load_checkpoint(path, "gpt")
     cfg = config_from_dict(GPTConfig, checkpoint["config"], path)
-    if cfg.tokens != tokenizer.tokens:
-        raise ValueError(f"{path} models {cfg.tokens} tokens but {tokenizer_path} makes {tokenizer.tokens} ones: "
-                         "pair it with the tokenizer it was trained on.")
+    if cfg.token_kind != tokenizer.token_kind:
+        raise ValueError(f"{path} models {cfg.token_kind} tokens but {tokenizer_path} makes {tokenizer.token_kind} "
+                         "ones: pair it with the tokenizer it was trained on.")
     if checkpoint["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"{path} was trained on another tokenizer than {tokenizer_path}, so it would sample "
                          "tokens that mean something else: pair it with the tokenizer it was trained on, or "
@@ -1465,7 +1477,7 @@ class KLModel(ImageTokenizer):
     the tokens the GPT sees have about unit variance (MAR's 0.2325 for KL-16 on ImageNet)."""
 
     config_class = KLConfig
-    tokens = "continuous"  # a vector of embed_dim values per grid cell
+    token_kind = "continuous"  # a vector of embed_dim values per grid cell
 
     def __init__(self, cfg: KLConfig):
         super().__init__(cfg)
@@ -1496,7 +1508,7 @@ class KLModel(ImageTokenizer):
         return self.decoder(self.post_quant_conv(z)).float().clamp(-1, 1)
 
     def token_config(self):
-        return dict(tokens=self.tokens, token_dim=self.cfg.embed_dim)
+        return dict(token_kind=self.token_kind, token_dim=self.cfg.embed_dim)
 
     @torch.no_grad()
     def encode_posterior(self, images):
@@ -1507,7 +1519,7 @@ class KLModel(ImageTokenizer):
         return moments.flatten(3).permute(0, 3, 1, 2)                             # (B, h*w, 2, D)
 
     def draw_from_posterior(self, moments):  # (B, h*w, 2, D) -> tokens (B, h*w, D)
-        mean, std = moments.unbind(dim=2)
+        mean, std = moments.unbind(dim=2)                                         # (B, h*w, D) each
         return mean + std * torch.randn_like(mean)
 
     @torch.no_grad()
@@ -1539,7 +1551,7 @@ def timestep_embedding(t, dim, max_period=10000):  # t (N,) -> (N, dim): [cos(t 
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-def diffusion_loss(head, tokens, z, alphas_cumprod, repeats=4):
+def diffusion_loss(head, tokens, z, alphas_cumprod, repeats):
     """MAR's Diffusion Loss for tokens (N, D) given their conditions z (N, z_dim): noise each token
     at a random timestep and ask the head for the noise, E ||noise - head(x_t, t, z)||^2. Each token
     is noised `repeats` times with other timesteps; z is computed once and shared (the transformer
@@ -1610,7 +1622,7 @@ class AdaLNBlock(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x, c):  # x, c (N, width)
-        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
+        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)    # (N, width) each
         return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
 
 
@@ -1622,7 +1634,7 @@ class DiffusionHead(nn.Module):
 
     draw_options = ("diffusion_steps",)
 
-    def __init__(self, token_dim, z_dim, width, depth, repeats=4, frequency_dim=256):
+    def __init__(self, token_dim, z_dim, width, depth, repeats, frequency_dim=256):
         super().__init__()
         self.token_dim, self.repeats, self.frequency_dim = token_dim, repeats, frequency_dim
         self.input_proj = nn.Linear(token_dim, width)
@@ -1637,28 +1649,34 @@ class DiffusionHead(nn.Module):
         self.initialize()
 
     def initialize(self):
-        """PyTorch's default initialisation, with the modulations and the output zero: each block
-        starts as the identity and the head predicts no noise."""
+        """MAR's initialisation: Xavier-uniform weights and zero biases, N(0, 0.02) for the timestep
+        embedding, and the modulations and the output zero: each block starts as the identity and
+        the head predicts no noise."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                module.reset_parameters()
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for layer in (self.time_embed[0], self.time_embed[2]):
+            nn.init.normal_(layer.weight, std=0.02)
         for layer in [block.modulation[1] for block in self.blocks] + [self.final_modulation[1], self.final_linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x, t, z):  # x_t (N, D), t (N,) integer timesteps in [0, 1000), z (N, z_dim) -> noise (N, D)
-        c = self.time_embed(timestep_embedding(t, self.frequency_dim)) + self.cond_embed(z)   # (N, width)
+        frequencies = timestep_embedding(t, self.frequency_dim).to(x.dtype)                  # (N, frequency_dim)
+        c = self.time_embed(frequencies) + self.cond_embed(z)                                  # (N, width)
         h = self.input_proj(x)
         for block in self.blocks:
             h = block(h, c)
-        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)                               # (N, width) each
         return self.final_linear(modulate(self.final_norm(h), shift, scale))
 
     def readout(self, h):  # the Llama's final hidden states are z, the head's condition
         return h
 
     def loss(self, z, tokens):  # z (B, T, dim), tokens (B, T, D) -> the Diffusion Loss of every token
-        return diffusion_loss(self, tokens.flatten(0, 1), z.flatten(0, 1), self.alphas_cumprod, self.repeats)
+        return diffusion_loss(self, tokens.flatten(0, 1), z.flatten(0, 1),     # (B*T, D), (B*T, dim)
+                              self.alphas_cumprod, self.repeats)
 
     def draw(self, z, cfg_scale=1.0, temperature=1.0, generator=None, diffusion_steps=100):
         """One token per row, (B, 1, D), by reverse diffusion: from z (B, dim), or from the CFG
@@ -1667,11 +1685,19 @@ class DiffusionHead(nn.Module):
                                  diffusion_steps, generator)[:, None]
 
 
+class TokenProjection(nn.Linear):
+    """MAR's input layer: a linear projection of each vector (B, T, D) -> (B, T, dim). The tokens
+    drawn stay float32, so it reads them in its own dtype (bf16 too)."""
+
+    def forward(self, tokens):
+        return super().forward(tokens.to(self.weight.dtype))
+
+
 def continuous_layers(cfg):
     """MAR's tokens: a linear projection reads a vector in; the Llama's output is read out by the
     diffusion head that draws the next one."""
-    return nn.Linear(cfg.token_dim, cfg.dim), DiffusionHead(cfg.token_dim, cfg.dim, cfg.diffusion_width,
-                                                            cfg.diffusion_depth, cfg.diffusion_repeats)
+    return TokenProjection(cfg.token_dim, cfg.dim), DiffusionHead(cfg.token_dim, cfg.dim, cfg.diffusion_width,
+                                                                  cfg.diffusion_depth, cfg.diffusion_repeats)
 
 
 TOKENIZERS["continuous"] = KLModel

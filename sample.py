@@ -102,7 +102,7 @@ def load_ours(out_dir):
         tokenizer, _ = L.load_tokenizer(tokenizer_path)
         gpt, text_encoder, checkpoint = L.load_gpt(gpt_path, tokenizer, tokenizer_path)
     except L.NotOurCheckpoint as error:
-        raise ValueError(f"{error}: pass it with --official-vq / --official-gpt.") from None
+        raise ValueError(f"{error}: pass official files with --official-vq and --official-gpt.") from None
     return Pipeline(tokenizer, gpt, text_encoder, checkpoint["class_names"], checkpoint["prompts"],
                     dict(cfg_scale=checkpoint["cfg_scale"]))
 
@@ -167,16 +167,15 @@ def flag(name):  # a keyword's command-line flag: top_k -> --top-k
     return "--" + name.replace("_", "-")
 
 
-def sampling_options(args, gpt, defaults):
+def sampling_options(args, draw_options, defaults):
     """generate()'s keywords: the defaults of where the models come from, then what the command line
-    gives. An option the GPT's readout does not draw with (--top-k for continuous tokens, say) is a
-    mistake to report, not to ignore."""
+    gives. An option the GPT's readout does not draw with (draw_options: --top-k is not one for
+    continuous tokens) is a mistake to report, not to ignore."""
     given = {name: getattr(args, name) for name in GENERATE_OPTIONS + DRAW_OPTIONS if hasattr(args, name)}
-    draws_with = gpt.output.draw_options
-    foreign = [name for name in DRAW_OPTIONS if name in given and name not in draws_with]
+    foreign = [name for name in DRAW_OPTIONS if name in given and name not in draw_options]
     if foreign:
-        raise ValueError(f"{flag(foreign[0])} does not apply to this GPT: its readout ({type(gpt.output).__name__}) "
-                         f"draws with {', '.join(map(flag, draws_with))}, --temperature and --cfg-scale.")
+        raise ValueError(f"{flag(foreign[0])} does not apply to this GPT, which draws with "
+                         f"{', '.join(map(flag, draw_options))}, --temperature, --cfg-scale and --cfg-interval.")
     return {**defaults, **given}
 
 
@@ -307,12 +306,12 @@ def time_parts(gpt, rows, batch, top_k, device, dtype):
 
     def sampling():
         for _ in range(cfg.block_size):
-            L.sample(logits, top_k=top_k, generator=generator)
+            L.sample_code(logits, top_k=top_k, generator=generator)
     return {name: time_it(part, device)[0] for name, part in
             [("attention", attention), ("RMSNorm", normalisation), ("sampling", sampling)]}
 
 
-def benchmark(args, device, dtype):
+def benchmark(args, options, device, dtype):
     image_size = args.image_size or 256
     cfg = L.GPTConfig(**L.GPT_PRESETS[args.preset], vocab_size=16384, block_size=(image_size // 16) ** 2,
                       num_classes=1000)
@@ -320,7 +319,6 @@ def benchmark(args, device, dtype):
     gpt = L.GPT(cfg).cast(device, dtype).eval()
     if args.compile:
         gpt.compile_decode_one_token()
-    options = sampling_options(args, gpt, OFFICIAL_C2I_SAMPLING)
     labels = torch.arange(args.batch_size, device=device) % cfg.num_classes
     rows = args.batch_size * (2 if options["cfg_scale"] != 1 else 1)
     print(f"{args.preset} ({sum(p.numel() for p in gpt.parameters()) / 1e6:.0f}M parameters), class-conditional, "
@@ -476,13 +474,13 @@ def parse_args(argv=None):
     group.add_argument("--prompt", action="append", type=prompt_text, help="a caption (repeat for several)")
     group.add_argument("--class-id", type=int, action="append", help="a class id (repeat for several)")
     group.add_argument("--class-name", action="append", help="a class name stored in our checkpoint")
-    group = parser.add_argument_group("sampling (each default is the model's own: the checkpoint's, the official "
-                                      "sampler's, or the library's)")
+    group = parser.add_argument_group("sampling (defaults: the checkpoint's, the official sampler's, the library's)")
     group.add_argument("--num-samples", type=bounded(int, 1), default=4, help="images per prompt or class")
     group.add_argument("--cfg-scale", type=bounded(float, 0), default=argparse.SUPPRESS,
                        help="classifier-free guidance: 1 none, 0 the unconditional model, above 1 closer to the "
                             "condition, less varied (default: the checkpoint's for ours, "
-                            f"{OFFICIAL_C2I_SAMPLING['cfg_scale']} official c2i, {OFFICIAL_T2I_SAMPLING['cfg_scale']} t2i)")
+                            f"{OFFICIAL_C2I_SAMPLING['cfg_scale']} official c2i, "
+                            f"{OFFICIAL_T2I_SAMPLING['cfg_scale']} t2i)")
     group.add_argument("--cfg-interval", type=bounded(int, -1), default=argparse.SUPPRESS,
                        help="guide only the first N + 2 tokens, -1: all "
                             f"(default: {library_default(L.GPT.generate, 'cfg_interval')})")
@@ -534,6 +532,7 @@ def main(argv=None):
         if args.benchmark:
             if args.image_size and args.image_size % 16:
                 raise ValueError(f"--image-size {args.image_size} is not a multiple of 16 (VQ-16's downsampling).")
+            options = sampling_options(args, L.CodeHead.draw_options, OFFICIAL_C2I_SAMPLING)  # an official-size GPT
         else:
             check_outputs(args)
             if bool(args.official_vq) != bool(args.official_gpt):
@@ -542,13 +541,13 @@ def main(argv=None):
                 raise ValueError("pass --image-size (256, 384 or 512) with official checkpoints.")
             pipeline = load_official(args) if args.official_gpt else load_ours(args.out_dir)
             rows = conditions(args, pipeline)
-            options = sampling_options(args, pipeline.gpt, pipeline.sampling)
+            options = sampling_options(args, pipeline.gpt.draw_options, pipeline.sampling)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     dtype = DTYPES[args.dtype]
     try:
         if args.benchmark:
-            return benchmark(args, device, dtype)
+            return benchmark(args, options, device, dtype)
         pipeline.tokenizer.to(device)
         pipeline.gpt.cast(device, dtype)
         if pipeline.text_encoder is not None:

@@ -413,12 +413,15 @@ def save_grid(images, path, columns):
 QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", "commit_loss_beta",
                      "entropy_loss_ratio")
 # --tokens, the kind of token, chosen here once: its tokenizer's presets and own options, and the
-# defaults that differ by kind. A continuous GPT step also trains the diffusion head on 4 noisings
-# of every token and takes about twice as long: 600 steps give it the training time of the
-# discrete demo's 1400.
+# defaults that differ by kind. The VQ's entropy loss is 0.1 rather than the official 0: on the
+# simple shapes most codes die without it. A continuous GPT step also trains the diffusion head on
+# 4 noisings of every token and takes about twice as long: 600 steps give it the training time of
+# the discrete demo's 1400.
 TOKEN_KINDS = {
-    "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS, tokenizer_preset="VQ-mini", gpt_steps=1400),
-    "continuous": dict(presets=L.KL_PRESETS, options=("kl_weight",), tokenizer_preset="KL-mini", gpt_steps=600),
+    "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS,
+                     defaults=dict(tokenizer_preset="VQ-mini", gpt_steps=1400, entropy_loss_ratio=0.1)),
+    "continuous": dict(presets=L.KL_PRESETS, options=("kl_weight",),
+                       defaults=dict(tokenizer_preset="KL-mini", gpt_steps=600)),
 }
 
 
@@ -468,10 +471,8 @@ def train_tokenizer(args, run, data, checkpoint=None):
         else tokenizer_config(args)
     torch.manual_seed(args.seed)
     tokenizer = tokenizer_class(cfg).to(run.device)
-    criterion = L.VQLoss(disc_start=args.disc_start, disc_weight=args.disc_weight,
-                         perceptual_weight=args.perceptual_weight, adaptive_disc_weight=args.adaptive_disc_weight)
-    criterion.lpips = load_perceptual_loss(args.perceptual_weight)
-    criterion.to(run.device)
+    criterion = L.VQLoss(load_perceptual_loss(args.perceptual_weight), args.perceptual_weight, args.disc_start,
+                         args.disc_weight, args.adaptive_disc_weight).to(run.device)
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.95))
     disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=args.tokenizer_lr, betas=(0.9, 0.95))
     ema = AveragedModel(tokenizer, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
@@ -489,7 +490,7 @@ def train_tokenizer(args, run, data, checkpoint=None):
         run.log(f"resuming the tokenizer from {path} at step {start}")
 
     def save(step, metrics=None):
-        L.save_checkpoint(dict(kind="tokenizer", tokens=tokenizer.tokens, config=dataclasses.asdict(cfg),
+        L.save_checkpoint(dict(kind="tokenizer", token_kind=tokenizer.token_kind, config=dataclasses.asdict(cfg),
                                model=tokenizer.state_dict(), ema=ema.module.state_dict() if ema else None,
                                discriminator=criterion.discriminator.state_dict(), optimizer=optimizer.state_dict(),
                                disc_optimizer=disc_optimizer.state_dict(), step=step, rng=rng_state(run.device),
@@ -618,8 +619,9 @@ def encode_posteriors(tokenizer, images, device, batch_size=256):  # uint8 image
 
 def tokenize_training_set(args, data, tokenizer, text_encoder, device):
     """Every training image (with a caption, for text) through the tokenizer, with its condition."""
-    keep = [i for i, caption in enumerate(data.captions) if caption] if text_encoder else range(len(data.images))
-    images = data.images[list(keep)]
+    keep = [i for i, caption in enumerate(data.captions) if caption] if text_encoder is not None \
+        else list(range(len(data.images)))
+    images = data.images[keep]
     posteriors = [encode_posteriors(tokenizer, images, device)]
     if text_encoder is not None:
         captions = [data.captions[i] for i in keep]
@@ -653,7 +655,7 @@ def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device
     """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1]."""
     cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
-    options = {name: getattr(args, name) for name in gpt.output.draw_options if hasattr(args, name)}
+    options = {name: getattr(args, name) for name in gpt.draw_options if hasattr(args, name)}
     tokens = gpt.generate(cond, cond_mask, cfg_scale=args.cfg_scale, generator=generator, **options)
     gpt.free_caches()  # give the KV cache's memory back to training
     return tokenizer.decode(tokens)
@@ -869,12 +871,17 @@ def report_shapes(metrics, run, cfg_scale):
 # What a resumed run must share with the run that wrote the checkpoint (the rest, such as
 # --log-every or --device, may change between the two)
 DATA_SETTINGS = ("data", "image_size", "num_images", "holdout", "seed", "flip", "warmup", "grad_clip", "tokens")
-TOKENIZER_SETTINGS = DATA_SETTINGS + QUANTIZER_OPTIONS + (
-    "tokenizer_preset", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr", "kl_weight", "perceptual_weight",
+TOKENIZER_SETTINGS = DATA_SETTINGS + tuple(name for kind in TOKEN_KINDS.values() for name in kind["options"]) + (
+    "tokenizer_preset", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr", "perceptual_weight",
     "disc_start", "disc_weight", "adaptive_disc_weight", "ema")
 GPT_SETTINGS = DATA_SETTINGS + ("cond", "gpt_preset", "gpt_steps", "gpt_batch_size", "gpt_lr", "weight_decay",
                                 "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope",
                                 "diffusion_width", "diffusion_depth", "diffusion_repeats")
+
+
+def kind_defaults(name):  # for --help: a default that depends on --tokens
+    return ", ".join(f"{kind['defaults'][name]} for {tokens} tokens" for tokens, kind in TOKEN_KINDS.items()
+                     if name in kind["defaults"])
 
 
 def parse_args(argv=None):
@@ -902,8 +909,7 @@ def parse_args(argv=None):
                        help="discrete codes from a VQ tokenizer (LlamaGen), or continuous tokens from a KL "
                             "tokenizer with a diffusion loss per token (MAR)")
     group.add_argument("--tokenizer-preset", choices=[name for kind in TOKEN_KINDS.values() for name in kind["presets"]],
-                       help="the tokenizer's size (default: " + ", ".join(
-                           f"{kind['tokenizer_preset']} for {tokens}" for tokens, kind in TOKEN_KINDS.items()) + ")")
+                       help=f"the tokenizer's size (default: {kind_defaults('tokenizer_preset')})")
     group.add_argument("--tokenizer-steps", type=positive, default=800, help="training steps of the tokenizer")
     group.add_argument("--tokenizer-batch-size", type=positive, default=16,
                        help="images per step (all processes together)")
@@ -918,9 +924,9 @@ def parse_args(argv=None):
     group.add_argument("--commit-loss-beta", type=S.bounded(float, 0),
                        help="VQ: weight of the commitment loss that keeps the encoder near its codes (VQ-VAE; "
                             "default: 0.25)")
-    # 0.1 rather than the official 0: on the simple shapes most codes die without it
-    group.add_argument("--entropy-loss-ratio", type=S.bounded(float, 0), default=0.1,
-                       help="VQ: weight of the entropy loss that keeps the whole codebook in use (MaskGIT; 0: off)")
+    group.add_argument("--entropy-loss-ratio", type=S.bounded(float, 0),
+                       help="VQ: weight of the entropy loss that keeps the whole codebook in use (MaskGIT; 0: off, "
+                            f"the official default; default: {kind_defaults('entropy_loss_ratio')})")
     group.add_argument("--kl-weight", type=S.bounded(float, 0),
                        help="KL tokenizer: weight of KL(q(z|x) || N(0, I)) per latent value (default: the preset's)")
     group.add_argument("--perceptual-weight", type=S.bounded(float, 0), default=1.0, help="LPIPS weight (0: off)")
@@ -935,8 +941,8 @@ def parse_args(argv=None):
                        help="EMA decay of the tokenizer weights (0: no EMA)")
     group = parser.add_argument_group("GPT (stage 2)")
     group.add_argument("--gpt-preset", choices=list(L.GPT_PRESETS), default="GPT-mini")
-    group.add_argument("--gpt-steps", type=positive, help="training steps of the GPT (default: " + ", ".join(
-                           f"{kind['gpt_steps']} for {tokens}" for tokens, kind in TOKEN_KINDS.items()) + ")")
+    group.add_argument("--gpt-steps", type=positive,
+                       help=f"training steps of the GPT (default: {kind_defaults('gpt_steps')})")
     group.add_argument("--gpt-batch-size", type=positive, default=32,
                        help="token grids per step (all processes together)")
     group.add_argument("--gpt-lr", type=S.bounded(float, 0, above=True), default=2e-3,
@@ -959,11 +965,12 @@ def parse_args(argv=None):
     # smaller than MAR's 3 x 1024: the demo's transformer is 128 wide
     group.add_argument("--diffusion-width", type=positive, default=128,
                        help="continuous tokens: width of the diffusion head's MLP blocks")
-    group.add_argument("--diffusion-depth", type=positive, default=3,
+    group.add_argument("--diffusion-depth", type=positive, default=L.GPTConfig.diffusion_depth,
                        help="continuous tokens: residual blocks of the diffusion head")
     group.add_argument("--diffusion-repeats", type=positive, default=L.GPTConfig.diffusion_repeats,
                        help="continuous tokens: timesteps drawn per token per training step")
-    group.add_argument("--diffusion-steps", type=positive, default=100,
+    group.add_argument("--diffusion-steps", type=positive,
+                       default=S.library_default(L.DiffusionHead.draw, "diffusion_steps"),
                        help="continuous tokens: reverse diffusion steps per token when sampling grids")
     group.add_argument("--cfg-scale", type=S.bounded(float, 0), default=2.0,
                        help="classifier-free guidance for the sample grids and the evaluation (1: none)")
@@ -987,15 +994,15 @@ def parse_args(argv=None):
     if args.flip is None:
         args.flip = args.data is None
     kind = TOKEN_KINDS[args.tokens]
-    for name in ("tokenizer_preset", "gpt_steps"):
+    for name, default in kind["defaults"].items():
         if getattr(args, name) is None:
-            setattr(args, name, kind[name])
+            setattr(args, name, default)
     if args.tokenizer_preset not in kind["presets"]:
         parser.error(f"--tokenizer-preset {args.tokenizer_preset} is not for {args.tokens} tokens; choose from "
                      f"{', '.join(kind['presets'])}")
-    for tokens, other in TOKEN_KINDS.items():  # an option of another kind's tokenizer (entropy_loss_ratio has a default)
-        misplaced = [name for name in other["options"] if name not in kind["options"]
-                     and name != "entropy_loss_ratio" and getattr(args, name) is not None]
+    for tokens, other in TOKEN_KINDS.items():  # an option of another kind's tokenizer
+        misplaced = [name for name in other["options"]
+                     if name not in kind["options"] and getattr(args, name) is not None]
         if misplaced:
             parser.error(f"--{misplaced[0].replace('_', '-')} is for {tokens} tokens, not {args.tokens} ones")
     return args
@@ -1102,9 +1109,9 @@ def main(argv=None):
                 raise FileNotFoundError(f"{tokenizer_path} does not exist: train the tokenizer first "
                                         "(python train.py tokenizer), or run both stages (python train.py).")
             tokenizer, checkpoint = L.load_tokenizer(tokenizer_path)
-            if checkpoint["tokens"] != args.tokens:
-                raise ValueError(f"{tokenizer_path} makes {checkpoint['tokens']} tokens: pass --tokens "
-                                 f"{checkpoint['tokens']}.")
+            if checkpoint["token_kind"] != args.tokens:
+                raise ValueError(f"{tokenizer_path} makes {checkpoint['token_kind']} tokens: pass --tokens "
+                                 f"{checkpoint['token_kind']}.")
             if checkpoint["image_size"] != args.image_size:
                 raise ValueError(f"{tokenizer_path} was trained at {checkpoint['image_size']} px but --image-size "
                                  f"is {args.image_size}: pass --image-size {checkpoint['image_size']}.")
