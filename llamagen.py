@@ -1164,6 +1164,14 @@ class TextEncoder:
 # load_state_dict (each model's config is read off the shapes of its weights)
 
 
+class UnreadableFile(ValueError):
+    """A file torch.load cannot read: empty, cut short or damaged, or not a checkpoint at all."""
+
+    def __init__(self, path, reason, advice):
+        super().__init__(f"{path} is {reason}: {advice}.")
+        self.path, self.reason = path, reason
+
+
 def read_torch_file(path):
     """torch.load(path) of tensors and plain values only (weights_only: nothing else is unpickled),
     with one clear sentence for each way a file can be wrong."""
@@ -1181,12 +1189,12 @@ def read_torch_file(path):
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
         if os.path.getsize(path) == 0:
-            raise ValueError(f"{path} is empty: copy it again, or retrain it.") from None
+            raise UnreadableFile(path, "empty", "copy it again, or retrain it") from None
         if is_zip:
-            raise ValueError(f"{path} is truncated or damaged, so it cannot be read: copy it again, or "
-                             "retrain it.") from None
-        raise ValueError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this is "
-                         "not one): check the path.") from None
+            raise UnreadableFile(path, "truncated or damaged, so it cannot be read",
+                                 "copy it again, or retrain it") from None
+        raise UnreadableFile(path, "not a PyTorch checkpoint (torch.save writes a zip archive; this is not one)",
+                             "check the path") from None
 
 
 def read_state_dict(path_or_state_dict):

@@ -3,21 +3,25 @@
     python sample.py                                     # a grid from out/tokenizer.pt and out/gpt.pt
     python sample.py --prompt "a small red circle at the top" --num-samples 8
     python sample.py --class-name "red circle" --gif generation.gif
+    python sample.py --official c2i_B_256 --class-id 207      # a released model, downloaded once by name
+    python sample.py --list-official                         # the release: names, sizes, what is downloaded
+    python sample.py --official t2i_XL_stage1_256 --t5 flan-t5-xl --prompt "a red fox in the snow"
     python sample.py --official-vq vq_ds16_c2i.pt --official-gpt c2i_L_256.pt --image-size 256 --class-id 207
-    python sample.py --official-vq vq_ds16_c2i.pt --official-gpt t2i_XL_stage1_256.pt --t5 flan-t5-xl \\
-        --image-size 256 --prompt "a red fox in the snow"
     python sample.py --benchmark --preset GPT-B --batch-size 2
 
 The models are in llamagen.py; this file loads them, samples, writes pictures, and holds the
 command-line plumbing that train.py shares (it imports this file, never the other way round).
 """
 import argparse
+import dataclasses
+import http.client
 import inspect
 import math
 import os
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 
 import numpy as np
@@ -75,6 +79,87 @@ def diversity(images):
 
 
 # -----------------------------------------------------------------------------
+# The released models, by name: downloaded once into the torch hub cache
+
+
+@dataclasses.dataclass
+class Release:
+    repo: str                # the Hugging Face model repository that serves it
+    params: float            # as the official README gives them
+    image_size: int = None   # a GPT: the size it generates
+    tokenizer: str = None    # a GPT: the release name of the tokenizer whose codes it predicts
+
+
+RELEASES = {  # the official README's tables (FoundationVision/LlamaGen)
+    "vq_ds16_c2i": Release("FoundationVision/LlamaGen", 72e6),
+    "vq_ds8_c2i": Release("FoundationVision/LlamaGen", 70e6),
+    "c2i_B_256": Release("FoundationVision/LlamaGen", 111e6, 256, "vq_ds16_c2i"),
+    "c2i_B_384": Release("FoundationVision/LlamaGen", 111e6, 384, "vq_ds16_c2i"),
+    "c2i_L_256": Release("FoundationVision/LlamaGen", 343e6, 256, "vq_ds16_c2i"),
+    "c2i_L_384": Release("FoundationVision/LlamaGen", 343e6, 384, "vq_ds16_c2i"),
+    "c2i_XL_384": Release("FoundationVision/LlamaGen", 775e6, 384, "vq_ds16_c2i"),
+    "c2i_XXL_384": Release("FoundationVision/LlamaGen", 1.4e9, 384, "vq_ds16_c2i"),
+    "c2i_3B_384": Release("FoundationVision/LlamaGen", 3.1e9, 384, "vq_ds16_c2i"),
+    "vq_ds16_t2i": Release("peizesun/llamagen_t2i", 72e6),
+    "t2i_XL_stage1_256": Release("peizesun/llamagen_t2i", 775e6, 256, "vq_ds16_t2i"),
+    "t2i_XL_stage2_512": Release("peizesun/llamagen_t2i", 775e6, 512, "vq_ds16_t2i"),
+}
+RELEASED_GPTS = [name for name, release in RELEASES.items() if release.tokenizer]
+BASE_URL_VARIABLE = "LLAMAGEN_BASE_URL"  # a mirror, or a test server, that serves <repo>/resolve/main/<file>
+
+
+def release_path(name):  # where a release file is kept: torch hub's checkpoint cache
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{name}.pt")
+
+
+def release_url(name):
+    base = os.environ.get(BASE_URL_VARIABLE, "https://huggingface.co").rstrip("/")
+    return f"{base}/{RELEASES[name].repo}/resolve/main/{name}.pt"
+
+
+def fetch_release(name):
+    """The path of release file `name`, downloaded into the cache first if it is not there. The
+    download goes to a temporary name and is renamed only once complete, so an interrupted one
+    never passes for the model."""
+    path = release_path(name)
+    if os.path.exists(path):
+        return path
+    url, partial = release_url(name), path + ".partial"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0)
+            print(f"downloading {name}.pt ({size / 1e9:.2f} GB) from {url} to {path}")
+            with tqdm(total=size or None, unit="B", unit_scale=True, desc=name, leave=False) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if size and f.tell() != size:
+                raise http.client.IncompleteRead(b"", size - f.tell())
+        os.replace(partial, path)
+    except (OSError, http.client.HTTPException) as error:  # no network, an HTTP error, a connection cut short
+        reason = "the connection closed early" if isinstance(error, http.client.IncompleteRead) else error
+        raise OSError(f"could not download {url} ({reason}): check the network, or put the file there by hand: "
+                      f"{path}") from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+def list_releases():
+    print(f"{'name':20s} {'params':>7s} {'image':>6s} {'download':>10s}  cached in {os.path.dirname(release_path(''))}")
+    for name, release in RELEASES.items():
+        params = f"{release.params / 1e9:.1f}B" if release.params >= 1e9 else f"{release.params / 1e6:.0f}M"
+        image = f"{release.image_size} px" if release.image_size else "-"
+        size = f"~{release.params * 4 / 1e9:.2f} GB"  # float32 weights
+        cached = "yes" if os.path.exists(release_path(name)) else "no"
+        print(f"{name:20s} {params:>7s} {image:>6s} {size:>10s}  {cached}")
+    print("download: about the float32 weights; the exact size is announced when it starts. python sample.py "
+          "--official NAME downloads a GPT and its tokenizer once, then reads them from the cache.")
+
+
+# -----------------------------------------------------------------------------
 # Models: ours or the official ones, and what to condition them on
 
 
@@ -107,28 +192,44 @@ def load_ours(out_dir):
                     dict(cfg_scale=checkpoint["cfg_scale"]))
 
 
+def official_files(args):
+    """(tokenizer file, GPT file, image size): of the release --official names, downloaded once;
+    or --official-vq, --official-gpt and --image-size."""
+    if args.official:
+        release = RELEASES[args.official]
+        return fetch_release(release.tokenizer), fetch_release(args.official), release.image_size
+    return args.official_vq, args.official_gpt, args.image_size
+
+
 def load_official(args):
+    vq_path, gpt_path, image_size = official_files(args)
     try:
-        vq = L.load_official_vq(args.official_vq)
-        if args.image_size % vq.downsample_factor:
-            raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
+        vq = L.load_official_vq(vq_path)
+        if image_size % vq.downsample_factor:
+            raise ValueError(f"--image-size {image_size} is not a multiple of the tokenizer's "
                              f"{vq.downsample_factor}x downsampling.")
-        gpt = L.load_official_gpt(args.official_gpt, block_size=(args.image_size // vq.downsample_factor) ** 2)
+        gpt = L.load_official_gpt(gpt_path, block_size=(image_size // vq.downsample_factor) ** 2)
     except L.NotAnOfficialCheckpoint as error:
         raise ValueError(f"{error}: pass its folder with --out-dir instead.") from None
+    except L.UnreadableFile as error:
+        if os.path.dirname(error.path) != os.path.dirname(release_path("")):
+            raise
+        raise ValueError(f"{error.path}, a download in the cache, is {error.reason}: delete it, and the next run "
+                         "downloads it again.") from None
     if gpt.config.vocab_size != vq.cfg.codebook_size:
-        raise ValueError(f"{args.official_gpt} predicts {gpt.config.vocab_size} codes but {args.official_vq} "
+        raise ValueError(f"{gpt_path} predicts {gpt.config.vocab_size} codes but {vq_path} "
                          f"has {vq.cfg.codebook_size}: pass the tokenizer the GPT was trained with.")
     if gpt.config.model_type == "c2i":
         return Pipeline(vq, gpt, sampling=OFFICIAL_C2I_SAMPLING)
     if not args.t5:
-        raise ValueError(f"{args.official_gpt} is text-conditional: pass --t5 DIR, a Hugging Face flan-t5-xl "
-                         "directory.")
+        raise ValueError(f"{gpt_path} is text-conditional and reads captions through flan-t5-xl (about 11 GB, "
+                         "not downloaded unasked): download google/flan-t5-xl from Hugging Face and pass its folder "
+                         "with --t5.")
     t5, text_tokenizer = L.load_t5_encoder(args.t5)
     if text_tokenizer is None:
         raise FileNotFoundError(f"{args.t5} has no spiece.model, the T5 tokenizer.")
     if t5.config.d_model != gpt.config.caption_dim:
-        raise ValueError(f"{args.t5} gives {t5.config.d_model}-wide features but {args.official_gpt} reads "
+        raise ValueError(f"{args.t5} gives {t5.config.d_model}-wide features but {gpt_path} reads "
                          f"{gpt.config.caption_dim}: pass the T5 it was trained with (flan-t5-xl).")
     return Pipeline(vq, gpt, L.TextEncoder(text_tokenizer, t5), prompts=OFFICIAL_T2I_PROMPTS,
                     sampling=OFFICIAL_T2I_SAMPLING)
@@ -466,9 +567,13 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Sample images from a trained LlamaGen (ours or official).")
     group = parser.add_argument_group("models")
     group.add_argument("--out-dir", default="out", help="where python train.py wrote tokenizer.pt and gpt.pt")
-    group.add_argument("--official-vq", help="an official tokenizer, e.g. vq_ds16_c2i.pt")
-    group.add_argument("--official-gpt", help="an official GPT, e.g. c2i_L_256.pt or t2i_XL_stage1_256.pt")
-    group.add_argument("--image-size", type=bounded(int, 1), help="with official checkpoints: 256, 384 or 512")
+    group.add_argument("--official", choices=RELEASED_GPTS, metavar="NAME",
+                       help="a released GPT by name (--list-official), downloaded once with its tokenizer into the "
+                            f"torch hub cache (${BASE_URL_VARIABLE} overrides https://huggingface.co)")
+    group.add_argument("--list-official", action="store_true", help="list the released models and what is cached")
+    group.add_argument("--official-vq", help="an official tokenizer file, e.g. vq_ds16_c2i.pt")
+    group.add_argument("--official-gpt", help="an official GPT file, e.g. c2i_L_256.pt or t2i_XL_stage1_256.pt")
+    group.add_argument("--image-size", type=bounded(int, 1), help="with official files: 256, 384 or 512")
     group.add_argument("--t5", help="a Hugging Face flan-t5-xl directory, for official text-conditional GPTs")
     group = parser.add_argument_group("conditions")
     group.add_argument("--prompt", action="append", type=prompt_text, help="a caption (repeat for several)")
@@ -533,17 +638,26 @@ def main(argv=None):
             if args.image_size and args.image_size % 16:
                 raise ValueError(f"--image-size {args.image_size} is not a multiple of 16 (VQ-16's downsampling).")
             options = sampling_options(args, L.CodeHead.draw_options, OFFICIAL_C2I_SAMPLING)  # an official-size GPT
+        elif args.list_official:
+            return list_releases()
         else:
             check_outputs(args)
+            if args.official and (args.official_vq or args.official_gpt or args.image_size):
+                raise ValueError(f"--official {args.official} names the files and the image size: leave out "
+                                 "--official-vq, --official-gpt and --image-size.")
             if bool(args.official_vq) != bool(args.official_gpt):
                 raise ValueError("pass both --official-vq and --official-gpt.")
             if args.official_gpt and not args.image_size:
                 raise ValueError("pass --image-size (256, 384 or 512) with official checkpoints.")
-            pipeline = load_official(args) if args.official_gpt else load_ours(args.out_dir)
+            official = args.official or args.official_gpt
+            pipeline = load_official(args) if official else load_ours(args.out_dir)
             rows = conditions(args, pipeline)
             options = sampling_options(args, pipeline.gpt.draw_options, pipeline.sampling)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # a download, say: nothing was written but what fetch_release removed
+        print("interrupted: nothing was written.", file=sys.stderr)
+        sys.exit(130)
     dtype = DTYPES[args.dtype]
     try:
         if args.benchmark:

@@ -12,6 +12,7 @@
     python -m pytest -q                  # everything (CI)
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -1076,7 +1077,7 @@ def test_official_checkpoints_end_to_end(fx, tmp_path):
     expected = S.to_uint8(vq.decode_indices(fx["gpt_c2i"]["greedy_cfg4"].long().view(2, 8, 8)))
     assert np.array_equal(np.load(tmp_path / "c2i" / "samples.npz")["arr_0"], expected.permute(0, 2, 3, 1).numpy())
     torch.save({"model": fx["gpt_t2i"]["state_dict"]}, tmp_path / "t2i.pt")
-    with pytest.raises(SystemExit, match="text-conditional: pass --t5 DIR"):
+    with pytest.raises(SystemExit, match="text-conditional and reads captions through flan-t5-xl .about 11 GB, not downloaded unasked.: download google/flan-t5-xl"):
         S.main(["--official-vq", str(tmp_path / "vq_ds8.pt"), "--official-gpt", str(tmp_path / "t2i.pt"),
                 "--image-size", "16"])
     transformers = pytest.importorskip("transformers")
@@ -1089,6 +1090,84 @@ def test_official_checkpoints_end_to_end(fx, tmp_path):
             "--t5", str(tmp_path / "t5"), "--prompt", "a red circle", "--num-samples", "2",
             "--output", str(tmp_path / "t2i.png")])
     assert read_rgb(tmp_path / "t2i.png").shape == (2 + 18, 2 + 2 * 18, 3)
+
+
+class ReleaseServer:
+    """A loopback HTTP server standing in for Hugging Face: it serves files under the release's
+    paths (<repo>/resolve/main/<name>.pt), counts the requests, and can cut a file short."""
+
+    def __init__(self, files):
+        import http.server
+        import threading
+        self.files, self.requests, self.cut_short = files, [], set()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2] if self.path in server.cut_short else body)
+
+            def log_message(self, *args):
+                pass
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+
+@slow
+def test_released_models_by_name(fx, tmp_path, monkeypatch, capsys):
+    """--official NAME downloads the GPT and its tokenizer into the torch hub cache and samples the
+    official tokens; a second run reads the cache without a request; a connection cut halfway or a
+    404 leaves no file and gives the sentence; a damaged cached file is reported, not used. Here the
+    release is the fixture's official-layout files, served on 127.0.0.1, at the fixture's 16 px."""
+    def saved(state):
+        path = tmp_path / "state.pt"
+        torch.save({"model": state}, path)
+        return path.read_bytes()
+    gpt_path, vq_path = "/FoundationVision/LlamaGen/resolve/main/c2i_B_256.pt", \
+        "/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt"
+    server = ReleaseServer({gpt_path: saved(fx["gpt_c2i"]["state_dict"]), vq_path: saved(fx["vq"]["state_dict"])})
+    monkeypatch.setenv(S.BASE_URL_VARIABLE, server.url)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setitem(S.RELEASES, "c2i_B_256", S.Release("FoundationVision/LlamaGen", 111e6, 16, "vq_ds16_c2i"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    vq = L.load_official_vq(fx["vq"]["state_dict"])
+    expected = S.to_uint8(vq.decode_indices(fx["gpt_c2i"]["greedy_cfg4"].long().view(2, 8, 8))).permute(0, 2, 3, 1)
+
+    def sample(name):  # greedy with CFG 4: the fixture's official tokens
+        S.main(["--official", "c2i_B_256", "--class-id", "3", "--class-id", "7", "--num-samples", "1", "--top-k", "1",
+                "--output", str(tmp_path / f"{name}.png"), "--save-dir", str(tmp_path / name)])
+        return np.load(tmp_path / name / "samples.npz")["arr_0"]
+    assert np.array_equal(sample("first"), expected.numpy())
+    assert sorted(server.requests) == sorted([gpt_path, vq_path])
+    assert sorted(os.listdir(cache)) == ["c2i_B_256.pt", "vq_ds16_c2i.pt"]
+    assert np.array_equal(sample("second"), expected.numpy()) and len(server.requests) == 2  # from the cache
+    S.main(["--list-official"])
+    listed = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert listed["c2i_B_256"] == listed["vq_ds16_c2i"] == "yes" and listed["c2i_L_256"] == "no"
+
+    (cache / "c2i_B_256.pt").unlink()
+    server.cut_short.add(gpt_path)
+    _, message = fails(S.main, ["--official", "c2i_B_256", "--output", str(tmp_path / "x.png")], capsys)
+    assert f"could not download {server.url}{gpt_path} (the connection closed early)" in message
+    assert f"put the file there by hand: {cache / 'c2i_B_256.pt'}" in message
+    assert sorted(os.listdir(cache)) == ["vq_ds16_c2i.pt"]                      # nothing half-written
+    del server.files[gpt_path]
+    _, message = fails(S.main, ["--official", "c2i_B_256", "--output", str(tmp_path / "x.png")], capsys)
+    assert "HTTP Error 404" in message and sorted(os.listdir(cache)) == ["vq_ds16_c2i.pt"]
+    (cache / "c2i_B_256.pt").write_bytes(b"PK\x03\x04 the first bytes of a zip, and then nothing")
+    _, message = fails(S.main, ["--official", "c2i_B_256", "--output", str(tmp_path / "x.png")], capsys)
+    assert "c2i_B_256.pt, a download in the cache, is truncated or damaged" in message
+    assert "delete it, and the next run downloads it again" in message
+    _, message = fails(S.main, ["--official", "c2i_L_9", "--output", str(tmp_path / "x.png")], capsys)
+    assert "invalid choice: 'c2i_L_9' (choose from 'c2i_B_256', 'c2i_B_384'" in message
 
 
 @slow
@@ -1456,6 +1535,9 @@ def run_readme_command(words, sandbox):
     if "--official-gpt" in args:
         S.main(args + ["--image-size", "16"])  # the fixture's official-layout models are 16 px
         return True
+    if "--official" in args or "--list-official" in args:  # the sandbox serves the release on 127.0.0.1
+        S.main(args)
+        return True
     out_dir = args[args.index("--out-dir") + 1] if "--out-dir" in args else "out"
     continuous = torch.load(sandbox / out_dir / "gpt.pt", weights_only=True)["config"]["token_kind"] == "continuous"
     S.main(args + (["--diffusion-steps", "2"] if continuous else []))
@@ -1465,8 +1547,9 @@ def run_readme_command(words, sandbox):
 @pytest.fixture
 def sandbox(fx, tmp_path, monkeypatch):
     """A folder as a reader has it: the official checkpoints (the fixture's official-layout files
-    under the released names), a flan-t5-xl directory (a tiny T5), and a folder of their own
-    images (my_images/) with class subfolders and captions."""
+    under the released names, on disk and served by a loopback stand-in for Hugging Face), a
+    flan-t5-xl directory (a tiny T5), and a folder of their own images (my_images/) with class
+    subfolders and captions."""
     transformers = pytest.importorskip("transformers")
     torch.save({"model": fx["vq"]["state_dict"]}, tmp_path / "vq_ds16_c2i.pt")
     c2i = dict(fx["gpt_c2i"]["state_dict"])  # 1000 classes, so that the README's ImageNet ids exist
@@ -1478,6 +1561,14 @@ def sandbox(fx, tmp_path, monkeypatch):
                                                            d_ff=64, num_layers=2, num_heads=4))
     t5.save_pretrained(tmp_path / "flan-t5-xl")
     (tmp_path / "flan-t5-xl" / "spiece.model").write_bytes(tokenizer.model_bytes)
+    server = ReleaseServer({f"/{S.RELEASES[name].repo}/resolve/main/{name}.pt": (tmp_path / file).read_bytes()
+                            for name, file in [("vq_ds16_c2i", "vq_ds16_c2i.pt"), ("c2i_B_256", "c2i_L_256.pt"),
+                                               ("vq_ds16_t2i", "vq_ds16_c2i.pt"),
+                                               ("t2i_XL_stage1_256", "t2i_XL_stage1_256.pt")]})
+    monkeypatch.setenv(S.BASE_URL_VARIABLE, server.url)  # the released models, by name, from 127.0.0.1
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("c2i_B_256", "t2i_XL_stage1_256"):  # at the fixture's 16 px
+        monkeypatch.setitem(S.RELEASES, name, dataclasses.replace(S.RELEASES[name], image_size=16))
     for i in range(24):
         name = ("cats", "dogs")[i % 2]
         write_image(str(tmp_path / "my_images" / name / f"{i}.png"), Image.new("RGB", (64, 64), (10 * i, 80, 200)))
