@@ -1217,6 +1217,18 @@ def count_prefixed(state, pattern):  # how many i make pattern.format(i) a key o
     return n
 
 
+def load_weights(model, state, source, advice="copy it again, or retrain it"):
+    """model.load_state_dict(state) in eval mode, with one sentence when the weights do not fit the
+    model their file describes (a damaged, cut or hand-edited file)."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0].rstrip(":.")
+        raise ValueError(f"{source} holds weights that do not fit the model it describes ({first}): it is damaged; "
+                         f"{advice}.") from None
+    return model.eval()
+
+
 class NotAnOfficialCheckpoint(ValueError):
     """One of this project's own checkpoints (section 8) where an official one was expected."""
 
@@ -1239,6 +1251,8 @@ def load_official_vq(path_or_state_dict):
     state.pop("quantize.codebook_used", None)  # the official usage record, not needed to run
     ch = state["encoder.conv_in.weight"].shape[0]
     levels = count_prefixed(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
+    if "encoder.conv_out.weight" not in state or levels == 0:
+        raise ValueError(f"{source} is an incomplete LlamaGen VQ tokenizer checkpoint: download it again.")
     cfg = VQConfig(
         codebook_size=state["quantize.embedding.weight"].shape[0],
         codebook_embed_dim=state["quantize.embedding.weight"].shape[1],
@@ -1247,9 +1261,7 @@ def load_official_vq(path_or_state_dict):
         num_res_blocks=count_prefixed(state, "encoder.conv_blocks.0.res.{}.conv1.weight"),
         z_channels=state["encoder.conv_out.weight"].shape[0],
     )
-    vq = VQModel(cfg)
-    vq.load_state_dict(state)
-    return vq.eval()
+    return load_weights(VQModel(cfg), state, source, "download it again")
 
 
 def load_official_gpt(path_or_state_dict, block_size):
@@ -1260,9 +1272,9 @@ def load_official_gpt(path_or_state_dict, block_size):
     checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
     reject_our_checkpoint(checkpoint, source)
     state = read_state_dict(checkpoint)
-    if "tok_embeddings.weight" not in state:
-        raise ValueError(f"{source} is not a LlamaGen GPT checkpoint (no tok_embeddings.weight); pass "
-                         "one of the c2i_*.pt or t2i_*.pt files.")
+    if "tok_embeddings.weight" not in state or "layers.0.attention.wqkv.weight" not in state:
+        raise ValueError(f"{source} is not a LlamaGen GPT checkpoint (no tok_embeddings.weight or first layer); "
+                         "pass one of the c2i_*.pt or t2i_*.pt files.")
     vocab_size, dim = state["tok_embeddings.weight"].shape
     heads_by_dim = {p["dim"]: p["n_head"] for p in GPT_PRESETS.values()}
     if dim not in heads_by_dim or state["layers.0.attention.wqkv.weight"].shape[0] != 3 * dim:
@@ -1271,15 +1283,16 @@ def load_official_gpt(path_or_state_dict, block_size):
     cfg = dict(dim=dim, n_layer=count_prefixed(state, "layers.{}.attention_norm.weight"), n_head=heads_by_dim[dim],
                vocab_size=vocab_size, block_size=block_size, token_dropout_p=0.0, resid_dropout_p=0.0,
                ffn_dropout_p=0.0)
-    if "cls_embedding.cap_proj.fc1.weight" in state:
+    if "cls_embedding.uncond_embedding" in state:  # text: the null caption's (120, caption_dim) features
         uncond = state["cls_embedding.uncond_embedding"]
         cfg.update(model_type="t2i", cls_token_num=uncond.shape[0], caption_dim=uncond.shape[1])
-    else:
+    elif "cls_embedding.embedding_table.weight" in state:
         cfg.update(model_type="c2i", cls_token_num=1,
                    num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1)
-    gpt = GPT(GPTConfig(**cfg))
-    gpt.load_state_dict(state)
-    return gpt.eval()
+    else:
+        raise ValueError(f"{source} is an incomplete LlamaGen GPT checkpoint (no condition embedding): download "
+                         "it again.")
+    return load_weights(GPT(GPTConfig(**cfg)), state, source, "download it again")
 
 
 HF_T5_NAMES = [  # Hugging Face T5 state-dict names -> ours; anything else (the decoder) is dropped
@@ -1321,14 +1334,13 @@ def load_t5_encoder(hf_dir):
             if re.match(pattern, name):
                 state[re.sub(pattern, replacement, name)] = tensor.float()
                 break
-    encoder = T5Encoder(cfg)
-    encoder.load_state_dict(state)
+    encoder = load_weights(T5Encoder(cfg), state, hf_dir, "download it again")
     spiece = os.path.join(hf_dir, "spiece.model")
     text_tokenizer = None
     if os.path.isfile(spiece):
         with open(spiece, "rb") as f:
             text_tokenizer = TextTokenizer(f.read())
-    return encoder.eval(), text_tokenizer
+    return encoder, text_tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -1391,18 +1403,6 @@ def config_from_dict(config_class, values, path):
         raise ValueError(f"{path} has settings this version does not know ({', '.join(unknown)}): it was "
                          "written by a newer version of this code; update it.")
     return config_class(**values)
-
-
-def load_weights(model, state, path):
-    """model.load_state_dict(state), with one sentence when the weights do not fit the settings
-    stored next to them (a damaged or hand-edited file)."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        first = str(error).strip().splitlines()[0].rstrip(":.")
-        raise ValueError(f"{path} holds weights that do not fit its own settings ({first}): it is damaged; "
-                         "copy it again, or retrain it.") from None
-    return model.eval()
 
 
 def tokenizer_fingerprint(tokenizer):

@@ -18,6 +18,7 @@ import http.client
 import inspect
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -88,6 +89,7 @@ class Release:
     params: float            # as the official README gives them
     image_size: int = None   # a GPT: the size it generates
     tokenizer: str = None    # a GPT: the release name of the tokenizer whose codes it predicts
+    text: bool = False       # a GPT conditioned on captions through flan-t5-xl
 
 
 RELEASES = {  # the official README's tables (FoundationVision/LlamaGen)
@@ -101,8 +103,8 @@ RELEASES = {  # the official README's tables (FoundationVision/LlamaGen)
     "c2i_XXL_384": Release("FoundationVision/LlamaGen", 1.4e9, 384, "vq_ds16_c2i"),
     "c2i_3B_384": Release("FoundationVision/LlamaGen", 3.1e9, 384, "vq_ds16_c2i"),
     "vq_ds16_t2i": Release("peizesun/llamagen_t2i", 72e6),
-    "t2i_XL_stage1_256": Release("peizesun/llamagen_t2i", 775e6, 256, "vq_ds16_t2i"),
-    "t2i_XL_stage2_512": Release("peizesun/llamagen_t2i", 775e6, 512, "vq_ds16_t2i"),
+    "t2i_XL_stage1_256": Release("peizesun/llamagen_t2i", 775e6, 256, "vq_ds16_t2i", text=True),
+    "t2i_XL_stage2_512": Release("peizesun/llamagen_t2i", 775e6, 512, "vq_ds16_t2i", text=True),
 }
 RELEASED_GPTS = [name for name, release in RELEASES.items() if release.tokenizer]
 BASE_URL_VARIABLE = "LLAMAGEN_BASE_URL"  # a mirror, or a test server, that serves <repo>/resolve/main/<file>
@@ -114,49 +116,85 @@ def release_path(name):  # where a release file is kept: torch hub's checkpoint 
 
 def release_url(name):
     base = os.environ.get(BASE_URL_VARIABLE, "https://huggingface.co").rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"{BASE_URL_VARIABLE}={base} is not an http:// or https:// address.")
     return f"{base}/{RELEASES[name].repo}/resolve/main/{name}.pt"
 
 
 def fetch_release(name):
     """The path of release file `name`, downloaded into the cache first if it is not there. The
-    download goes to a temporary name and is renamed only once complete, so an interrupted one
-    never passes for the model."""
+    download goes to a temporary file of its own and is renamed only once complete, so an
+    interrupted one never passes for the model."""
     path = release_path(name)
     if os.path.exists(path):
         return path
-    url, partial = release_url(name), path + ".partial"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    url, folder = release_url(name), os.path.dirname(path)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0)
-            print(f"downloading {name}.pt ({size / 1e9:.2f} GB) from {url} to {path}")
-            with tqdm(total=size or None, unit="B", unit_scale=True, desc=name, leave=False) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if size and f.tell() != size:
-                raise http.client.IncompleteRead(b"", size - f.tell())
+        os.makedirs(folder, exist_ok=True)
+        descriptor, partial = tempfile.mkstemp(dir=folder, prefix=f"{name}.", suffix=".partial")
+    except OSError as error:
+        raise OSError(f"cannot write in {folder} ({error.strerror}): set TORCH_HOME to a folder you can write "
+                      "to.") from None
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            download(url, f, path)
         os.replace(partial, path)
-    except (OSError, http.client.HTTPException) as error:  # no network, an HTTP error, a connection cut short
-        reason = "the connection closed early" if isinstance(error, http.client.IncompleteRead) else error
-        raise OSError(f"could not download {url} ({reason}): check the network, or put the file there by hand: "
-                      f"{path}") from None
     finally:
         if os.path.exists(partial):
             os.remove(partial)
     return path
 
 
+def download(url, f, path):
+    """url into the open file f, with a progress bar; each way it can fail is one sentence."""
+    def failed(reason):
+        hint = f"is {BASE_URL_VARIABLE} right?" if os.environ.get(BASE_URL_VARIABLE) else "check the network"
+        return OSError(f"could not download {url} ({reason}): {hint} Or put the file there by hand: {path}")
+    try:
+        response = urllib.request.urlopen(url, timeout=60)
+    except (OSError, http.client.HTTPException) as error:  # no network, or an HTTP error such as 404
+        raise failed(error) from None
+    with response:
+        length = response.headers.get("Content-Length", "")
+        size = int(length) if length.isdigit() else None
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        if size and size > free:
+            raise OSError(f"{os.path.basename(path)} takes {size / 1e9:.2f} GB but {os.path.dirname(path)} has "
+                          f"{free / 1e9:.2f} GB free: free some space, or set TORCH_HOME to another disk.")
+        print(f"downloading {os.path.basename(path)} ({f'{size / 1e9:.2f} GB' if size else 'size unknown'}) "
+              f"from {url} to {path}")
+        with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path), leave=False) as bar:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except (OSError, http.client.HTTPException) as error:  # the connection broke
+                    raise failed(error) from None
+                if not chunk:
+                    break
+                try:
+                    f.write(chunk)
+                except OSError as error:  # a full disk, say
+                    raise OSError(f"could not write {path} ({error.strerror}): free some space, or set TORCH_HOME "
+                                  "to another disk.") from None
+                bar.update(len(chunk))
+        if size and f.tell() != size:
+            raise failed("the connection closed early")
+
+
 def list_releases():
-    print(f"{'name':20s} {'params':>7s} {'image':>6s} {'download':>10s}  cached in {os.path.dirname(release_path(''))}")
+    cache = os.path.dirname(release_path(""))
+    print(f"{'name':18s} {'params':>7s} {'image':>7s} {'download':>9s}  {'cached':6s}  what it is")
     for name, release in RELEASES.items():
         params = f"{release.params / 1e9:.1f}B" if release.params >= 1e9 else f"{release.params / 1e6:.0f}M"
         image = f"{release.image_size} px" if release.image_size else "-"
         size = f"~{release.params * 4 / 1e9:.2f} GB"  # float32 weights
         cached = "yes" if os.path.exists(release_path(name)) else "no"
-        print(f"{name:20s} {params:>7s} {image:>6s} {size:>10s}  {cached}")
-    print("download: about the float32 weights; the exact size is announced when it starts. python sample.py "
-          "--official NAME downloads a GPT and its tokenizer once, then reads them from the cache.")
+        users = [gpt for gpt in RELEASED_GPTS if RELEASES[gpt].tokenizer == name]
+        what = f"{'text' if release.text else 'class'}-conditional GPT, with {release.tokenizer}" if release.tokenizer \
+            else f"tokenizer of {len(users)} of these GPTs" if users else "tokenizer (no released GPT reads its codes)"
+        print(f"{name:18s} {params:>7s} {image:>7s} {size:>9s}  {cached:6s}  {what}")
+    print(f"--official takes a GPT's name and fetches its tokenizer with it, once, into {cache}. Download sizes "
+          "are about the float32 weights; the exact size is announced when a download starts.")
 
 
 # -----------------------------------------------------------------------------
@@ -192,11 +230,18 @@ def load_ours(out_dir):
                     dict(cfg_scale=checkpoint["cfg_scale"]))
 
 
+def t5_missing(model):  # the sentence for a text-conditional GPT without --t5
+    return ValueError(f"{model} is text-conditional and reads captions through flan-t5-xl (about 11 GB, not "
+                      "downloaded unasked): download google/flan-t5-xl from Hugging Face and pass its folder with --t5.")
+
+
 def official_files(args):
     """(tokenizer file, GPT file, image size): of the release --official names, downloaded once;
     or --official-vq, --official-gpt and --image-size."""
     if args.official:
         release = RELEASES[args.official]
+        if release.text and not args.t5:  # before gigabytes of downloads, not after
+            raise t5_missing(args.official)
         return fetch_release(release.tokenizer), fetch_release(args.official), release.image_size
     return args.official_vq, args.official_gpt, args.image_size
 
@@ -209,22 +254,23 @@ def load_official(args):
             raise ValueError(f"--image-size {image_size} is not a multiple of the tokenizer's "
                              f"{vq.downsample_factor}x downsampling.")
         gpt = L.load_official_gpt(gpt_path, block_size=(image_size // vq.downsample_factor) ** 2)
-    except L.NotAnOfficialCheckpoint as error:
-        raise ValueError(f"{error}: pass its folder with --out-dir instead.") from None
-    except L.UnreadableFile as error:
-        if os.path.dirname(error.path) != os.path.dirname(release_path("")):
-            raise
-        raise ValueError(f"{error.path}, a download in the cache, is {error.reason}: delete it, and the next run "
-                         "downloads it again.") from None
+    except ValueError as error:
+        if args.official and isinstance(error, L.UnreadableFile):  # a download in the cache
+            raise ValueError(f"{error.path}, a download in the cache, is {error.reason}: delete it, and the next "
+                             "run downloads it again.") from None
+        if args.official:
+            raise ValueError(f"{str(error).rstrip('.')}; it is a download in the cache: delete it, and the next "
+                             "run downloads it again.") from None
+        if isinstance(error, L.NotAnOfficialCheckpoint):
+            raise ValueError(f"{error}: pass its folder with --out-dir instead.") from None
+        raise
     if gpt.config.vocab_size != vq.cfg.codebook_size:
         raise ValueError(f"{gpt_path} predicts {gpt.config.vocab_size} codes but {vq_path} "
                          f"has {vq.cfg.codebook_size}: pass the tokenizer the GPT was trained with.")
     if gpt.config.model_type == "c2i":
         return Pipeline(vq, gpt, sampling=OFFICIAL_C2I_SAMPLING)
     if not args.t5:
-        raise ValueError(f"{gpt_path} is text-conditional and reads captions through flan-t5-xl (about 11 GB, "
-                         "not downloaded unasked): download google/flan-t5-xl from Hugging Face and pass its folder "
-                         "with --t5.")
+        raise t5_missing(gpt_path)
     t5, text_tokenizer = L.load_t5_encoder(args.t5)
     if text_tokenizer is None:
         raise FileNotFoundError(f"{args.t5} has no spiece.model, the T5 tokenizer.")
@@ -450,6 +496,11 @@ def benchmark(args, options, device, dtype):
                                                         ("the rest (Python, RoPE, cache writes, ...)", rest)]))
     if args.no_kv_cache:
         print(f"  KV cache speed-up: {report[1][1] / cached:.1f}x")
+    vq = L.VQModel(L.VQConfig(**L.VQ_PRESETS["VQ-16"])).to(device).eval()  # the released tokenizers' size
+    codes = run(gpt.generate)[1]
+    decoding = min(time_it(lambda: vq.decode(codes), device)[0] for _ in range(args.repeat))
+    print(f"  and decoding the {args.batch_size} images with VQ-16 (float32): {decoding:.2f} s, "
+          f"{decoding / args.batch_size:.2f} s per image")
 
 
 # -----------------------------------------------------------------------------
@@ -655,8 +706,8 @@ def main(argv=None):
             options = sampling_options(args, pipeline.gpt.draw_options, pipeline.sampling)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt:  # a download, say: nothing was written but what fetch_release removed
-        print("interrupted: nothing was written.", file=sys.stderr)
+    except KeyboardInterrupt:  # during a download, say: fetch_release removes its unfinished file
+        print("interrupted: no image was written (finished downloads stay in the cache).", file=sys.stderr)
         sys.exit(130)
     dtype = DTYPES[args.dtype]
     try:

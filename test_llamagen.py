@@ -1094,12 +1094,13 @@ def test_official_checkpoints_end_to_end(fx, tmp_path):
 
 class ReleaseServer:
     """A loopback HTTP server standing in for Hugging Face: it serves files under the release's
-    paths (<repo>/resolve/main/<name>.pt), counts the requests, and can cut a file short."""
+    paths (<repo>/resolve/main/<name>.pt), counts the requests, and can cut a file short or leave
+    out its length."""
 
     def __init__(self, files):
         import http.server
         import threading
-        self.files, self.requests, self.cut_short = files, [], set()
+        self.files, self.requests, self.cut_short, self.no_length = files, [], set(), set()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -1110,7 +1111,8 @@ class ReleaseServer:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                if self.path not in server.no_length:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body[:len(body) // 2] if self.path in server.cut_short else body)
 
@@ -1121,8 +1123,28 @@ class ReleaseServer:
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
 
+@pytest.fixture
+def release_server(monkeypatch, tmp_path):
+    """Serves the given files as the release: sample.py fetches from it (no proxy, nothing beyond
+    127.0.0.1) into a torch hub cache under tmp_path; shut down after the test."""
+    servers = []
+
+    def start(files):
+        for variable in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(variable, raising=False)
+        server = ReleaseServer(files)
+        servers.append(server)
+        monkeypatch.setenv(S.BASE_URL_VARIABLE, server.url)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        return server
+    yield start
+    for server in servers:
+        server.http.shutdown()
+        server.http.server_close()
+
+
 @slow
-def test_released_models_by_name(fx, tmp_path, monkeypatch, capsys):
+def test_released_models_by_name(fx, tmp_path, monkeypatch, capsys, release_server):
     """--official NAME downloads the GPT and its tokenizer into the torch hub cache and samples the
     official tokens; a second run reads the cache without a request; a connection cut halfway or a
     404 leaves no file and gives the sentence; a damaged cached file is reported, not used. Here the
@@ -1133,9 +1155,8 @@ def test_released_models_by_name(fx, tmp_path, monkeypatch, capsys):
         return path.read_bytes()
     gpt_path, vq_path = "/FoundationVision/LlamaGen/resolve/main/c2i_B_256.pt", \
         "/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt"
-    server = ReleaseServer({gpt_path: saved(fx["gpt_c2i"]["state_dict"]), vq_path: saved(fx["vq"]["state_dict"])})
-    monkeypatch.setenv(S.BASE_URL_VARIABLE, server.url)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    server = release_server({gpt_path: saved(fx["gpt_c2i"]["state_dict"]), vq_path: saved(fx["vq"]["state_dict"])})
+    server.no_length.add(vq_path)  # a server that does not say how long a file is
     monkeypatch.setitem(S.RELEASES, "c2i_B_256", S.Release("FoundationVision/LlamaGen", 111e6, 16, "vq_ds16_c2i"))
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     vq = L.load_official_vq(fx["vq"]["state_dict"])
@@ -1146,18 +1167,25 @@ def test_released_models_by_name(fx, tmp_path, monkeypatch, capsys):
                 "--output", str(tmp_path / f"{name}.png"), "--save-dir", str(tmp_path / name)])
         return np.load(tmp_path / name / "samples.npz")["arr_0"]
     assert np.array_equal(sample("first"), expected.numpy())
+    printed = capsys.readouterr().out
+    assert f"downloading c2i_B_256.pt (0.00 GB) from {server.url}{gpt_path}" in printed
+    assert "downloading vq_ds16_c2i.pt (size unknown)" in printed
     assert sorted(server.requests) == sorted([gpt_path, vq_path])
     assert sorted(os.listdir(cache)) == ["c2i_B_256.pt", "vq_ds16_c2i.pt"]
     assert np.array_equal(sample("second"), expected.numpy()) and len(server.requests) == 2  # from the cache
+    capsys.readouterr()
     S.main(["--list-official"])
-    listed = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:-1]}
-    assert listed["c2i_B_256"] == listed["vq_ds16_c2i"] == "yes" and listed["c2i_L_256"] == "no"
+    header, *table, _ = capsys.readouterr().out.splitlines()
+    column = header.index("cached")
+    cached = {line.split()[0]: line[column:].split()[0] for line in table}
+    assert len(table) == len(S.RELEASES) and cached["c2i_B_256"] == cached["vq_ds16_c2i"] == "yes"
+    assert cached["c2i_L_256"] == "no"
 
     (cache / "c2i_B_256.pt").unlink()
     server.cut_short.add(gpt_path)
     _, message = fails(S.main, ["--official", "c2i_B_256", "--output", str(tmp_path / "x.png")], capsys)
     assert f"could not download {server.url}{gpt_path} (the connection closed early)" in message
-    assert f"put the file there by hand: {cache / 'c2i_B_256.pt'}" in message
+    assert f"is {S.BASE_URL_VARIABLE} right? Or put the file there by hand: {cache / 'c2i_B_256.pt'}" in message
     assert sorted(os.listdir(cache)) == ["vq_ds16_c2i.pt"]                      # nothing half-written
     del server.files[gpt_path]
     _, message = fails(S.main, ["--official", "c2i_B_256", "--output", str(tmp_path / "x.png")], capsys)
@@ -1168,6 +1196,21 @@ def test_released_models_by_name(fx, tmp_path, monkeypatch, capsys):
     assert "delete it, and the next run downloads it again" in message
     _, message = fails(S.main, ["--official", "c2i_L_9", "--output", str(tmp_path / "x.png")], capsys)
     assert "invalid choice: 'c2i_L_9' (choose from 'c2i_B_256', 'c2i_B_384'" in message
+    requests = len(server.requests)
+    _, message = fails(S.main, ["--official", "t2i_XL_stage1_256", "--output", str(tmp_path / "x.png")], capsys)
+    assert "reads captions through flan-t5-xl (about 11 GB, not downloaded unasked)" in message
+    assert len(server.requests) == requests                                      # said before any download
+
+
+@slow
+def test_a_download_that_does_not_fit_is_refused_before_it_starts(tmp_path, monkeypatch, capsys, release_server):
+    path = "/FoundationVision/LlamaGen/resolve/main/vq_ds8_c2i.pt"
+    release_server({path: b"x" * 5000})
+    monkeypatch.setattr(S.shutil, "disk_usage", lambda folder: argparse.Namespace(free=4000))
+    with pytest.raises(OSError, match=r"vq_ds8_c2i.pt takes 0.00 GB but .* has 0.00 GB free: free some space, or set "
+                                      "TORCH_HOME to another disk"):
+        S.fetch_release("vq_ds8_c2i")
+    assert os.listdir(tmp_path / "torch" / "hub" / "checkpoints") == []
 
 
 @slow
@@ -1545,7 +1588,7 @@ def run_readme_command(words, sandbox):
 
 
 @pytest.fixture
-def sandbox(fx, tmp_path, monkeypatch):
+def sandbox(fx, tmp_path, monkeypatch, release_server):
     """A folder as a reader has it: the official checkpoints (the fixture's official-layout files
     under the released names, on disk and served by a loopback stand-in for Hugging Face), a
     flan-t5-xl directory (a tiny T5), and a folder of their own images (my_images/) with class
@@ -1561,12 +1604,9 @@ def sandbox(fx, tmp_path, monkeypatch):
                                                            d_ff=64, num_layers=2, num_heads=4))
     t5.save_pretrained(tmp_path / "flan-t5-xl")
     (tmp_path / "flan-t5-xl" / "spiece.model").write_bytes(tokenizer.model_bytes)
-    server = ReleaseServer({f"/{S.RELEASES[name].repo}/resolve/main/{name}.pt": (tmp_path / file).read_bytes()
-                            for name, file in [("vq_ds16_c2i", "vq_ds16_c2i.pt"), ("c2i_B_256", "c2i_L_256.pt"),
-                                               ("vq_ds16_t2i", "vq_ds16_c2i.pt"),
-                                               ("t2i_XL_stage1_256", "t2i_XL_stage1_256.pt")]})
-    monkeypatch.setenv(S.BASE_URL_VARIABLE, server.url)  # the released models, by name, from 127.0.0.1
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    release_server({f"/{S.RELEASES[name].repo}/resolve/main/{name}.pt": (tmp_path / file).read_bytes()
+                    for name, file in [("vq_ds16_c2i", "vq_ds16_c2i.pt"), ("c2i_B_256", "c2i_L_256.pt"),
+                                       ("vq_ds16_t2i", "vq_ds16_c2i.pt"), ("t2i_XL_stage1_256", "t2i_XL_stage1_256.pt")]})
     for name in ("c2i_B_256", "t2i_XL_stage1_256"):  # at the fixture's 16 px
         monkeypatch.setitem(S.RELEASES, name, dataclasses.replace(S.RELEASES[name], image_size=16))
     for i in range(24):

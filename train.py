@@ -1,6 +1,6 @@
 """Train LlamaGen's two stages on a small dataset: the tokenizer, then the GPT on its tokens.
 
-    python train.py                          # the whole demo on built-in shapes: about 10 minutes on a 2-core CPU
+    python train.py                          # the whole demo on built-in shapes: about 6 minutes on a 2-core CPU
     python train.py tokenizer --data DIR     # the tokenizer on your images
     python train.py gpt --data DIR --cond class
     python train.py --tokens continuous      # MAR: continuous tokens and a diffusion loss (llamagen.py section 9)
@@ -887,7 +887,7 @@ def kind_defaults(name):  # for --help: a default that depends on --tokens
 def parse_args(argv=None):
     parser = S.ArgumentParser(
         description="Train the tokenizer, then the GPT. With no arguments: the whole demo on the "
-                    "built-in shapes, text-conditional, about 10 minutes on a 2-core CPU.")
+                    "built-in shapes, text-conditional, about 6 minutes on a 2-core CPU.")
     parser.add_argument("stage", nargs="?", default="all", choices=["all", "tokenizer", "gpt", "evaluate"],
                         help="both stages, or one (gpt reads --out-dir/tokenizer.pt); evaluate: judge the "
                              "finished shapes run in --out-dir again, e.g. at another --cfg-scale")
