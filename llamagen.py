@@ -535,10 +535,11 @@ def precompute_rope_2d(grid_size, head_dim, base, cls_token_num, rope_2d=True):
 
 
 def apply_rope(x, rope):  # x (B, S, nh, hs), rope (S, hs/2, 2) -> (B, S, nh, hs)
-    """Rotate each pair (x0, x1) by its angle: as complex numbers, (x0 + i x1) * (cos + i sin)."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, nh, hs/2)
-    turns = torch.view_as_complex(rope.float())[None, :, None, :]           # (1, S, 1, hs/2)
-    return torch.view_as_real(pairs * turns).flatten(3).type_as(x)         # (B, S, nh, hs/2, 2) -> (B, S, nh, hs)
+    """Rotate each pair (x0, x1) by its angle: the complex product (x0 + i x1) (cos + i sin), written
+    in real arithmetic (torch.compile generates no code for complex tensors)."""
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)             # (B, S, nh, hs/2) each
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]         # (1, S, 1, hs/2)
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(3).type_as(x)
 
 
 def attention_mask(seq_len, cond_mask=None, device=None):

@@ -309,11 +309,11 @@ def assert_cache_matches_full_forward(gpt, cond, cond_mask, tokens):
     full = gpt(tokens, cond, cond_mask)                                   # (B, T, vocab) or (B, T, dim)
     cls = gpt.config.cls_token_num
     max_seq_len = cls + gpt.config.block_size - 1
-    gpt.setup_caches(2, max_seq_len, torch.float32, "cpu")
-    mask = L.attention_mask(max_seq_len, cond_mask)
+    gpt.setup_caches(2, max_seq_len, torch.float32, tokens.device)
+    mask = L.attention_mask(max_seq_len, cond_mask, tokens.device)
     stepwise = [gpt.prefill(cond, mask)]
     for t in range(gpt.config.block_size - 1):
-        stepwise.append(gpt.decode_one_token(tokens[:, t:t + 1], torch.tensor([cls + t]), mask))
+        stepwise.append(gpt.decode_one_token(tokens[:, t:t + 1], torch.tensor([cls + t], device=tokens.device), mask))
     assert (torch.stack(stepwise, dim=1) - full).abs().max() < 1e-4
 
 
@@ -421,6 +421,73 @@ def test_compiled_decode_step_is_one_graph(model_type):
     assert torch.equal(run(), eager)
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def on_cuda(gpt, cond, cond_mask):
+    return gpt.cast("cuda", torch.float32), cond.cuda(), None if cond_mask is None else cond_mask.cuda()
+
+
+@cuda
+@pytest.mark.parametrize("token_kind", ["discrete", "continuous"])
+def test_cuda_generation_equals_its_references(token_kind):
+    """On a GPU: the same outputs as on the CPU, the KV cache gives the full forward pass, and the
+    cached and uncached samplers draw the same tokens from the same CUDA generator."""
+    gpt = tiny_gpt("t2i") if token_kind == "discrete" else tiny_continuous_gpt("t2i")
+    cond, cond_mask = tiny_condition(gpt)
+    tokens = (torch.randint(0, 32, (2, 16)) if token_kind == "discrete"
+              else torch.randn(2, 16, gpt.config.token_dim))
+    with torch.no_grad():
+        on_cpu = gpt(tokens, cond, cond_mask)
+    gpt, cond, cond_mask = on_cuda(gpt, cond, cond_mask)
+    with torch.no_grad():
+        assert (gpt(tokens.cuda(), cond, cond_mask).cpu() - on_cpu).abs().max() < 1e-4
+        assert_cache_matches_full_forward(gpt, cond, cond_mask, tokens.cuda())
+    options = dict(top_k=10) if token_kind == "discrete" else dict(diffusion_steps=4)
+
+    def run(generate):
+        return generate(cond, cond_mask, cfg_scale=2.0, generator=torch.Generator("cuda").manual_seed(0), **options)
+    cached = run(gpt.generate)
+    assert cached.is_cuda and torch.allclose(run(gpt.generate_without_cache).float(), cached.float(), atol=1e-4)
+
+
+@cuda
+def test_cuda_graph_decode_step_gives_the_eager_tokens():
+    """sample.py --compile on a GPU: the decode step compiled with mode="reduce-overhead" (a CUDA
+    graph replayed for every token) draws the eager tokens, on its first run and on a replay."""
+    import torch._dynamo
+    gpt, cond, cond_mask = on_cuda(tiny_gpt("t2i"), *tiny_condition(tiny_gpt("t2i")))
+
+    def run():
+        return gpt.generate(cond, cond_mask, cfg_scale=2.0, top_k=10, generator=torch.Generator("cuda").manual_seed(0))
+    eager = run()
+    torch._dynamo.reset()
+    gpt.compile_decode_one_token()
+    try:
+        assert torch.equal(run(), eager) and torch.equal(run(), eager)
+    finally:
+        torch._dynamo.reset()
+
+
+@cuda
+def test_cuda_bf16_generation():
+    """--dtype bf16 on a GPU: the logits stay close to float32's, and both kinds of token sample."""
+    gpt = tiny_gpt("t2i")
+    cond, cond_mask = tiny_condition(gpt)
+    tokens = torch.randint(0, 32, (2, 16), device="cuda")
+    gpt, cond, cond_mask = on_cuda(gpt, cond, cond_mask)
+    with torch.no_grad():
+        full = gpt(tokens, cond, cond_mask)
+        gpt.cast("cuda", torch.bfloat16)
+        half = gpt(tokens, cond.bfloat16(), cond_mask).float()
+    assert (half - full).abs().max() < 0.05 * full.abs().max()
+    codes = gpt.generate(cond.bfloat16(), cond_mask, cfg_scale=2.0, top_k=10)
+    assert codes.shape == (2, 16) and codes.min() >= 0 and codes.max() < 32
+    mar = tiny_continuous_gpt().cast("cuda", torch.bfloat16)
+    vectors = mar.generate(torch.tensor([0, 1], device="cuda"), cfg_scale=2.0, diffusion_steps=3)
+    assert vectors.dtype == torch.float32 and vectors.isfinite().all()
 
 
 def test_top_k_top_p_and_temperature_keep_exactly_the_allowed_tokens():
