@@ -534,11 +534,11 @@ def precompute_rope_2d(grid_size, head_dim, base, cls_token_num, rope_2d=True):
     return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2), rope])
 
 
-def apply_rope(x, rope):  # x (B, S, nh, hs), rope (S, hs/2, 2) -> (B, S, nh, hs)
+def apply_rope(x, rope):  # x (B, S, nh, hs), rope (S, hs/2, 2) or per row (B, S, hs/2, 2) -> (B, S, nh, hs)
     """Rotate each pair (x0, x1) by its angle: the complex product (x0 + i x1) (cos + i sin), written
     in real arithmetic (torch.compile generates no code for complex tensors)."""
     x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)             # (B, S, nh, hs/2) each
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]         # (1, S, 1, hs/2)
+    cos, sin = rope.unsqueeze(-3).unbind(-1)                                # (S or B, S, 1, hs/2) each
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(3).type_as(x)
 
 
@@ -569,9 +569,14 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):  # k, v (B, nh, S, hs) written at positions input_pos (S,)
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
+    def update(self, input_pos, k, v):  # k, v (B, nh, S, hs) written at positions input_pos (S,) or (B, S)
+        if input_pos.dim() == 1:  # the same positions in every row
+            self.k_cache[:, :, input_pos] = k
+            self.v_cache[:, :, input_pos] = v
+        else:  # each row its own (speculative decoding): [row b, :, input_pos[b, s]] <- k[b, :, s]
+            rows = torch.arange(len(input_pos), device=input_pos.device)[:, None]       # (B, 1)
+            self.k_cache[rows, :, input_pos] = k.transpose(1, 2)                           # (B, S, nh, hs)
+            self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
         return self.k_cache, self.v_cache  # (B, nh, max_seq_len, hs)
 
 
@@ -587,9 +592,9 @@ class Attention(nn.Module):
         self.kv_cache = None  # a KVCache while generating (GPT.setup_caches)
 
     def forward(self, x, rope, mask, input_pos=None):
-        """x (B, S, dim) at positions input_pos (S,). Without input_pos: the whole sequence at once
-        (training). With it: new positions whose keys and values join the cache, and attention
-        runs over the cache, so mask is (B or 1, 1, S, max_seq_len)."""
+        """x (B, S, dim) at positions input_pos (S,) or (B, S). Without input_pos: the whole sequence
+        at once (training). With it: new positions whose keys and values join the cache, and
+        attention runs over the cache, so mask is (B or 1, 1, S, max_seq_len)."""
         B, S, C = x.shape
         q, k, v = self.wqkv(x).split(C, dim=-1)                             # 3 x (B, S, dim)
         q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)      # (B, S, nh, hs)
@@ -720,11 +725,12 @@ def draw_exponential_race(probs, generator=None):  # (B, vocab) -> (B, 1)
     return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
-def sample_code(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row of logits (B, vocab) -> (B, 1): temperature, top-k and top-p filtering as
-    in the official sampler, then a draw from what is left. temperature 0 is greedy (argmax)."""
+def code_probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """What a code is drawn from: logits (.., vocab) -> probabilities (.., vocab), after
+    temperature, top-k and top-p filtering as in the official sampler. Temperature 0 puts all the
+    mass on the argmax (greedy)."""
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits / temperature
     if top_k > 0:  # keep the k largest logits (ties with the k-th included)
         vocab = logits.shape[-1]  # the k-th largest is the (vocab - k + 1)-th smallest
@@ -734,12 +740,22 @@ def sample_code(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        remove = (mass_before > top_p).scatter(1, order, mass_before > top_p)
+        remove = (mass_before > top_p).scatter(-1, order, mass_before > top_p)
         logits = logits.masked_fill(remove, float("-inf"))
-    probs = logits.softmax(dim=-1)                                               # (B, vocab)
+    return logits.softmax(dim=-1)
+
+
+def draw_code(probs, generator=None):  # (B, vocab) -> (B, 1)
     if probs.device.type == "cpu":
         return draw_inverse_cdf(probs, generator)
     return draw_exponential_race(probs, generator)
+
+
+def sample_code(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One code per row of logits (B, vocab) -> (B, 1), drawn from code_probabilities."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy: no random number spent
+    return draw_code(code_probabilities(logits, temperature, top_k, top_p), generator)
 
 
 class CodeHead(nn.Linear):
@@ -768,6 +784,12 @@ class CodeHead(nn.Linear):
         if cfg_scale != 1.0:
             logits = guide(logits, cfg_scale)
         return sample_code(logits, temperature, top_k, top_p, generator)
+
+    def probabilities(self, logits, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0):
+        """The distribution draw() draws from, (B, .., vocab), for speculative decoding."""
+        if cfg_scale != 1.0:
+            logits = guide(logits, cfg_scale)
+        return code_probabilities(logits, temperature, top_k, top_p)
 
 
 def code_layers(cfg):  # LlamaGen's tokens: a learned vector per code in, logits over the codes out
@@ -887,15 +909,21 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def forward_with_cache(self, h, input_pos, mask):
-        """Embedded inputs h (B, S, dim) at new positions input_pos (S,) -> the readout of the last
-        one (B, ..). Their keys and values join the cache; mask (B or 1, 1, max_seq_len,
-        max_seq_len) says which cached positions each may see."""
+    def forward_with_cache(self, h, input_pos, mask, outputs=1):
+        """Embedded inputs h (B, S, dim) at new positions input_pos, (S,) for every row or (B, S)
+        per row -> the readout of the last `outputs` of them (B, outputs, ..). Their keys and values
+        join the cache; mask (B or 1, 1, max_seq_len, max_seq_len) says which cached positions each
+        may see."""
         h = self.tok_dropout(h)
-        rope, mask = self.rope[input_pos], mask[..., input_pos, :]  # (S, hs/2, 2), (B or 1, 1, S, max_seq_len)
+        rope = self.rope[input_pos.clamp(max=len(self.rope) - 1)]  # (S or B, S, hs/2, 2); see generate_speculative
+        if input_pos.dim() == 1:
+            mask = mask[..., input_pos, :]                          # (B or 1, 1, S, max_seq_len)
+        else:  # row b takes the mask rows of its own positions
+            rows = torch.arange(len(input_pos), device=input_pos.device)[:, None]
+            mask = mask.expand(len(input_pos), -1, -1, -1)[rows, 0, input_pos][:, None]  # (B, 1, S, max_seq_len)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos)
-        return self.output.readout(self.norm(h[:, -1]))
+        return self.output.readout(self.norm(h[:, -outputs:]))
 
     def with_null_condition(self, cond, cond_mask):
         """The CFG batch: the conditional rows, then the same rows with the null condition (2B, ...).
@@ -917,10 +945,10 @@ class GPT(nn.Module):
 
     def prefill(self, cond, mask):  # all condition positions at once -> the readout for image token 0
         input_pos = torch.arange(self.config.cls_token_num, device=mask.device)
-        return self.forward_with_cache(self.embed_condition(cond), input_pos, mask)
+        return self.forward_with_cache(self.embed_condition(cond), input_pos, mask)[:, -1]
 
     def decode_one_token(self, token, input_pos, mask):  # token (B, 1, ..) at position input_pos (1,) -> readout
-        return self.forward_with_cache(self.tok_embeddings(token), input_pos, mask)
+        return self.forward_with_cache(self.tok_embeddings(token), input_pos, mask)[:, -1]
 
     def compile_decode_one_token(self):
         """gpt-fast's speed-up: compile the decode step once. Every token has the same shapes (one
@@ -976,6 +1004,76 @@ class GPT(nn.Module):
                 inputs = torch.cat([inputs, self.tok_embeddings(fed_back)], dim=1)
             return torch.cat(tokens, dim=1)
 
+
+    @torch.no_grad()
+    def generate_speculative(self, cond, cond_mask=None, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
+                             generator=None, window=16):
+        """generate()'s distribution in fewer forward passes: speculative Jacobi decoding (Teng et
+        al. 2024) -> codes (B, block_size) and the number of passes. Each pass feeds, after a row's
+        n committed codes, its last code and `window` drafts d_n .. d_{n+W-1}, and reads the target
+        distributions p_n .. p_{n+W} (guided and filtered as in generate) in one go. Left to right,
+        draft d is kept with probability min(1, p(d) / q(d)), q being what d was drawn from; at the
+        first rejection a code is drawn from max(0, p - q), normalised, and if all W are kept one
+        more from p_{n+W}: 1 to W + 1 codes per pass, and every committed code is distributed as
+        generate's (speculative sampling, Leviathan et al. 2023). The next drafts are the codes the
+        same pass drew at the later positions (Jacobi iteration: right if the context they saw
+        turns out right), their p as q, then uniform random codes. Rows advance independently.
+        A row's cache past its committed codes holds rejected drafts: the causal mask hides every
+        position after the one being computed, and the next pass rewrites them before any is read."""
+        if not hasattr(self.output, "probabilities"):
+            raise ValueError("speculative decoding needs the probability of each token, which a readout "
+                             "over codes gives; this model's tokens are continuous.")
+        cfg, B, guided, W = self.config, cond.shape[0], cfg_scale != 1.0, window
+        T, V, cls, device = cfg.block_size, cfg.vocab_size, cfg.cls_token_num, cond.device
+        rows = torch.arange(B, device=device)[:, None]                            # (B, 1)
+        with evaluating(self):
+            if guided:
+                cond, cond_mask = self.with_null_condition(cond, cond_mask)        # (2B, ...)
+            # room for a window past the last code; positions past the image get the last RoPE angle
+            # (forward_with_cache clamps them) and only ever predict codes that are thrown away
+            max_seq_len = cls + T + W
+            self.setup_caches(cond.shape[0], max_seq_len, self.tok_embeddings.weight.dtype, device)
+            mask = attention_mask(max_seq_len, cond_mask, device)
+            codes = torch.zeros(B, T + W + 1, dtype=torch.long, device=device)   # committed, then scratch
+            n = torch.zeros(B, dtype=torch.long, device=device)                  # codes committed per row
+            uniform = torch.full((B, W, V), 1.0 / V, device=device)
+            drafts = torch.randint(V, (B, W), device=device, generator=generator)  # (B, W), drawn from q
+            q = uniform                                                           # (B, W, V)
+
+            def both_halves(x):  # the CFG batch feeds the same codes to its null half
+                return torch.cat([x, x]) if guided else x
+            with torch.inference_mode():
+                # The first pass: the condition, then the drafts for codes 0 .. W-1
+                h = torch.cat([self.embed_condition(cond), self.tok_embeddings(both_halves(drafts))], dim=1)
+                out = self.forward_with_cache(h, torch.arange(cls + W, device=device), mask, outputs=W + 1)
+                passes = 1
+                while True:
+                    p = self.output.probabilities(out, cfg_scale, temperature, top_k, top_p)  # (B, W+1, V)
+                    kept = torch.rand(B, W, device=device, generator=generator) * q.gather(-1, drafts[..., None])[..., 0] \
+                        < p[:, :W].gather(-1, drafts[..., None])[..., 0]            # u q(d) < p(d), (B, W)
+                    j = kept.long().cumprod(dim=-1).sum(dim=-1)                   # drafts kept before a rejection
+                    jacobi = draw_code(p.flatten(0, 1), generator).view(B, W + 1)  # a code at every position
+                    # the code after the kept drafts: from the residual where a draft was rejected, else p_{n+W}
+                    at_j = j.clamp(max=W - 1)[:, None]
+                    residual = (p[rows, at_j] - q[rows, at_j]).clamp(min=0)[:, 0]  # (B, V)
+                    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, at_j][:, 0])
+                    last = torch.where((j < W)[:, None], residual, p[:, W])
+                    new = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, j[:, None], draw_code(last, generator))
+                    codes[rows, n[:, None] + torch.arange(W + 1, device=device)] = new  # j + 1 of them count
+                    n = (n + j + 1).clamp(max=T)
+                    if bool((n == T).all()):
+                        break
+                    # next drafts: this pass's codes after the committed one, then random codes
+                    after = j[:, None] + 1 + torch.arange(W, device=device)            # (B, W)
+                    drafts = torch.cat([jacobi, torch.randint(V, (B, W), device=device, generator=generator)],
+                                       dim=1).gather(1, after)
+                    q = torch.cat([p, uniform], dim=1)[rows, after]                   # (B, W, V)
+                    last_code = codes[rows, n[:, None] - 1]                             # (B, 1)
+                    positions = cls + n[:, None] - 1 + torch.arange(W + 1, device=device)  # (B, W + 1)
+                    h = self.tok_embeddings(both_halves(torch.cat([last_code, drafts], dim=1)))
+                    out = self.forward_with_cache(h, both_halves(positions), mask, outputs=W + 1)
+                    passes += 1
+            return codes[:, :T], passes
 
 # -----------------------------------------------------------------------------
 # 6. Text conditioner: a compact T5 encoder and a SentencePiece tokenizer

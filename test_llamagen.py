@@ -523,6 +523,131 @@ def test_draws_follow_the_distribution(draw):
     assert ((frequency - probs).abs() <= 5 * (probs * (1 - probs) / n).sqrt()).all()
 
 
+def tiny_enumerable_gpt(model_type="c2i"):
+    """A GPT over 4 codes and 4 image tokens: its 256 possible images can all be listed."""
+    torch.manual_seed(5)
+    cfg = L.GPTConfig(n_layer=2, n_head=2, dim=16, multiple_of=8, vocab_size=4, block_size=4, num_classes=3, model_type=model_type,
+                      caption_dim=12, cls_token_num=1 if model_type == "c2i" else 6)
+    gpt = L.GPT(cfg)
+    for p in gpt.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    return gpt.eval()
+
+
+def exact_distribution(gpt, cond, cond_mask, cfg_scale, temperature, top_k, top_p):
+    """The probability of each of the V**T code sequences (V**T, T) under generate's rules, from
+    teacher-forced logits: the product over positions of the guided, filtered conditionals."""
+    cfg = gpt.config
+    sequences = torch.cartesian_prod(*[torch.arange(cfg.vocab_size)] * cfg.block_size)     # (V**T, T)
+    n = len(sequences)
+    cond, cond_mask = cond.expand(n, *cond.shape[1:]), None if cond_mask is None else cond_mask.expand(n, -1)
+    with torch.no_grad():
+        logits = gpt(sequences, cond, cond_mask)                                            # (V**T, T, V)
+        if cfg_scale != 1.0:
+            logits = torch.cat([logits, gpt(sequences, gpt.cls_embedding.null(cond), cond_mask)])
+    probs = gpt.output.probabilities(logits, cfg_scale, temperature, top_k, top_p)          # (V**T, T, V)
+    return sequences, probs.gather(-1, sequences[..., None])[..., 0].double().prod(dim=-1)
+
+
+def assert_follows(samples, sequences, exact):
+    """A chi-square test of sampled sequences (N, T) against their exact distribution: cells
+    expected at least 5 times on their own, the rest pooled; never a sequence of probability 0."""
+    index = {tuple(s): i for i, s in enumerate(sequences.tolist())}
+    counts = torch.bincount(torch.tensor([index[tuple(s)] for s in samples.tolist()]), minlength=len(exact))
+    assert counts[exact == 0].sum() == 0
+    expected = exact * len(samples)
+    big = expected >= 5
+    observed = torch.cat([counts[big].double(), counts[~big].sum()[None].double()])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    k = len(expected) - 1
+    if k == 0:  # a single possible sequence: every sample is it
+        return
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    z = ((chi2 / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))  # Wilson-Hilferty: ~ N(0, 1)
+    assert z < 4, f"chi-square {chi2:.0f} on {k} degrees of freedom (z = {z:.1f})"
+
+
+SPECULATIVE_CASES = [  # window, temperature, top-k, top-p, CFG scale
+    (1, 1.0, 0, 1.0, 1.0), (2, 1.0, 0, 1.0, 3.0), (6, 1.0, 0, 1.0, 1.0), (2, 0.5, 0, 1.0, 3.0),
+    (6, 2.0, 0, 1.0, 3.0), (2, 1.0, 2, 1.0, 1.0), (6, 1.0, 1, 1.0, 3.0), (3, 1.0, 0, 0.7, 3.0),
+    (6, 2.0, 2, 0.9, 3.0)]
+
+
+@pytest.mark.parametrize("window, temperature, top_k, top_p, cfg_scale", SPECULATIVE_CASES)
+def test_speculative_decoding_draws_exactly_generates_distribution(window, temperature, top_k, top_p, cfg_scale):
+    """Speculative decoding's whole point: the same distribution over images as generate(), in
+    fewer passes. 20,000 sequences, rows of two classes in one batch (rows advance by different
+    amounts), each class against its own exact distribution; generate() against the same as a
+    check of the test itself."""
+    gpt = tiny_enumerable_gpt()
+    options = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    labels = torch.tensor([0, 2]).repeat_interleave(10_000)
+    samples, passes = gpt.generate_speculative(labels, window=window, generator=torch.Generator().manual_seed(0),
+                                               **options)
+    assert passes <= gpt.config.block_size
+    reference = gpt.generate(labels, generator=torch.Generator().manual_seed(1), **options)
+    for label in (0, 2):
+        sequences, exact = exact_distribution(gpt, torch.tensor([label]), None, **options)
+        assert torch.allclose(exact.sum(), torch.tensor(1.0, dtype=torch.float64))
+        assert_follows(samples[labels == label], sequences, exact)
+        assert_follows(reference[labels == label], sequences, exact)
+
+
+@slow
+def test_speculative_decoding_is_exact_one_image_at_a_time():
+    """Batch 1, text condition with padding, CFG, top-p, a window longer than the image: 3,000
+    calls of one image each against the exact distribution."""
+    gpt = tiny_enumerable_gpt("t2i")
+    cond, cond_mask = tiny_condition(gpt, batch=1)
+    cond_mask[0, :2] = 0
+    options = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=0.95)
+    g = torch.Generator().manual_seed(0)
+    samples = torch.cat([gpt.generate_speculative(cond, cond_mask, window=6, generator=g, **options)[0]
+                         for _ in range(3000)])
+    assert_follows(samples, *exact_distribution(gpt, cond, cond_mask, **options))
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_greedy_speculative_decoding_is_jacobi_decoding(model_type):
+    """Temperature 0: every window size gives generate()'s greedy codes, in at most one pass per code."""
+    gpt = tiny_gpt(model_type)
+    cond, cond_mask = tiny_condition(gpt)
+    for cfg_scale in (1.0, 3.0):
+        greedy = gpt.generate(cond, cond_mask, cfg_scale=cfg_scale, temperature=0)
+        for window in (1, 4, 16, 40):
+            codes, passes = gpt.generate_speculative(cond, cond_mask, cfg_scale=cfg_scale, temperature=0, window=window)
+            assert torch.equal(codes, greedy) and passes <= gpt.config.block_size
+
+
+def test_speculative_cache_holds_the_committed_prefix_after_rejections():
+    """Rejected drafts leave keys and values behind; at the end every committed position's entry
+    equals a fresh prefill of the committed codes, in every row of the CFG batch."""
+    gpt = tiny_gpt("t2i")
+    cond, cond_mask = tiny_condition(gpt)
+    codes, passes = gpt.generate_speculative(cond, cond_mask, cfg_scale=2.0, window=3,
+                                             generator=torch.Generator().manual_seed(0))
+    assert passes > gpt.config.block_size / 4  # drafts were rejected (4 codes per pass at most)
+    used = gpt.config.cls_token_num + gpt.config.block_size - 1  # the last code is never fed back
+    cached = [(layer.attention.kv_cache.k_cache[:, :, :used].clone(), layer.attention.kv_cache.v_cache[:, :, :used].clone())
+              for layer in gpt.layers]
+    gpt.free_caches()
+    both, both_mask = gpt.with_null_condition(cond, cond_mask)
+    gpt.setup_caches(4, used, torch.float32, "cpu")
+    h = torch.cat([gpt.embed_condition(both), gpt.tok_embeddings(torch.cat([codes, codes])[:, :-1])], dim=1)
+    with torch.no_grad():
+        gpt.forward_with_cache(h, torch.arange(used), L.attention_mask(used, both_mask))
+    for layer, (k, v) in zip(gpt.layers, cached):
+        assert torch.allclose(layer.attention.kv_cache.k_cache, k, atol=1e-5)
+        assert torch.allclose(layer.attention.kv_cache.v_cache, v, atol=1e-5)
+
+
+def test_speculative_decoding_refuses_continuous_tokens():
+    gpt = tiny_continuous_gpt()
+    with pytest.raises(ValueError, match="continuous"):
+        gpt.generate_speculative(torch.tensor([0]))
+
+
 def test_rope_rotates_by_row_and_column_and_not_the_condition():
     rope = L.precompute_rope_2d(grid_size=4, head_dim=16, base=10000, cls_token_num=3)
     assert rope.shape == (3 + 16, 8, 2)
