@@ -786,8 +786,9 @@ class CodeHead(nn.Linear):
         return sample_code(logits, temperature, top_k, top_p, generator)
 
     def probabilities(self, logits, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0):
-        """The distribution draw() draws from, (B, .., vocab), for speculative decoding."""
-        if cfg_scale != 1.0:
+        """The distribution draw() draws from, (B, .., vocab), for speculative decoding; cfg_scale
+        may be a tensor of scales per position (B, .., 1)."""
+        if torch.is_tensor(cfg_scale) or cfg_scale != 1.0:
             logits = guide(logits, cfg_scale)
         return code_probabilities(logits, temperature, top_k, top_p)
 
@@ -1006,10 +1007,11 @@ class GPT(nn.Module):
 
 
     @torch.no_grad()
-    def generate_speculative(self, cond, cond_mask=None, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
-                             generator=None, window=16):
+    def generate_speculative(self, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
+                             top_p=1.0, generator=None, window=16):
         """generate()'s distribution in fewer forward passes: speculative Jacobi decoding (Teng et
-        al. 2024) -> codes (B, block_size) and the number of passes. Each pass feeds, after a row's
+        al. 2024) -> codes (B, block_size) and the forward passes each row needed (B,); the batch
+        makes as many as its slowest row, generate() block_size. Each pass feeds, after a row's
         n committed codes, its last code and `window` drafts d_n .. d_{n+W-1}, and reads the target
         distributions p_n .. p_{n+W} (guided and filtered as in generate) in one go. Left to right,
         draft d is kept with probability min(1, p(d) / q(d)), q being what d was drawn from; at the
@@ -1036,6 +1038,7 @@ class GPT(nn.Module):
             mask = attention_mask(max_seq_len, cond_mask, device)
             codes = torch.zeros(B, T + W + 1, dtype=torch.long, device=device)   # committed, then scratch
             n = torch.zeros(B, dtype=torch.long, device=device)                  # codes committed per row
+            needed = torch.zeros(B, dtype=torch.long, device=device)             # passes until a row was done
             uniform = torch.full((B, W, V), 1.0 / V, device=device)
             drafts = torch.randint(V, (B, W), device=device, generator=generator)  # (B, W), drawn from q
             q = uniform                                                           # (B, W, V)
@@ -1046,9 +1049,12 @@ class GPT(nn.Module):
                 # The first pass: the condition, then the drafts for codes 0 .. W-1
                 h = torch.cat([self.embed_condition(cond), self.tok_embeddings(both_halves(drafts))], dim=1)
                 out = self.forward_with_cache(h, torch.arange(cls + W, device=device), mask, outputs=W + 1)
-                passes = 1
                 while True:
-                    p = self.output.probabilities(out, cfg_scale, temperature, top_k, top_p)  # (B, W+1, V)
+                    scale = cfg_scale
+                    if guided and cfg_interval >= 0:  # guidance_at for the code each output predicts
+                        predicted = n[:, None] + torch.arange(W + 1, device=device)        # (B, W + 1)
+                        scale = torch.where(predicted <= cfg_interval + 1, cfg_scale, 1.0)[..., None]
+                    p = self.output.probabilities(out, scale, temperature, top_k, top_p)  # (B, W + 1, V)
                     kept = torch.rand(B, W, device=device, generator=generator) * q.gather(-1, drafts[..., None])[..., 0] \
                         < p[:, :W].gather(-1, drafts[..., None])[..., 0]            # u q(d) < p(d), (B, W)
                     j = kept.long().cumprod(dim=-1).sum(dim=-1)                   # drafts kept before a rejection
@@ -1061,6 +1067,7 @@ class GPT(nn.Module):
                     new = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, j[:, None], draw_code(last, generator))
                     codes[rows, n[:, None] + torch.arange(W + 1, device=device)] = new  # j + 1 of them count
                     n = (n + j + 1).clamp(max=T)
+                    needed += n < T
                     if bool((n == T).all()):
                         break
                     # next drafts: this pass's codes after the committed one, then random codes
@@ -1072,8 +1079,7 @@ class GPT(nn.Module):
                     positions = cls + n[:, None] - 1 + torch.arange(W + 1, device=device)  # (B, W + 1)
                     h = self.tok_embeddings(both_halves(torch.cat([last_code, drafts], dim=1)))
                     out = self.forward_with_cache(h, both_halves(positions), mask, outputs=W + 1)
-                    passes += 1
-            return codes[:, :T], passes
+            return codes[:, :T], needed + 1
 
 # -----------------------------------------------------------------------------
 # 6. Text conditioner: a compact T5 encoder and a SentencePiece tokenizer

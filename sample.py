@@ -334,12 +334,31 @@ def condition_tensors(gpt, text_encoder, conditions, device):
     return cond.to(gpt.tok_embeddings.weight.dtype), cond_mask
 
 
+def pick_sampler(gpt, args, passes):
+    """The generation loop the command line asks for, called as generate(cond, cond_mask,
+    generator=, **options) -> tokens: with the KV cache, without it (--no-kv-cache), or speculative
+    (--speculative W), which appends the forward passes each image needed to `passes`."""
+    if getattr(args, "speculative", None):
+        def speculative(cond, cond_mask=None, **options):
+            tokens, needed = gpt.generate_speculative(cond, cond_mask, window=args.speculative, **options)
+            passes.extend(needed.tolist())
+            return tokens
+        return speculative
+    return gpt.generate_without_cache if getattr(args, "no_kv_cache", False) else gpt.generate
+
+
+def passes_report(passes, block_size, window):
+    mean = sum(passes) / len(passes)
+    return (f"speculative decoding (window {window}): {mean:.1f} forward passes per image on average, for "
+            f"{block_size} tokens ({block_size / mean:.1f} tokens per pass; one token per pass without it)")
+
+
 @torch.no_grad()
-def generate_tokens(pipeline, rows, args, options, device):
+def generate_tokens(pipeline, rows, args, options, device, passes=None):
     """Tokens (N, block_size, ..) for every row repeated num_samples times, in batches."""
     requests = [row for row in rows for _ in range(args.num_samples)]
     generator = torch.Generator(device).manual_seed(args.seed)
-    generate = pipeline.gpt.generate_without_cache if args.no_kv_cache else pipeline.gpt.generate
+    generate = pick_sampler(pipeline.gpt, args, passes)
     tokens = []
     for start in tqdm(range(0, len(requests), args.batch_size), desc="sampling", leave=False,
                       disable=len(requests) <= args.batch_size):
@@ -472,7 +491,9 @@ def benchmark(args, options, device, dtype):
     cfg = L.GPTConfig(**L.GPT_PRESETS[args.preset], vocab_size=16384, block_size=(image_size // 16) ** 2,
                       num_classes=1000)
     torch.manual_seed(args.seed)
-    gpt = L.GPT(cfg).cast(device, dtype).eval()
+    gpt = L.GPT(cfg)
+    torch.nn.init.normal_(gpt.output.weight, std=0.02)  # like the other layers: zeros would give uniform logits
+    gpt = gpt.cast(device, dtype).eval()
     if args.compile:
         gpt.compile_decode_one_token()
     labels = torch.arange(args.batch_size, device=device) % cfg.num_classes
@@ -493,11 +514,18 @@ def benchmark(args, options, device, dtype):
     report = [("KV cache", cached)]
     if args.no_kv_cache:
         report.append(("no KV cache (full recompute)", run(gpt.generate_without_cache)[0]))
+    if args.speculative:
+        passes = []
+        speculative = pick_sampler(gpt, args, passes)
+        seconds = min(run(speculative)[0] for _ in range(args.repeat))
+        report.append((f"speculative, window {args.speculative}", seconds))
     report.append(("matrix products alone (floor)", floor))
     for name, seconds in report:
         print(f"  {name:32s} {seconds:7.2f} s  {args.batch_size * cfg.block_size / seconds:8.0f} tokens/s  "
               f"{args.batch_size / seconds:7.3f} images/s")
     print(f"  generation / floor: {cached / floor:.2f}x")
+    if args.speculative:
+        print(f"  {passes_report(passes[-args.batch_size:], cfg.block_size, args.speculative)}")
     if not args.compile:  # the parts are timed eagerly: a compiled step fuses them
         parts = time_parts(gpt, rows, args.batch_size, options["top_k"], device, dtype)
         rest = cached - floor - sum(parts.values())
@@ -669,6 +697,9 @@ def parse_args(argv=None):
     group.add_argument("--compile", action="store_true", help="torch.compile the decode step (gpt-fast)")
     group.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images generated at once")
     group.add_argument("--no-kv-cache", action="store_true", help="recompute every step (slow; for teaching)")
+    group.add_argument("--speculative", nargs="?", type=bounded(int, 1), const=16, metavar="W",
+                       help="speculative Jacobi decoding: W draft tokens checked per pass (default W: 16); "
+                            "the same distribution of images in fewer passes (codes only)")
     group = parser.add_argument_group("outputs")
     group.add_argument("--output", default="samples.png", help="the grid, an image file (.png, .jpg, ...)")
     group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
@@ -695,6 +726,9 @@ def main(argv=None):
     warnings.formatwarning = plain_warning
     try:
         device = pick_device(args.device)
+        if args.speculative and (args.no_kv_cache or args.compile):
+            raise ValueError(f"--speculative has its own loop: leave out "
+                             f"{'--no-kv-cache' if args.no_kv_cache else '--compile'}.")
         if args.benchmark:
             if args.image_size and args.image_size % 16:
                 raise ValueError(f"--image-size {args.image_size} is not a multiple of 16 (VQ-16's downsampling).")
@@ -714,6 +748,9 @@ def main(argv=None):
             pipeline = load_official(args) if official else load_ours(args.out_dir)
             rows = conditions(args, pipeline)
             options = sampling_options(args, pipeline.gpt.draw_options, pipeline.sampling)
+            if args.speculative and not hasattr(pipeline.gpt.output, "probabilities"):
+                raise ValueError("--speculative needs each token's probability, which a GPT over codes gives; "
+                                 "this one draws continuous tokens (MAR): leave out --speculative.")
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # during a download, say: fetch_release removes its unfinished file
@@ -729,7 +766,12 @@ def main(argv=None):
             pipeline.text_encoder.t5.to(device, dtype)
         if args.compile:
             pipeline.gpt.compile_decode_one_token()
-        tokens = generate_tokens(pipeline, rows, args, options, device)
+        passes = []
+        seconds, tokens = time_it(lambda: generate_tokens(pipeline, rows, args, options, device, passes), device)
+        print(f"generated {len(tokens)} images in {seconds:.1f} s ({1000 * seconds / len(tokens):.0f} ms per image, "
+              f"batch {min(args.batch_size, len(tokens))})")
+        if passes:
+            print(passes_report(passes, pipeline.gpt.config.block_size, args.speculative))
         columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
         save_outputs(decode(pipeline.tokenizer, tokens), args, columns)
         if args.gif:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -534,7 +535,7 @@ def tiny_enumerable_gpt(model_type="c2i"):
     return gpt.eval()
 
 
-def exact_distribution(gpt, cond, cond_mask, cfg_scale, temperature, top_k, top_p):
+def exact_distribution(gpt, cond, cond_mask, cfg_scale, temperature, top_k, top_p, cfg_interval=-1):
     """The probability of each of the V**T code sequences (V**T, T) under generate's rules, from
     teacher-forced logits: the product over positions of the guided, filtered conditionals."""
     cfg = gpt.config
@@ -546,6 +547,9 @@ def exact_distribution(gpt, cond, cond_mask, cfg_scale, temperature, top_k, top_
         if cfg_scale != 1.0:
             logits = torch.cat([logits, gpt(sequences, gpt.cls_embedding.null(cond), cond_mask)])
     probs = gpt.output.probabilities(logits, cfg_scale, temperature, top_k, top_p)          # (V**T, T, V)
+    if cfg_interval >= 0:  # unguided after the first cfg_interval + 2 codes
+        plain = gpt.output.probabilities(logits[:n], 1.0, temperature, top_k, top_p)
+        probs[:, cfg_interval + 2:] = plain[:, cfg_interval + 2:]
     return sequences, probs.gather(-1, sequences[..., None])[..., 0].double().prod(dim=-1)
 
 
@@ -568,24 +572,25 @@ def assert_follows(samples, sequences, exact):
     assert z < 4, f"chi-square {chi2:.0f} on {k} degrees of freedom (z = {z:.1f})"
 
 
-SPECULATIVE_CASES = [  # window, temperature, top-k, top-p, CFG scale
-    (1, 1.0, 0, 1.0, 1.0), (2, 1.0, 0, 1.0, 3.0), (6, 1.0, 0, 1.0, 1.0), (2, 0.5, 0, 1.0, 3.0),
-    (6, 2.0, 0, 1.0, 3.0), (2, 1.0, 2, 1.0, 1.0), (6, 1.0, 1, 1.0, 3.0), (3, 1.0, 0, 0.7, 3.0),
-    (6, 2.0, 2, 0.9, 3.0)]
+SPECULATIVE_CASES = [  # window, temperature, top-k, top-p, CFG scale, CFG interval
+    (1, 1.0, 0, 1.0, 1.0, -1), (2, 1.0, 0, 1.0, 3.0, -1), (6, 1.0, 0, 1.0, 1.0, -1), (2, 0.5, 0, 1.0, 3.0, -1),
+    (6, 2.0, 0, 1.0, 3.0, -1), (2, 1.0, 2, 1.0, 1.0, -1), (6, 1.0, 1, 1.0, 3.0, -1), (3, 1.0, 0, 0.7, 3.0, -1),
+    (6, 2.0, 2, 0.9, 3.0, -1), (2, 1.0, 0, 1.0, 3.0, 0)]
 
 
-@pytest.mark.parametrize("window, temperature, top_k, top_p, cfg_scale", SPECULATIVE_CASES)
-def test_speculative_decoding_draws_exactly_generates_distribution(window, temperature, top_k, top_p, cfg_scale):
+@pytest.mark.parametrize("window, temperature, top_k, top_p, cfg_scale, cfg_interval", SPECULATIVE_CASES)
+def test_speculative_decoding_draws_exactly_generates_distribution(window, temperature, top_k, top_p, cfg_scale,
+                                                                   cfg_interval):
     """Speculative decoding's whole point: the same distribution over images as generate(), in
     fewer passes. 20,000 sequences, rows of two classes in one batch (rows advance by different
     amounts), each class against its own exact distribution; generate() against the same as a
     check of the test itself."""
     gpt = tiny_enumerable_gpt()
-    options = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    options = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
     labels = torch.tensor([0, 2]).repeat_interleave(10_000)
     samples, passes = gpt.generate_speculative(labels, window=window, generator=torch.Generator().manual_seed(0),
                                                **options)
-    assert passes <= gpt.config.block_size
+    assert passes.max() <= gpt.config.block_size and passes.min() >= 1
     reference = gpt.generate(labels, generator=torch.Generator().manual_seed(1), **options)
     for label in (0, 2):
         sequences, exact = exact_distribution(gpt, torch.tensor([label]), None, **options)
@@ -617,7 +622,7 @@ def test_greedy_speculative_decoding_is_jacobi_decoding(model_type):
         greedy = gpt.generate(cond, cond_mask, cfg_scale=cfg_scale, temperature=0)
         for window in (1, 4, 16, 40):
             codes, passes = gpt.generate_speculative(cond, cond_mask, cfg_scale=cfg_scale, temperature=0, window=window)
-            assert torch.equal(codes, greedy) and passes <= gpt.config.block_size
+            assert torch.equal(codes, greedy) and passes.max() <= gpt.config.block_size
 
 
 def test_speculative_cache_holds_the_committed_prefix_after_rejections():
@@ -627,7 +632,7 @@ def test_speculative_cache_holds_the_committed_prefix_after_rejections():
     cond, cond_mask = tiny_condition(gpt)
     codes, passes = gpt.generate_speculative(cond, cond_mask, cfg_scale=2.0, window=3,
                                              generator=torch.Generator().manual_seed(0))
-    assert passes > gpt.config.block_size / 4  # drafts were rejected (4 codes per pass at most)
+    assert passes.min() > gpt.config.block_size / 4  # drafts were rejected (4 codes per pass at most)
     used = gpt.config.cls_token_num + gpt.config.block_size - 1  # the last code is never fed back
     cached = [(layer.attention.kv_cache.k_cache[:, :, :used].clone(), layer.attention.kv_cache.v_cache[:, :, :used].clone())
               for layer in gpt.layers]
@@ -1236,6 +1241,25 @@ def test_same_seed_same_images(trained, tmp_path):
     assert np.array_equal(images(1, "a.png"), images(1, "d.png", "--no-kv-cache"))
 
 
+def test_speculative_sampling_from_the_scripts(trained, tmp_path, capsys):
+    """sample.py --speculative and train.py evaluate --speculative: images, reproducible from the
+    seed, greedy ones equal to generate's, and the passes per image reported."""
+    text, classes = trained
+
+    def images(name, *extra):
+        S.main(["--out-dir", str(classes), "--class-name", "red circle", "--num-samples", "4",
+                "--output", str(tmp_path / name), *extra])
+        return read_rgb(tmp_path / name)
+    grid = images("a.png", "--speculative", "4")
+    passes = re.search(r"window 4\): ([0-9.]+) forward passes per image", capsys.readouterr().out)
+    assert passes and 1 <= float(passes.group(1)) <= 64
+    assert np.array_equal(images("b.png", "--speculative", "4"), grid)
+    assert np.array_equal(images("c.png", "--speculative", "--temperature", "0"), images("d.png", "--temperature", "0"))
+    capsys.readouterr()
+    T.main(tiny_run(text, "evaluate", "--eval-per-class", "1", "--speculative"))
+    assert "speculative decoding (window 16):" in capsys.readouterr().out
+
+
 def test_gif_shows_raster_order_generation(trained, tmp_path):
     _, classes = trained
     S.main(["--out-dir", str(classes), "--class-id", "0", "--num-samples", "2", "--output", str(tmp_path / "g.png"),
@@ -1430,6 +1454,11 @@ def test_continuous_tokens_end_to_end(trained, tmp_path, capsys):
     _, message = fails(S.main, ["--out-dir", str(tmp_path / "mar"), "--top-k", "10", "--output", str(out / "x.png")],
                        capsys)
     assert "--top-k does not apply to this GPT, which draws with --diffusion-steps, --temperature" in message
+    _, message = fails(S.main, ["--out-dir", str(tmp_path / "mar"), "--speculative", "--output", str(out / "x.png")],
+                       capsys)
+    assert "--speculative needs each token's probability" in message
+    _, message = fails(T.main, tiny_run(tmp_path / "mar", "evaluate", "--speculative", "--eval-per-class", "1"), capsys)
+    assert "--speculative needs each token's probability" in message
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "tokenizer.pt").write_bytes((trained[1] / "tokenizer.pt").read_bytes())  # a VQ
@@ -1472,6 +1501,8 @@ def fails(main, argv, capsys):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
     (["--out-dir", "/proc/llamagen-test"], "--out-dir /proc/llamagen-test cannot be written"),
     (["--holdout", "purple hexagon"], "unknown --holdout purple hexagon"),
+    (["--speculative"], "--speculative is for sampling: use it with python train.py evaluate"),
+    (["--speculative", "0"], "--speculative: 0 is out of range"),
 ])
 def test_train_argument_errors(argv, expected, capsys, tmp_path):
     status, message = fails(T.main, ["--out-dir", str(tmp_path / "out"), *argv], capsys)
@@ -1503,6 +1534,9 @@ def test_train_out_dir_that_is_a_file(tmp_path, capsys):
     (["--gif", "animation.png"], "--gif animation.png needs a file extension Pillow can write (.gif)"),
     (["--official-vq", "vq_ds16_c2i.pt"], "pass both --official-vq and --official-gpt"),
     (["--benchmark", "--diffusion-steps", "5"], "--diffusion-steps does not apply to this GPT, which draws with --top-k"),
+    (["--speculative", "0"], "--speculative: 0 is out of range"),
+    (["--speculative", "--no-kv-cache"], "--speculative has its own loop: leave out --no-kv-cache"),
+    (["--speculative", "--compile"], "--speculative has its own loop: leave out --compile"),
 ])
 def test_sample_argument_errors(argv, expected, capsys, trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -651,12 +651,14 @@ def gpt_config(args, tokenizer, text_encoder, num_classes):
 
 
 @torch.no_grad()
-def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device):
-    """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1]."""
+def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device, passes=None):
+    """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1].
+    With --speculative, the forward passes each image needed are appended to `passes`."""
     cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
     options = {name: getattr(args, name) for name in gpt.draw_options if hasattr(args, name)}
-    tokens = gpt.generate(cond, cond_mask, cfg_scale=args.cfg_scale, generator=generator, **options)
+    generate = S.pick_sampler(gpt, args, passes)
+    tokens = generate(cond, cond_mask, cfg_scale=args.cfg_scale, generator=generator, **options)
     gpt.free_caches()  # give the KV cache's memory back to training
     return tokenizer.decode(tokens)
 
@@ -823,7 +825,7 @@ def judge_shape(image):
 
 
 @torch.no_grad()
-def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128):
+def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128, passes=None):
     """Generate for every (color, shape) `per_class` samples (3x that for held-out ones), with
     prompts in the training captions' varied wording, and judge every image. Returns, per group,
     the fraction that shows the asked color and shape (and size and position, asked for in text),
@@ -840,7 +842,8 @@ def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch
     for start in range(0, len(requests), batch_size):
         batch = requests[start:start + batch_size]
         conditions = [r[3] for r in batch] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in batch]
-        images.append(generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device).cpu())
+        images.append(generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device,
+                                      passes).cpu())
         judged += [judge_shape(image) for image in images[-1]]
     images = torch.cat(images)
     results = {}
@@ -976,6 +979,8 @@ def parse_args(argv=None):
                        help="classifier-free guidance for the sample grids and the evaluation (1: none)")
     group.add_argument("--eval-per-class", type=S.bounded(int, 0), default=20,
                        help="samples per color/shape combination judged at the end of the shapes demo (0: none)")
+    group.add_argument("--speculative", nargs="?", type=positive, const=16, metavar="W",
+                       help="evaluate: sample with speculative Jacobi decoding, W drafts per pass (default W: 16)")
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", default="out", help="checkpoints, log.txt and sample grids go here")
     group.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out-dir")
@@ -1080,15 +1085,20 @@ def evaluate_run(args, run):
         raise ValueError(f"{gpt_path} was trained on {checkpoint['args']['data']}, not on the built-in shapes.")
     if args.eval_per_class == 0:
         raise ValueError("--eval-per-class 0 leaves nothing to evaluate.")
+    if args.speculative and not hasattr(gpt.output, "probabilities"):
+        raise ValueError("--speculative needs each token's probability, which a GPT over codes gives; "
+                         f"{gpt_path} draws continuous tokens (MAR): leave out --speculative.")
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
     if text_encoder is not None:
         text_encoder.t5.to(run.device)
-    timer = time.time()
+    timer, passes = time.time(), []
     metrics = evaluate_shapes(gpt.to(run.device), tokenizer.to(run.device), text_encoder, args, run.device,
-                              args.eval_per_class)
+                              args.eval_per_class, passes=passes)
     samples = sum(result["samples"] for result in metrics.values())
     report_shapes(metrics, run, args.cfg_scale)
     run.log(f"{samples} samples generated and judged in {time.time() - timer:.1f} s")
+    if passes:
+        run.log(S.passes_report(passes, gpt.config.block_size, args.speculative))
 
 
 def main(argv=None):
@@ -1097,6 +1107,8 @@ def main(argv=None):
     run = None
     try:
         S.check_output_dir(args.out_dir, "--out-dir")
+        if args.speculative and args.stage != "evaluate":
+            raise ValueError("--speculative is for sampling: use it with python train.py evaluate (or sample.py).")
         run = Run(args)
         if args.stage == "evaluate":
             return evaluate_run(args, run)
