@@ -1077,8 +1077,9 @@ class GPT(nn.Module):
                     q = torch.cat([p, uniform], dim=1)[rows, after]                   # (B, W, V)
                     last_code = codes[rows, n[:, None] - 1]                             # (B, 1)
                     positions = cls + n[:, None] - 1 + torch.arange(W + 1, device=device)  # (B, W + 1)
+                    positions = positions[0] if B == 1 else both_halves(positions)  # one row: the cheaper (S,)
                     h = self.tok_embeddings(both_halves(torch.cat([last_code, drafts], dim=1)))
-                    out = self.forward_with_cache(h, both_halves(positions), mask, outputs=W + 1)
+                    out = self.forward_with_cache(h, positions, mask, outputs=W + 1)
             return codes[:, :T], needed + 1
 
 # -----------------------------------------------------------------------------

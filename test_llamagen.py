@@ -1149,7 +1149,8 @@ def ddp_worker(rank, out_dir, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    args = T.parse_args(tiny_run(out_dir, "--tokenizer-steps", "4", "--gpt-steps", "4", "--disc-start", "2"))
+    args = T.parse_args(tiny_run(out_dir, "--tokenizer-steps", "4", "--gpt-steps", "4", "--disc-start", "2",
+                                 "--device", "cpu"))  # two CPU processes (gloo), also where there is one GPU
     run = T.Run(args)
     data = T.load_data(args)
     vq, criterion = T.train_tokenizer(args, run, data)
@@ -1187,7 +1188,7 @@ def test_pretrained_t5_stays_frozen(tmp_path):
     hf.save_pretrained(hf_dir)
     (hf_dir / "spiece.model").write_bytes(tokenizer.model_bytes)
     T.main(tiny_run(tmp_path, "--tokenizer-steps", "2", "--gpt-steps", "3", "--disc-start", "100", "--t5", str(hf_dir)))
-    checkpoint = torch.load(tmp_path / "gpt.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "gpt.pt", map_location="cpu", weights_only=True)
     loaded, _ = L.load_t5_encoder(str(hf_dir))
     assert checkpoint["train_t5"] is False and checkpoint["config"]["caption_dim"] == 32
     assert states_equal(checkpoint["t5"], loaded.state_dict())           # unchanged by training
@@ -1287,6 +1288,7 @@ def test_official_checkpoints_end_to_end(fx, tmp_path):
     torch.save({"model": fx["gpt_c2i"]["state_dict"], "args": argparse.Namespace(gpt_model="GPT-tiny")},
                tmp_path / "c2i.pt")
     S.main(["--official-vq", str(tmp_path / "vq_ds8.pt"), "--official-gpt", str(tmp_path / "c2i.pt"), "--image-size", "16",
+            "--device", "cpu",  # the fixture's tokens and pixels were computed on a CPU
             "--class-id", "3", "--class-id", "7", "--num-samples", "1", "--top-k", "1", "--cfg-scale", "4",
             "--output", str(tmp_path / "c2i.png"), "--save-dir", str(tmp_path / "c2i")])
     vq = L.load_official_vq(fx["vq"]["state_dict"])
@@ -1380,7 +1382,7 @@ def test_released_models_by_name(fx, tmp_path, monkeypatch, capsys, release_serv
 
     def sample(name):  # greedy with CFG 4: the fixture's official tokens
         S.main(["--official", "c2i_B_256", "--class-id", "3", "--class-id", "7", "--num-samples", "1", "--top-k", "1",
-                "--output", str(tmp_path / f"{name}.png"), "--save-dir", str(tmp_path / name)])
+                "--device", "cpu", "--output", str(tmp_path / f"{name}.png"), "--save-dir", str(tmp_path / name)])
         return np.load(tmp_path / name / "samples.npz")["arr_0"]
     assert np.array_equal(sample("first"), expected.numpy())
     printed = capsys.readouterr().out
