@@ -14,7 +14,8 @@ Read it top to bottom:
   4. codes in, out    a learned vector per code in; logits out: cross-entropy, classifier-free
                       guidance, temperature / top-k / top-p   (LlamaGen generate.py, Ho & Salimans 2022)
   5. GPT              the Llama assembled: teacher forcing, then generation through the KV cache:
-                      prefill, and decode_one_token -> guide -> sample_code per token (gpt-fast)
+                      prefill, and decode_one_token -> guide -> sample_code per token (gpt-fast);
+                      speculative Jacobi decoding, the same images in fewer passes (Teng et al. 2024)
   6. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
                       Hugging Face transformers' modeling_t5.py)
   7. released weights the official LlamaGen checkpoints and Hugging Face's T5, with a plain
@@ -23,6 +24,8 @@ Read it top to bottom:
 Beyond LlamaGen, on the same Llama:
   9. MAR              continuous tokens from a KL tokenizer, a diffusion loss per token (Li et al.
                       2024, LTH14/mar; DDPM: Ho et al. 2020)
+ 10. VAR              the multi-scale residual quantizer of next-scale prediction (Tian et al. 2024,
+                      FoundationVision/VAR)
 
 One Llama, several generators: a kind of token is a tokenizer (TOKENIZERS: every one has
 encode(images) -> tokens and decode(tokens) -> images) and the two layers that read such tokens into
@@ -1025,6 +1028,8 @@ class GPT(nn.Module):
         if not hasattr(self.output, "probabilities"):
             raise ValueError("speculative decoding needs the probability of each token, which a readout "
                              "over codes gives; this model's tokens are continuous.")
+        if window < 1:
+            raise ValueError(f"window {window}: speculative decoding checks at least one draft per pass.")
         cfg, B, guided, W = self.config, cond.shape[0], cfg_scale != 1.0, window
         T, V, cls, device = cfg.block_size, cfg.vocab_size, cfg.cls_token_num, cond.device
         rows = torch.arange(B, device=device)[:, None]                            # (B, 1)
@@ -1055,13 +1060,14 @@ class GPT(nn.Module):
                         predicted = n[:, None] + torch.arange(W + 1, device=device)        # (B, W + 1)
                         scale = torch.where(predicted <= cfg_interval + 1, cfg_scale, 1.0)[..., None]
                     p = self.output.probabilities(out, scale, temperature, top_k, top_p)  # (B, W + 1, V)
-                    kept = torch.rand(B, W, device=device, generator=generator) * q.gather(-1, drafts[..., None])[..., 0] \
-                        < p[:, :W].gather(-1, drafts[..., None])[..., 0]            # u q(d) < p(d), (B, W)
+                    p_d, q_d = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p[:, :W], q))  # (B, W)
+                    kept = torch.rand(B, W, device=device, generator=generator) * q_d < p_d  # u q(d) < p(d)
                     j = kept.long().cumprod(dim=-1).sum(dim=-1)                   # drafts kept before a rejection
                     jacobi = draw_code(p.flatten(0, 1), generator).view(B, W + 1)  # a code at every position
                     # the code after the kept drafts: from the residual where a draft was rejected, else p_{n+W}
                     at_j = j.clamp(max=W - 1)[:, None]
                     residual = (p[rows, at_j] - q[rows, at_j]).clamp(min=0)[:, 0]  # (B, V)
+                    # (all zero only if p = q but for rounding, where a rejection is a rounding error)
                     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, at_j][:, 0])
                     last = torch.where((j < W)[:, None], residual, p[:, W])
                     new = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, j[:, None], draw_code(last, generator))
@@ -1081,6 +1087,7 @@ class GPT(nn.Module):
                     h = self.tok_embeddings(both_halves(torch.cat([last_code, drafts], dim=1)))
                     out = self.forward_with_cache(h, positions, mask, outputs=W + 1)
             return codes[:, :T], needed + 1
+
 
 # -----------------------------------------------------------------------------
 # 6. Text conditioner: a compact T5 encoder and a SentencePiece tokenizer
@@ -1816,3 +1823,113 @@ def continuous_layers(cfg):
 
 TOKENIZERS["continuous"] = KLModel
 TOKEN_LAYERS["continuous"] = continuous_layers
+
+
+# -----------------------------------------------------------------------------
+# 10. Next-scale prediction (VAR): the multi-scale residual quantizer
+# VAR (Tian et al. 2024, FoundationVision/VAR) writes an image coarse to fine: a 1x1 map of codes,
+# then 2x2, ..., up to the h x w grid, each scale quantizing what the earlier ones left unexplained.
+# The quantizer below is exact to the official VectorQuantizer2 (its state-dict names; a fixture
+# test), with codes found by Euclidean distance (VAR's using_znorm=False).
+
+
+class Phi(nn.Conv2d):
+    """VAR's phi, which refines a scale's upsampled codes: (1 - r) h + r conv3x3(h)."""
+
+    def __init__(self, dim, ratio=0.5):
+        super().__init__(dim, dim, kernel_size=3, padding=1)
+        self.ratio = ratio
+
+    def forward(self, h):  # (B, C, H, W) -> (B, C, H, W)
+        return h * (1 - self.ratio) + super().forward(h) * self.ratio
+
+
+class SharedPhis(nn.Module):
+    """K convolutions shared by all the scales: scale k of S uses the one whose tick, K points
+    spread over [0, 1], is nearest to k / (S - 1) (VAR's rule; 4 of them by default)."""
+
+    def __init__(self, dim, count=4, ratio=0.5):
+        super().__init__()
+        self.qresi_ls = nn.ModuleList(Phi(dim, ratio) for _ in range(count))  # the official name
+        margin = 1 / (3 * count) if count == 4 else 1 / (2 * count)
+        self.ticks = [margin + (1 - 2 * margin) * i / max(count - 1, 1) for i in range(count)]
+
+    def at(self, scale, num_scales):  # the phi of scale index `scale` (0 = the coarsest)
+        where = scale / (num_scales - 1)
+        return self.qresi_ls[min(range(len(self.ticks)), key=lambda i: abs(self.ticks[i] - where))]
+
+
+class MultiScaleQuantizer(nn.Module):
+    """Residual quantization over scales s_1 < ... < s_K = h (VAR's VectorQuantizer2). For each
+    scale: area-downsample the residual to s_k x s_k, take each cell's nearest code, upsample the
+    codes' vectors back to h x h (bicubic; not at the last scale), refine them with phi, add them
+    to the reconstruction f_hat and subtract them from the residual. The codes of all scales,
+    coarse to fine, are the image's tokens: 1 + 4 + ... + h*h of them."""
+
+    def __init__(self, vocab_size, dim, scales, beta=0.25, phi_ratio=0.5, phi_count=4):
+        super().__init__()
+        self.scales, self.beta, self.dim = list(scales), beta, dim
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.quant_resi = SharedPhis(dim, phi_count, phi_ratio)
+
+    def nearest_codes(self, z):  # (N, C) -> (N,): the code at the smallest Euclidean distance
+        codebook = self.embedding.weight
+        distances = torch.addmm(z.square().sum(1, keepdim=True) + codebook.square().sum(1),  # (N, vocab)
+                                z, codebook.T, alpha=-2)
+        return distances.argmin(dim=1)
+
+    def scale_contribution(self, k, codes):
+        """What scale k's codes (B, s_k * s_k) add to f_hat: their vectors upsampled to h x h and
+        refined by phi -> (B, C, h, h)."""
+        s, h = self.scales[k], self.scales[-1]
+        vectors = self.embedding(codes).transpose(1, 2).reshape(len(codes), self.dim, s, s)  # (B, C, s, s)
+        if s != h:
+            vectors = F.interpolate(vectors, size=(h, h), mode="bicubic")
+        return self.quant_resi.at(k, len(self.scales))(vectors)
+
+    @torch.no_grad()
+    def quantize(self, f):
+        """Encoder features f (B, C, h, h) -> the codes of every scale [(B, s_k * s_k)] (raster
+        order within a scale) and f_hat after every scale [(B, C, h, h)]."""
+        residual, f_hat, codes, f_hats = f.clone(), torch.zeros_like(f), [], []
+        for k, s in enumerate(self.scales):
+            z = F.interpolate(residual, size=(s, s), mode="area") if s != self.scales[-1] else residual
+            codes.append(self.nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, self.dim)).view(len(f), s * s))
+            contribution = self.scale_contribution(k, codes[-1])
+            f_hat, residual = f_hat + contribution, residual - contribution
+            f_hats.append(f_hat)
+        return codes, f_hats
+
+    def codes_to_f_hat(self, codes):  # the codes of all scales -> the final f_hat (B, C, h, h), to decode
+        return sum(self.scale_contribution(k, c) for k, c in enumerate(codes))
+
+    def next_input(self, k, f_hat, codes):
+        """One step of generation: scale k's codes (B, s_k * s_k) join f_hat -> (the new f_hat, the
+        input for scale k + 1: f_hat area-downsampled to s_{k+1} x s_{k+1}, or f_hat after the last)."""
+        f_hat = f_hat + self.scale_contribution(k, codes)
+        if k + 1 == len(self.scales):
+            return f_hat, f_hat
+        s = self.scales[k + 1]
+        return f_hat, F.interpolate(f_hat, size=(s, s), mode="area")
+
+    def teacher_forcing_input(self, codes):
+        """What the transformer reads in training: for scales 2..K, f_hat after the earlier scales
+        downsampled to that scale, flattened in raster order -> (B, s_2^2 + ... + s_K^2, C)."""
+        f_hat = self.embedding.weight.new_zeros(len(codes[0]), self.dim, self.scales[-1], self.scales[-1])
+        inputs = []
+        for k in range(len(self.scales) - 1):
+            f_hat, downsampled = self.next_input(k, f_hat, codes[k])               # (B, C, s, s)
+            inputs.append(downsampled.flatten(2).transpose(1, 2))                   # (B, s*s, C)
+        return torch.cat(inputs, dim=1)
+
+    def forward(self, f):
+        """Training: f (B, C, h, h) -> (the straight-through f_hat, the VQ loss). The codes are
+        found without gradients; f_hat is then rebuilt with them, so that the loss reaches the
+        codebook and phi. The loss is taken after every scale and averaged: beta * ||sg[f_hat] - f||^2
+        (commitment, moves the encoder) + ||f_hat - sg[f]||^2 (moves the codes and phi)."""
+        codes, _ = self.quantize(f)
+        f_hat, loss = 0.0, 0.0
+        for k, scale_codes in enumerate(codes):
+            f_hat = f_hat + self.scale_contribution(k, scale_codes)                 # (B, C, h, h)
+            loss = loss + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f.detach())
+        return f + (f_hat - f).detach(), loss / len(codes)

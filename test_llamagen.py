@@ -136,6 +136,38 @@ def test_official_checkpoint_files(fx, tmp_path):
         L.load_official_gpt(odd_width, block_size=16)
 
 
+def test_multi_scale_quantizer_matches_official_var():
+    """VAR's multi-scale residual quantizer (fixtures/VAR.md): from the official weights, the codes
+    of every scale exactly, f_hat after every scale, the teacher-forcing input, the inputs of
+    generation step by step, the decoding of the codes, and the training forward with its loss and
+    gradient. Every size comes from the file."""
+    fx = torch.load(os.path.join(HERE, "fixtures", "var_quant_tiny.pt"), weights_only=True)
+    cfg = fx["config"]
+    quantizer = L.MultiScaleQuantizer(cfg["vocab_size"], cfg["Cvae"], cfg["patch_nums"], beta=cfg["beta"],
+                                      phi_ratio=cfg["quant_resi"], phi_count=cfg["share_quant_resi"])
+    quantizer.load_state_dict(fx["state_dict"])
+    f = fx["f"]
+    codes, f_hats = quantizer.quantize(f)
+    assert len(codes) == len(fx["idx_Bl"]) == len(cfg["patch_nums"])
+    for ours, official in zip(codes, fx["idx_Bl"]):
+        assert torch.equal(ours, official)
+    for ours, official in zip(f_hats, fx["fhat_per_scale"]):
+        assert (ours - official).abs().max() < 1e-4
+    with torch.no_grad():
+        assert (quantizer.teacher_forcing_input(fx["idx_Bl"]) - fx["var_input"]).abs().max() < 1e-4
+        assert (quantizer.codes_to_f_hat(fx["idx_Bl"]) - fx["fhat_from_embed"]).abs().max() < 1e-4
+        f_hat = torch.zeros_like(f)
+        for k, official in enumerate(fx["next_inputs"]):
+            f_hat, next_input = quantizer.next_input(k, f_hat, fx["idx_Bl"][k])
+            assert (next_input - official).abs().max() < 1e-4
+    f = f.clone().requires_grad_(True)
+    out, loss = quantizer(f)
+    loss.backward()
+    assert (out - fx["train_f_hat"]).abs().max() < 1e-4 and (loss - fx["train_vq_loss"]).abs() < 1e-4
+    assert (f.grad - fx["train_grad_f"]).abs().max() < 1e-4
+    assert quantizer.embedding.weight.grad.abs().sum() > 0 and quantizer.quant_resi.qresi_ls[0].weight.grad is not None
+
+
 def test_official_presets_build_the_official_shapes():
     """The shapes of one GPT-B block (c2i_B_256.pt), and the feed-forward widths of larger presets."""
     cfg = L.GPTConfig(**L.GPT_PRESETS["GPT-B"])
