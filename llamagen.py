@@ -1030,8 +1030,9 @@ class GPT(nn.Module):
                              "over codes gives; this model's tokens are continuous.")
         if window < 1:
             raise ValueError(f"window {window}: speculative decoding checks at least one draft per pass.")
-        cfg, B, guided, W = self.config, cond.shape[0], cfg_scale != 1.0, window
+        cfg, B, guided = self.config, cond.shape[0], cfg_scale != 1.0
         T, V, cls, device = cfg.block_size, cfg.vocab_size, cfg.cls_token_num, cond.device
+        W = min(window, max(T - 1, 1))  # T - 1 drafts and the code after them already make the image
         rows = torch.arange(B, device=device)[:, None]                            # (B, 1)
         with evaluating(self):
             if guided:
@@ -1044,9 +1045,8 @@ class GPT(nn.Module):
             codes = torch.zeros(B, T + W + 1, dtype=torch.long, device=device)   # committed, then scratch
             n = torch.zeros(B, dtype=torch.long, device=device)                  # codes committed per row
             needed = torch.zeros(B, dtype=torch.long, device=device)             # passes until a row was done
-            uniform = torch.full((B, W, V), 1.0 / V, device=device)
             drafts = torch.randint(V, (B, W), device=device, generator=generator)  # (B, W), drawn from q
-            q = uniform                                                           # (B, W, V)
+            q = torch.full((B, W, V), 1.0 / V, device=device)                    # (B, W, V)
 
             def both_halves(x):  # the CFG batch feeds the same codes to its null half
                 return torch.cat([x, x]) if guided else x
@@ -1077,10 +1077,12 @@ class GPT(nn.Module):
                     if bool((n == T).all()):
                         break
                     # next drafts: this pass's codes after the committed one, then random codes
-                    after = j[:, None] + 1 + torch.arange(W, device=device)            # (B, W)
-                    drafts = torch.cat([jacobi, torch.randint(V, (B, W), device=device, generator=generator)],
-                                       dim=1).gather(1, after)
-                    q = torch.cat([p, uniform], dim=1)[rows, after]                   # (B, W, V)
+                    after = j[:, None] + 1 + torch.arange(W, device=device)            # (B, W), up to 2W
+                    ours = after <= W                                                 # drawn by this pass
+                    random = torch.randint(V, (B, W), device=device, generator=generator)
+                    drafts = torch.where(ours, jacobi.gather(1, after.clamp(max=W)),
+                                         random.gather(1, (after - W - 1).clamp(min=0)))
+                    q = torch.where(ours[..., None], p[rows, after.clamp(max=W)], 1.0 / V)  # (B, W, V)
                     last_code = codes[rows, n[:, None] - 1]                             # (B, 1)
                     positions = cls + n[:, None] - 1 + torch.arange(W + 1, device=device)  # (B, W + 1)
                     positions = positions[0] if B == 1 else both_halves(positions)  # one row: the cheaper (S,)

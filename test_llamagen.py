@@ -593,6 +593,8 @@ def assert_follows(samples, sequences, exact):
     assert counts[exact == 0].sum() == 0
     expected = exact * len(samples)
     big = expected >= 5
+    if expected[~big].sum() < 5:  # too little to pool on its own: pool it with the least likely big cell
+        big[expected.masked_fill(~big, math.inf).argmin()] = False
     observed = torch.cat([counts[big].double(), counts[~big].sum()[None].double()])
     expected = torch.cat([expected[big], expected[~big].sum()[None]])
     observed, expected = observed[expected > 0], expected[expected > 0]
@@ -655,6 +657,8 @@ def test_greedy_speculative_decoding_is_jacobi_decoding(model_type):
         for window in (1, 4, 16, 40):
             codes, passes = gpt.generate_speculative(cond, cond_mask, cfg_scale=cfg_scale, temperature=0, window=window)
             assert torch.equal(codes, greedy) and passes.max() <= gpt.config.block_size
+            if window > 1:  # some drafts were right
+                assert passes.float().mean() < gpt.config.block_size
 
 
 def test_speculative_cache_holds_the_committed_prefix_after_rejections():
