@@ -1903,16 +1903,17 @@ def test_readme_commands_and_snippets_run(sandbox):
 
 def with_shape_checks(snippet):
     """The snippet with an assertion after each assignment whose comment promises a shape, such as
-    `codes = vq.encode(images)  # (2, 64)`, and how many there are."""
+    `codes = vq.encode(images)  # (2, 64)` (of the first name in `a, b = ...`), and how many there are."""
     import ast
     import re
     lines = snippet.splitlines()
     checks = []
     for node in ast.parse(snippet).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0].elts[0] if isinstance(node.targets[0], ast.Tuple) else node.targets[0]
             promised = re.search(r"#\s*(\([\d, ]+\))", lines[node.end_lineno - 1])
-            if promised:
-                checks.append((node.end_lineno, node.targets[0].id, promised.group(1)))
+            if promised and isinstance(target, ast.Name):
+                checks.append((node.end_lineno, target.id, promised.group(1)))
     for line, name, shape in reversed(checks):
         lines.insert(line, f"assert tuple({name}.shape) == {shape}, ('README: {name}', tuple({name}.shape))")
     return "\n".join(lines), len(checks)
