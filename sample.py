@@ -347,6 +347,12 @@ def pick_sampler(gpt, args, passes):
     return gpt.generate_without_cache if getattr(args, "no_kv_cache", False) else gpt.generate
 
 
+def check_speculative(gpt, args, name="this GPT"):  # --speculative, before any sampling
+    if getattr(args, "speculative", None) and not hasattr(gpt.output, "probabilities"):
+        raise ValueError("--speculative needs each token's probability, which a GPT over codes gives; "
+                         f"{name} draws continuous tokens (MAR): leave out --speculative.")
+
+
 def passes_report(passes, block_size, window):
     mean = sum(passes) / len(passes)
     return (f"speculative decoding (window {window}): {mean:.1f} forward passes per image on average, for "
@@ -748,9 +754,7 @@ def main(argv=None):
             pipeline = load_official(args) if official else load_ours(args.out_dir)
             rows = conditions(args, pipeline)
             options = sampling_options(args, pipeline.gpt.draw_options, pipeline.sampling)
-            if args.speculative and not hasattr(pipeline.gpt.output, "probabilities"):
-                raise ValueError("--speculative needs each token's probability, which a GPT over codes gives; "
-                                 "this one draws continuous tokens (MAR): leave out --speculative.")
+            check_speculative(pipeline.gpt, args)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # during a download, say: fetch_release removes its unfinished file

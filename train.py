@@ -1085,9 +1085,7 @@ def evaluate_run(args, run):
         raise ValueError(f"{gpt_path} was trained on {checkpoint['args']['data']}, not on the built-in shapes.")
     if args.eval_per_class == 0:
         raise ValueError("--eval-per-class 0 leaves nothing to evaluate.")
-    if args.speculative and not hasattr(gpt.output, "probabilities"):
-        raise ValueError("--speculative needs each token's probability, which a GPT over codes gives; "
-                         f"{gpt_path} draws continuous tokens (MAR): leave out --speculative.")
+    S.check_speculative(gpt, args, gpt_path)
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
     if text_encoder is not None:
         text_encoder.t5.to(run.device)
