@@ -13,7 +13,8 @@ Read it top to bottom:
                       embedders                            (Llama, gpt-fast, LlamaGen gpt.py)
   4. codes in, out    a learned vector per code in; logits out: cross-entropy, classifier-free
                       guidance, temperature / top-k / top-p   (LlamaGen generate.py, Ho & Salimans 2022)
-  5. GPT              the Llama assembled: teacher forcing, then generation through the KV cache:
+  5. Llama, GPT       the Llama assembled (Llama, shared by every generator); GPT, LlamaGen's raster
+                      order: teacher forcing, then generation through the KV cache:
                       prefill, and decode_one_token -> guide -> sample_code per token (gpt-fast);
                       speculative Jacobi decoding, the same images in fewer passes (Teng et al. 2024)
   6. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
@@ -24,14 +25,17 @@ Read it top to bottom:
 Beyond LlamaGen, on the same Llama:
   9. MAR              continuous tokens from a KL tokenizer, a diffusion loss per token (Li et al.
                       2024, LTH14/mar; DDPM: Ho et al. 2020)
- 10. VAR              the multi-scale residual quantizer of next-scale prediction (Tian et al. 2024,
+ 10. masked           generation in random order with bidirectional attention: MaskGIT over codes
+                      (Chang et al. 2022, google-research/maskgit), MAR proper over continuous tokens
+ 11. VAR              the multi-scale residual quantizer of next-scale prediction (Tian et al. 2024,
                       FoundationVision/VAR)
 
 One Llama, several generators: a kind of token is a tokenizer (TOKENIZERS: every one has
 encode(images) -> tokens and decode(tokens) -> images) and the two layers that read such tokens into
-the Llama and read its output out (TOKEN_LAYERS: every readout has readout, loss and draw). The GPT
-builds what its config's token_kind names, so its training loss and its generation loop serve every
-kind.
+the Llama and read its output out (TOKEN_LAYERS: every readout has readout, loss and draw). An order
+is a generator (GENERATORS: the Llama subclass with its loss(tokens, cond) and its generate(cond)).
+make_gpt builds the pair a config names, so one training loop and one sampling script serve every
+combination.
 
 State-dict names and shapes follow the official code (FoundationVision/LlamaGen), so its released
 checkpoints load unchanged and give its outputs (test_llamagen.py checks this against a fixture).
@@ -485,6 +489,7 @@ class GPTConfig:
     block_size: int = 256            # image tokens = (image_size / downsampling) ** 2
     rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise)
     token_kind: str = "discrete"     # what the image tokens are: a key of TOKEN_LAYERS
+    order: str = "raster"            # how they are generated: a key of GENERATORS (sections 5, 10)
     vocab_size: int = 16384          # discrete: the tokenizer's codebook size
     # continuous tokens (MAR, section 9): their width, and the diffusion head that draws them
     token_dim: int = 16              # = the KL tokenizer's embed_dim
@@ -545,11 +550,14 @@ def apply_rope(x, rope):  # x (B, S, nh, hs), rope (S, hs/2, 2) or per row (B, S
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(3).type_as(x)
 
 
-def attention_mask(seq_len, cond_mask=None, device=None):
+def attention_mask(seq_len, cond_mask=None, device=None, causal=True):
     """Which keys each query may see, a bool mask (1 or B, 1, S, S): causal (a position sees the
-    condition and the image tokens before it, raster order), and for text the caption's left
-    padding is seen by no one but itself (every row of a softmax needs one visible key)."""
-    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()   # (S, S)
+    condition and the image tokens before it, raster order) or, with causal=False, every position
+    (masked generation); for text the caption's left padding is seen by no one but itself (every
+    row of a softmax needs one visible key)."""
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)       # (S, S)
+    if causal:
+        visible = visible.tril()
     if cond_mask is None:
         return visible[None, None]                                                  # (1, 1, S, S)
     visible = visible.repeat(cond_mask.shape[0], 1, 1)                              # (B, S, S)
@@ -806,7 +814,8 @@ TOKEN_LAYERS = {"discrete": code_layers}
 
 
 # -----------------------------------------------------------------------------
-# 5. GPT: the Llama assembled, trained by teacher forcing, sampled in raster order with a KV cache
+# 5. The Llama assembled (what every generator shares), and LlamaGen's generator, GPT: raster order,
+# trained by teacher forcing, sampled with a KV cache
 
 
 @contextlib.contextmanager
@@ -826,11 +835,14 @@ def guidance_at(t, cfg_scale, cfg_interval):
     return cfg_scale if cfg_interval < 0 or t <= cfg_interval + 1 else 1.0
 
 
-class GPT(nn.Module):
-    """LlamaGen's generator: a Llama that reads [condition tokens, image tokens] and predicts each
-    image token from the condition and the tokens before it, in raster order. What a token is comes
-    from config.token_kind: TOKEN_LAYERS builds the layer that reads tokens in (tok_embeddings) and the
-    readout of the Llama's output (output)."""
+class Llama(nn.Module):
+    """What every generator shares (makemore's shape: one Llama, several ways to feed it and read
+    it out): the condition embedder, the layer that reads image tokens in and the readout of the
+    Llama's output (TOKEN_LAYERS, from config.token_kind), the transformer blocks and the RoPE
+    table. A generator subclass adds its order: what the inputs are, which positions each sees, its
+    loss and its generate()."""
+
+    sampling_options = ()  # generate()'s keywords beyond cfg_scale, temperature and generator
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -856,8 +868,8 @@ class GPT(nn.Module):
         self.output.initialize()
 
     @property
-    def draw_options(self):  # the keywords generate() passes on to the readout's draw
-        return self.output.draw_options
+    def generate_options(self):  # every keyword generate() takes from a command line
+        return self.sampling_options + self.output.draw_options
 
     def cast(self, device, dtype):
         """Move the model and cast its weights; the RoPE table stays float32, as the official
@@ -873,6 +885,35 @@ class GPT(nn.Module):
                              f"{self.config.cls_token_num}; pad or cut them to that length.")
         return self.cls_embedding(cond)   # (B, cls_token_num, dim)
 
+    def transformer(self, cond, inputs, cond_mask=None, causal=True):
+        """[condition, embedded image tokens inputs (B, t, dim)] through the Llama, every position at
+        once -> the final hidden states (B, cls_token_num + t, dim). causal: each position sees the
+        ones before it; else every position sees every other (the caption's padding aside)."""
+        h = self.tok_dropout(torch.cat([self.embed_condition(cond), inputs], dim=1))  # (B, S, dim)
+        S = h.shape[1]                                                     # cls_token_num + t
+        rope, mask = self.rope[:S], attention_mask(S, cond_mask, h.device, causal)
+        for layer in self.layers:
+            h = layer(h, rope, mask)
+        return self.norm(h)
+
+    def with_null_condition(self, cond, cond_mask):
+        """The CFG batch: the conditional rows, then the same rows with the null condition (2B, ...).
+        A caption's padding mask is kept for its null half, as in the official sampler."""
+        cond = torch.cat([cond, self.cls_embedding.null(cond)])
+        return cond, None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+
+    def free_caches(self):  # give the KV caches' memory back (train.py samples between training steps)
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+
+class GPT(Llama):
+    """LlamaGen's generator: the Llama reads [condition tokens, image tokens] and predicts each image
+    token from the condition and the tokens before it, in raster order (causal attention); sampled
+    one token per forward pass through a KV cache."""
+
+    sampling_options = ("cfg_interval",)
+
     def forward(self, tokens, cond, cond_mask=None):
         """Teacher forcing: image tokens (B, T) codes or (B, T, D) vectors -> the readout (B, T, ..)
         whose position t predicts tokens[:, t] from the condition and tokens[:, :t]: logits over the
@@ -880,14 +921,10 @@ class GPT(nn.Module):
         return self.predict(cond, self.tok_embeddings(tokens[:, :-1]), cond_mask)
 
     def predict(self, cond, inputs, cond_mask=None):
-        """[condition, embedded image tokens inputs (B, t, dim)] through the Llama -> the readout at
-        the t + 1 positions that predict image tokens 0 .. t (causal: each sees what comes before)."""
-        h = self.tok_dropout(torch.cat([self.embed_condition(cond), inputs], dim=1))  # (B, S, dim)
-        S = h.shape[1]                                                     # cls_token_num + t
-        rope, mask = self.rope[:S], attention_mask(S, cond_mask, h.device)
-        for layer in self.layers:
-            h = layer(h, rope, mask)
-        return self.output.readout(self.norm(h))[:, self.config.cls_token_num - 1:]  # (B, t + 1, ..)
+        """[condition, embedded image tokens inputs (B, t, dim)] -> the readout at the t + 1
+        positions that predict image tokens 0 .. t: the last condition position predicts token 0."""
+        h = self.transformer(cond, inputs, cond_mask)                      # (B, cls_token_num + t, dim)
+        return self.output.readout(h[:, self.config.cls_token_num - 1:])   # (B, t + 1, ..)
 
     def loss(self, tokens, cond, cond_mask=None):
         """The training objective: the readout's loss of every token (the cross-entropy of the next
@@ -909,10 +946,6 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_head, head_dim, dtype, device)
 
-    def free_caches(self):  # give the caches' memory back (train.py samples between training steps)
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-
     def forward_with_cache(self, h, input_pos, mask, outputs=1):
         """Embedded inputs h (B, S, dim) at new positions input_pos, (S,) for every row or (B, S)
         per row -> the readout of the last `outputs` of them (B, outputs, ..). Their keys and values
@@ -928,12 +961,6 @@ class GPT(nn.Module):
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos)
         return self.output.readout(self.norm(h[:, -outputs:]))
-
-    def with_null_condition(self, cond, cond_mask):
-        """The CFG batch: the conditional rows, then the same rows with the null condition (2B, ...).
-        A caption's padding mask is kept for its null half, as in the official sampler."""
-        cond = torch.cat([cond, self.cls_embedding.null(cond)])
-        return cond, None if cond_mask is None else torch.cat([cond_mask, cond_mask])
 
     def setup_generation(self, cond, cond_mask, guided):
         """What a generation starts with: the CFG batch [cond; null] when guided, a KV cache for the
@@ -963,11 +990,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, generator=None,
-                 **draw_options):
+                 steps=None, **draw_options):
         """Sample block_size image tokens in raster order for cond: class ids (B,) or text features
         (B, L, caption_dim) with cond_mask (B, L) -> codes (B, block_size), or MAR's vectors
         (B, block_size, D). cfg_scale 1: no guidance, 0: the unconditional model; cfg_interval:
-        guidance_at. draw_options go to the readout's draw (top_k, top_p for codes)."""
+        guidance_at. draw_options go to the readout's draw (top_k, top_p for codes). steps, a list
+        when given, receives the step that decided each token (B, block_size), as every generator's
+        generate() does (for pictures of the generation): here token t at step t."""
         B, guided = cond.shape[0], cfg_scale != 1.0
         with evaluating(self):
             cond, mask, positions = self.setup_generation(cond, cond_mask, guided)
@@ -984,6 +1013,8 @@ class GPT(nn.Module):
                     if t + 1 < self.config.block_size:  # both halves of the CFG batch go on with the same token
                         fed_back = torch.cat([token, token]) if guided else token
                         out = self.decode_one_token(fed_back, positions[t:t + 1], mask)
+            if steps is not None:
+                steps.append(torch.arange(self.config.block_size, device=cond.device).expand(B, -1))
             return torch.cat(tokens, dim=1)                                         # (B, block_size, ..)
 
     @torch.no_grad()
@@ -1089,6 +1120,16 @@ class GPT(nn.Module):
                     h = self.tok_embeddings(both_halves(torch.cat([last_code, drafts], dim=1)))
                     out = self.forward_with_cache(h, positions, mask, outputs=W + 1)
             return codes[:, :T], needed + 1
+
+
+# GPTConfig.order -> the generator; section 10 adds masked generation
+GENERATORS = {"raster": GPT}
+
+
+def make_gpt(cfg: GPTConfig):  # the generator a config names
+    if cfg.order not in GENERATORS:
+        raise ValueError(f"order {cfg.order!r} is not one this code knows ({', '.join(GENERATORS)}).")
+    return GENERATORS[cfg.order](cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -1554,7 +1595,7 @@ def load_gpt(path, tokenizer, tokenizer_path):
         raise ValueError(f"{path} was trained on another tokenizer than {tokenizer_path}, so it would sample "
                          "tokens that mean something else: pair it with the tokenizer it was trained on, or "
                          "retrain the GPT on this tokenizer.")
-    gpt = load_weights(GPT(cfg), checkpoint["model"], path)
+    gpt = load_weights(make_gpt(cfg), checkpoint["model"], path)
     text_encoder = None
     if checkpoint["t5"] is not None:
         t5 = load_weights(T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path)), checkpoint["t5"], path)
@@ -1571,7 +1612,7 @@ def load_gpt(path, tokenizer, tokenizer_path):
 # position is z, the condition on which a small diffusion model draws the next token. LlamaGen's
 # softmax over codes becomes MAR's Diffusion Loss; the raster order, causal attention, the KV cache,
 # CFG with the doubled batch and the generation loop stay. This is MAR's causal raster-order
-# variant; MAR's main model predicts tokens in random order with bidirectional attention.
+# variant; MAR's main model predicts tokens in random order with bidirectional attention (section 10).
 
 
 @dataclasses.dataclass
@@ -1828,7 +1869,145 @@ TOKEN_LAYERS["continuous"] = continuous_layers
 
 
 # -----------------------------------------------------------------------------
-# 10. Next-scale prediction (VAR): the multi-scale residual quantizer
+# 10. Masked generation in random order: MaskGIT over codes, MAR proper over continuous tokens
+# MaskGIT ("Masked Generative Image Transformer", Chang, Zhang, Jiang, Liu, Freeman 2022; code
+# google-research/maskgit): FID 6.18 on ImageNet 256 in 8 steps, against 18.65 for the same
+# transformer in raster order over 256. MAR (Li et al. 2024, LTH14/mar, section 9's paper): its
+# main model is this, over continuous tokens: FID 1.55 with the Diffusion Loss. On the same Llama,
+# "masked" is an order and an attention pattern, not a new architecture. What changes:
+#   input       a token that is not known yet is replaced by a learned mask vector;
+#   attention   bidirectional: every position sees every other;
+#   positions   each token keeps its own 2D RoPE position, so the order never touches positions;
+#   read out    the output at a position (not shifted) predicts that position's token;
+#   loss        only over the masked positions, with a random fraction of them masked per image;
+#   sampler     a few steps, each one full pass (no KV cache: a known token's keys change as more
+#               tokens become known) that decides a share of the masked tokens, on a cosine schedule.
+# MAR's own network is an MAE-style encoder over the known tokens and a decoder over all, with
+# "buffer" positions for the class; one Llama over all positions, the mask vector in place, keeps
+# the comparison with the raster rows to the order alone.
+
+
+def maskgit_fraction(batch_size, device):  # MaskGIT: cos(pi/2 r), r ~ U(0, 1): often most of the image
+    return torch.cos(math.pi / 2 * torch.rand(batch_size, device=device))
+
+
+def mar_fraction(batch_size, device):
+    """MAR: a normal of mean 1 and std 0.25 truncated to [0.7, 1]: at least 70% of the tokens
+    masked, as at the start of sampling, where the diffusion head has the least to go on."""
+    return nn.init.trunc_normal_(torch.empty(batch_size, device=device), mean=1.0, std=0.25, a=0.7, b=1.0)
+
+
+# token_kind -> how much of each training image is masked, per image
+MASK_FRACTIONS = {"discrete": maskgit_fraction, "continuous": mar_fraction}
+
+
+def masked_after_step(step, num_iter, num_tokens, masked_now):
+    """How many tokens stay masked after step `step` of num_iter: floor(N cos(pi/2 (step + 1) /
+    num_iter)) (MaskGIT's cosine schedule, MAR's too), yet at least one fewer than before and at
+    least 1 until the last step, which decides all that is left."""
+    if step == num_iter - 1:
+        return 0
+    scheduled = math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / num_iter))
+    return max(1, min(masked_now - 1, scheduled))
+
+
+def random_ranks(scores):  # (B, T) scores -> each position's rank in its row: a permutation per row
+    return scores.argsort(dim=1).argsort(dim=1)
+
+
+class MaskedGPT(Llama):
+    """Masked generation on the Llama: [condition, image tokens with some replaced by the mask
+    vector] with bidirectional attention; the readout at each masked position predicts its token.
+    Over codes it is MaskGIT (cross-entropy; sampling keeps the most confident draws); over
+    continuous tokens it is MAR (Diffusion Loss; sampling in a random order)."""
+
+    sampling_options = ("num_iter", "choice_temperature")  # the second for codes only
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg)
+        self.mask_token = nn.Parameter(torch.randn(cfg.dim) * 0.02)  # MAR's init, N(0, 0.02)
+        # A learned position embedding added to every image input, as MaskGIT's and MAR's: with
+        # mask vectors everywhere and only relative positions (RoPE), every position would see the
+        # same thing at the same offsets and could not tell where in the image it is.
+        self.pos_embedding = nn.Parameter(torch.randn(cfg.block_size, cfg.dim) * 0.02)
+        self.by_confidence = hasattr(self.output, "probabilities")    # codes; continuous: random order
+        if not self.by_confidence:
+            self.sampling_options = ("num_iter",)
+
+    def forward(self, tokens, masked, cond, cond_mask=None):
+        """Image tokens (B, T) codes or (B, T, D) vectors, of which masked (B, T) True are hidden ->
+        the readout at every image position (B, T, ..): logits over the codes, or MAR's z."""
+        embedded = self.tok_embeddings(tokens)                                       # (B, T, dim)
+        inputs = torch.where(masked[..., None], self.mask_token.to(embedded.dtype), embedded) + self.pos_embedding
+        h = self.transformer(cond, inputs, cond_mask, causal=False)                 # (B, cls + T, dim)
+        return self.output.readout(h[:, self.config.cls_token_num:])                # (B, T, ..)
+
+    def loss(self, tokens, cond, cond_mask=None):
+        """Mask a random subset of each image's tokens, of a random size (MASK_FRACTIONS, at least
+        one token), and take the readout's loss on the masked positions only."""
+        B, T = tokens.shape[:2]
+        fraction = MASK_FRACTIONS[self.config.token_kind](B, tokens.device)
+        num_masked = (fraction * T).ceil().clamp(1, T)                               # (B,), MAR's rounding
+        masked = random_ranks(torch.rand(B, T, device=tokens.device)) < num_masked[:, None]  # (B, T)
+        out = self(tokens, masked, cond, cond_mask)
+        return self.output.loss(out[masked][None], tokens[masked][None])              # (1, masked, ..)
+
+    @torch.no_grad()
+    def generate(self, cond, cond_mask=None, cfg_scale=1.0, temperature=1.0, generator=None, num_iter=8,
+                 choice_temperature=4.5, steps=None, **draw_options):
+        """Sample the block_size image tokens in num_iter steps (see GPT.generate for cond, the
+        tokens returned and steps). Each step is one pass over [condition, all tokens, the unknown
+        ones masked] and decides masked tokens until masked_after_step of them are left:
+          codes (MaskGIT)    draw a code at every masked position; keep the most confident, by
+                             log p(code) + Gumbel noise of temperature choice_temperature * (1 -
+                             (step + 1) / num_iter) (a freer choice early on);
+          continuous (MAR)   the next tokens of a random order, drawn by the diffusion head.
+        CFG as MAR: the scale grows with the share of tokens known after the step,
+        1 + (cfg_scale - 1) * known / block_size."""
+        cfg, B, guided = self.config, cond.shape[0], cfg_scale != 1.0
+        T, device = cfg.block_size, cond.device
+        if not 1 <= num_iter <= T:
+            raise ValueError(f"num_iter {num_iter}: masked generation takes 1 to {T} steps for {T} tokens.")
+        shape, dtype = ((B, T), torch.long) if self.by_confidence else ((B, T, cfg.token_dim), torch.float)
+        tokens = torch.zeros(shape, dtype=dtype, device=device)   # what is masked is never read
+        masked = torch.ones(B, T, dtype=torch.bool, device=device)
+        decided = torch.zeros(B, T, dtype=torch.long, device=device)                 # the step of each token
+        order = random_ranks(torch.rand(B, T, device=device, generator=generator))   # MAR's random order
+        with evaluating(self):
+            if guided:
+                cond, cond_mask = self.with_null_condition(cond, cond_mask)          # (2B, ...)
+            for step in range(num_iter):
+                remaining = masked_after_step(step, num_iter, T, int(masked[0].sum()))
+                scale = 1 + (cfg_scale - 1) * (T - remaining) / T
+                both = (torch.cat([tokens, tokens]), torch.cat([masked, masked])) if guided else (tokens, masked)
+                out = self(*both, cond, cond_mask)                                   # (B or 2B, T, ..)
+                if self.by_confidence:
+                    logits = guide(out, scale) if guided else out                    # (B, T, vocab)
+                    drawn = self.output.draw(logits.flatten(0, 1), 1.0, temperature, generator,
+                                             **draw_options).view(B, T)
+                    confidence = logits.log_softmax(dim=-1).gather(-1, drawn[..., None])[..., 0]  # (B, T)
+                    gumbel = -torch.empty_like(confidence).exponential_(generator=generator).log()
+                    confidence = confidence + choice_temperature * (1 - (step + 1) / num_iter) * gumbel
+                    confidence = confidence.masked_fill(~masked, float("inf"))      # known: never masked again
+                    still_masked = random_ranks(confidence) < remaining              # the least confident
+                    tokens = torch.where(masked & ~still_masked, drawn, tokens)
+                else:
+                    still_masked = order >= T - remaining                            # the order's later ones
+                    now = masked & ~still_masked                                     # (B, T), as many per row
+                    z = out[torch.cat([now, now])] if guided else out[now]           # (B or 2B * count, dim)
+                    tokens[now] = self.output.draw(z, scale, temperature, generator, **draw_options)[:, 0]
+                decided[masked & ~still_masked] = step
+                masked = still_masked
+        if steps is not None:
+            steps.append(decided)
+        return tokens
+
+
+GENERATORS["masked"] = MaskedGPT
+
+
+# -----------------------------------------------------------------------------
+# 11. Next-scale prediction (VAR): the multi-scale residual quantizer
 # VAR (Tian et al. 2024, FoundationVision/VAR) writes an image coarse to fine: a 1x1 map of codes,
 # then 2x2, ..., up to the h x w grid, each scale quantizing what the earlier ones left unexplained.
 # The quantizer below is exact to the official VectorQuantizer2 (its state-dict names; a fixture

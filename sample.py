@@ -43,11 +43,12 @@ OFFICIAL_T2I_PROMPTS = [  # the official sample_t2i.py's
 ]
 OFFICIAL_C2I_SAMPLING = dict(cfg_scale=4.0, top_k=2000)  # the official samplers' defaults
 OFFICIAL_T2I_SAMPLING = dict(cfg_scale=7.5, top_k=1000)
-# generate()'s keywords that the command line sets: its own, and those it passes on to the readout's
-# draw (CodeHead's, DiffusionHead's). Each is taken from the command line only when given, so that its
-# default has one home: the library, or where the models come from (a Pipeline).
-GENERATE_OPTIONS = ("cfg_scale", "cfg_interval", "temperature")
-DRAW_OPTIONS = ("top_k", "top_p", "diffusion_steps")
+# generate()'s keywords that the command line sets: those every generator takes, and those of one
+# generator or readout (gpt.generate_options says which a GPT takes). Each is taken from the command
+# line only when given, so that its default has one home: the library, or where the models come from
+# (a Pipeline).
+GENERATE_OPTIONS = ("cfg_scale", "temperature")
+OWN_OPTIONS = ("cfg_interval", "num_iter", "choice_temperature", "top_k", "top_p", "diffusion_steps")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -314,16 +315,25 @@ def flag(name):  # a keyword's command-line flag: top_k -> --top-k
     return "--" + name.replace("_", "-")
 
 
-def sampling_options(args, draw_options, defaults):
+def sampling_options(args, generate_options, defaults, order="raster"):
     """generate()'s keywords: the defaults of where the models come from, then what the command line
-    gives. An option the GPT's readout does not draw with (draw_options: --top-k is not one for
-    continuous tokens) is a mistake to report, not to ignore."""
-    given = {name: getattr(args, name) for name in GENERATE_OPTIONS + DRAW_OPTIONS if hasattr(args, name)}
-    foreign = [name for name in DRAW_OPTIONS if name in given and name not in draw_options]
+    gives (None: not given). An option the GPT does not sample with (generate_options: --top-k is
+    not one for continuous tokens, --num-iter not one for raster order) is a mistake to report, not
+    to ignore."""
+    given = {name: getattr(args, name) for name in GENERATE_OPTIONS + OWN_OPTIONS
+             if getattr(args, name, None) is not None}
+    foreign = [name for name in OWN_OPTIONS if name in given and name not in generate_options]
     if foreign:
-        raise ValueError(f"{flag(foreign[0])} does not apply to this GPT, which draws with "
-                         f"{', '.join(map(flag, draw_options))}, --temperature, --cfg-scale and --cfg-interval.")
-    return {**defaults, **given}
+        raise ValueError(f"{flag(foreign[0])} does not apply to this GPT ({order} order), which samples with "
+                         f"{', '.join(map(flag, GENERATE_OPTIONS + tuple(generate_options)))}.")
+    return {**{name: value for name, value in defaults.items() if name in generate_options + GENERATE_OPTIONS},
+            **given}
+
+
+def check_steps(gpt, options):  # --num-iter, refused before any sampling rather than by generate()
+    if options.get("num_iter", 1) > gpt.config.block_size:
+        raise ValueError(f"--num-iter {options['num_iter']}: an image has {gpt.config.block_size} tokens, so "
+                         f"at most {gpt.config.block_size} steps.")
 
 
 def condition_tensors(gpt, text_encoder, conditions, device):
@@ -336,18 +346,32 @@ def condition_tensors(gpt, text_encoder, conditions, device):
 
 def pick_sampler(gpt, args, passes):
     """The generation loop the command line asks for, called as generate(cond, cond_mask,
-    generator=, **options) -> tokens: with the KV cache, without it (--no-kv-cache), or speculative
-    (--speculative W), which appends the forward passes each image needed to `passes`."""
+    generator=, steps=, **options) -> tokens: the GPT's own generate(), or for raster order without
+    the KV cache (--no-kv-cache) or speculative (--speculative W), which appends the forward passes
+    each image needed to `passes`. Those two report no steps: raster order decides token t at step t."""
     if getattr(args, "speculative", None):
-        def speculative(cond, cond_mask=None, **options):
+        def speculative(cond, cond_mask=None, steps=None, **options):
             tokens, needed = gpt.generate_speculative(cond, cond_mask, window=args.speculative, **options)
             passes.extend(needed.tolist())
             return tokens
         return speculative
-    return gpt.generate_without_cache if getattr(args, "no_kv_cache", False) else gpt.generate
+    if getattr(args, "no_kv_cache", False):
+        return lambda cond, cond_mask=None, steps=None, **options: gpt.generate_without_cache(cond, cond_mask, **options)
+    return gpt.generate
 
 
-def check_speculative(gpt, args, name="this GPT"):  # --speculative, before any sampling
+# the command-line switches that pick another loop of a raster-order GPT: each is a method of GPT
+RASTER_LOOPS = {"speculative": "generate_speculative", "no_kv_cache": "generate_without_cache",
+                "compile": "compile_decode_one_token"}
+
+
+def check_sampler(gpt, args, name="this GPT"):
+    """--speculative, --no-kv-cache and --compile, before any sampling: each needs a loop that this
+    GPT has (raster order), and --speculative needs each token's probability (codes)."""
+    for option, method in RASTER_LOOPS.items():
+        if getattr(args, option, None) and not hasattr(gpt, method):
+            raise ValueError(f"{flag(option)} is for raster order, and {name} generates in "
+                             f"{gpt.config.order} order: leave out {flag(option)}.")
     if getattr(args, "speculative", None) and not hasattr(gpt.output, "probabilities"):
         raise ValueError("--speculative needs each token's probability, which a GPT over codes gives; "
                          f"{name} draws continuous tokens (MAR): leave out --speculative.")
@@ -361,17 +385,21 @@ def passes_report(passes, block_size, window):
 
 @torch.no_grad()
 def generate_tokens(pipeline, rows, args, options, device, passes=None):
-    """Tokens (N, block_size, ..) for every row repeated num_samples times, in batches."""
+    """Tokens (N, block_size, ..) for every row repeated num_samples times, in batches, and the step
+    that decided each token (N, block_size)."""
     requests = [row for row in rows for _ in range(args.num_samples)]
     generator = torch.Generator(device).manual_seed(args.seed)
     generate = pick_sampler(pipeline.gpt, args, passes)
-    tokens = []
+    tokens, steps = [], []
     for start in tqdm(range(0, len(requests), args.batch_size), desc="sampling", leave=False,
                       disable=len(requests) <= args.batch_size):
         cond, cond_mask = condition_tensors(pipeline.gpt, pipeline.text_encoder,
                                             requests[start:start + args.batch_size], device)
-        tokens.append(generate(cond, cond_mask, generator=generator, **options))
-    return torch.cat(tokens)
+        tokens.append(generate(cond, cond_mask, generator=generator, steps=steps, **options))
+    tokens = torch.cat(tokens)
+    if not steps:  # a raster loop that reports none
+        steps = [torch.arange(tokens.shape[1], device=tokens.device).expand(len(tokens), -1)]
+    return tokens, torch.cat(steps)
 
 
 @torch.no_grad()
@@ -380,20 +408,19 @@ def decode(tokenizer, tokens, batch_size=32):  # (N, h*w, ..) tokens -> images (
 
 
 @torch.no_grad()
-def generation_frames(tokenizer, tokens, grid_size, tokens_per_frame, batch_size=32):
-    """What raster-order generation looks like: frame k decodes the first k * tokens_per_frame
-    tokens of every sample, with the tokens not generated yet shown blank (gray). The last frame
-    is the finished image."""
+def generation_frames(tokenizer, tokens, steps, grid_size, steps_per_frame, batch_size=32):
+    """What generation looks like: frame k decodes the tokens of every sample decided by step
+    (k + 1) * steps_per_frame - 1 (steps (N, T) from generate), with the tokens not decided yet
+    shown blank (gray). The last frame is the finished image."""
     f = tokenizer.downsample_factor
+    num_steps = int(steps.max()) + 1
     frames = []
-    for end in range(tokens_per_frame, tokens.shape[1] + tokens_per_frame, tokens_per_frame):
-        end = min(end, tokens.shape[1])
+    for last in list(range(steps_per_frame - 1, num_steps - 1, steps_per_frame)) + [num_steps - 1]:
+        unknown = steps > last                                             # (N, T)
         partial = tokens.clone()
-        partial[:, end:] = 0  # any token: those pixels are blanked below
+        partial[unknown] = 0  # any token: those pixels are blanked below
         images = decode(tokenizer, partial, batch_size)
-        blank = torch.zeros(grid_size * grid_size, dtype=torch.bool, device=tokens.device)
-        blank[end:] = True                                               # raster order
-        blank = blank.view(grid_size, grid_size).repeat_interleave(f, 0).repeat_interleave(f, 1)  # (H, W)
+        blank = unknown.view(-1, 1, grid_size, grid_size).repeat_interleave(f, 2).repeat_interleave(f, 3)
         frames.append(images.masked_fill(blank, 0.0))                    # (N, 3, H, W)
     return frames
 
@@ -697,6 +724,13 @@ def parse_args(argv=None):
     group.add_argument("--diffusion-steps", type=bounded(int, 1), default=argparse.SUPPRESS,
                        help="continuous tokens (MAR): reverse diffusion steps per token "
                             f"(default: {library_default(L.DiffusionHead.draw, 'diffusion_steps')})")
+    group.add_argument("--num-iter", type=bounded(int, 1), default=argparse.SUPPRESS,
+                       help="masked order: steps, each one forward pass that decides a share of the tokens "
+                            f"(default: {library_default(L.MaskedGPT.generate, 'num_iter')})")
+    group.add_argument("--choice-temperature", type=bounded(float, 0), default=argparse.SUPPRESS,
+                       help="masked order over codes: Gumbel noise on the confidence that picks the codes kept "
+                            "at each step (MaskGIT; 0: the most likely first, large: a random order) "
+                            f"(default: {library_default(L.MaskedGPT.generate, 'choice_temperature')})")
     group.add_argument("--seed", type=int, default=0, help="same seed, same images")
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the GPT and T5")
@@ -710,7 +744,9 @@ def parse_args(argv=None):
     group.add_argument("--output", default="samples.png", help="the grid, an image file (.png, .jpg, ...)")
     group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
     group.add_argument("--gif", help="an animation of the token grid filling in (.gif)")
-    group.add_argument("--gif-tokens-per-frame", type=bounded(int, 1), help="tokens per GIF frame (default: one row)")
+    group.add_argument("--gif-steps-per-frame", type=bounded(int, 1),
+                       help="sampler steps per GIF frame (default: a row of the grid when each step makes one "
+                            "token, as in raster order; else 1)")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--benchmark", action="store_true", help="time generation of a random-weight model")
     group.add_argument("--preset", choices=list(L.GPT_PRESETS), default="GPT-B", help="the model to time")
@@ -738,7 +774,8 @@ def main(argv=None):
         if args.benchmark:
             if args.image_size and args.image_size % 16:
                 raise ValueError(f"--image-size {args.image_size} is not a multiple of 16 (VQ-16's downsampling).")
-            options = sampling_options(args, L.CodeHead.draw_options, OFFICIAL_C2I_SAMPLING)  # an official-size GPT
+            options = sampling_options(args, L.GPT.sampling_options + L.CodeHead.draw_options,  # an official-size GPT
+                                       OFFICIAL_C2I_SAMPLING)
         elif args.list_official:
             return list_releases()
         else:
@@ -753,8 +790,10 @@ def main(argv=None):
             official = args.official or args.official_gpt
             pipeline = load_official(args) if official else load_ours(args.out_dir)
             rows = conditions(args, pipeline)
-            options = sampling_options(args, pipeline.gpt.draw_options, pipeline.sampling)
-            check_speculative(pipeline.gpt, args)
+            options = sampling_options(args, pipeline.gpt.generate_options, pipeline.sampling,
+                                       pipeline.gpt.config.order)
+            check_sampler(pipeline.gpt, args)
+            check_steps(pipeline.gpt, options)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # during a download, say: fetch_release removes its unfinished file
@@ -771,7 +810,8 @@ def main(argv=None):
         if args.compile:
             pipeline.gpt.compile_decode_one_token()
         passes = []
-        seconds, tokens = time_it(lambda: generate_tokens(pipeline, rows, args, options, device, passes), device)
+        seconds, (tokens, steps) = time_it(lambda: generate_tokens(pipeline, rows, args, options, device, passes),
+                                           device)
         print(f"generated {len(tokens)} images in {seconds:.1f} s ({1000 * seconds / len(tokens):.0f} ms per image, "
               f"batch {min(args.batch_size, len(tokens))})")
         if passes:
@@ -779,8 +819,9 @@ def main(argv=None):
         columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
         save_outputs(decode(pipeline.tokenizer, tokens), args, columns)
         if args.gif:
-            frames = generation_frames(pipeline.tokenizer, tokens, pipeline.grid_size,
-                                       args.gif_tokens_per_frame or pipeline.grid_size)
+            one_per_step = int(steps.max()) + 1 == steps.shape[1]  # raster order: a row of the grid per frame
+            frames = generation_frames(pipeline.tokenizer, tokens, steps, pipeline.grid_size,
+                                       args.gif_steps_per_frame or (pipeline.grid_size if one_per_step else 1))
             save_gif(frames, args.gif, columns)
             print(f"wrote {args.gif} ({len(frames)} frames)")
     except KeyboardInterrupt:

@@ -876,8 +876,9 @@ def test_one_generation_loop_serves_continuous_tokens_too():
     assert torch.equal(early[:, :3], cached[:, :3]) and not torch.allclose(early[:, 3:], cached[:, 3:], atol=1e-3)
 
 
+@pytest.mark.parametrize("order", ["raster", "masked"])
 @pytest.mark.parametrize("token_kind", ["discrete", "continuous"])
-def test_every_kind_of_token_goes_through_the_same_calls(token_kind):
+def test_every_kind_of_token_goes_through_the_same_calls(token_kind, order):
     """What train.py and sample.py rely on, whatever a token is: the tokenizer's encode gives what a
     GPT built from its token_config reads; that GPT's loss trains both its input and its readout;
     generate gives tokens that decode back to images; and the training tokens drawn from
@@ -888,21 +889,240 @@ def test_every_kind_of_token_goes_through_the_same_calls(token_kind):
     tokenizer = tokenizer_class(tokenizer_class.config_class(**tiny)).eval()
     images = blob_images()                                                  # (4, 3, 16, 16)
     encoded = tokenizer.encode(images)                                      # (4, 64) or (4, 64, 4)
-    gpt = L.GPT(L.GPTConfig(**L.GPT_PRESETS["GPT-tiny"], **tokenizer.token_config(), block_size=64, num_classes=3,
-                            diffusion_width=32, diffusion_depth=1))
+    gpt = L.make_gpt(L.GPTConfig(**L.GPT_PRESETS["GPT-tiny"], **tokenizer.token_config(), block_size=64,
+                                 num_classes=3, diffusion_width=32, diffusion_depth=1, order=order))
     for p in gpt.parameters():  # the zero-initialised readouts would hide the input layer's gradient
         torch.nn.init.normal_(p, std=0.3)
     labels = torch.tensor([0, 1, 2, 0])
     gpt.loss(encoded, labels).backward()
     assert gpt.tok_embeddings.weight.grad.abs().sum() > 0
     assert sum(p.grad.abs().sum() for p in gpt.output.parameters()) > 0
-    generated = gpt.generate(labels[:2], cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    steps = []
+    generated = gpt.generate(labels[:2], cfg_scale=2.0, generator=torch.Generator().manual_seed(0), steps=steps)
     assert generated.shape[1:] == encoded.shape[1:] and generated.dtype == encoded.dtype
+    assert steps[0].shape == (2, 64)  # the step that decided each token
     decoded = tokenizer.decode(generated)
     assert decoded.shape == (2, 3, 16, 16) and decoded.abs().max() <= 1
     posterior = tokenizer.encode_posterior(images)
     draws = torch.stack([tokenizer.draw_from_posterior(posterior) for _ in range(100)]).float()
     assert draws.shape[1:] == encoded.shape and (draws.mean(0) - encoded.float()).abs().max() < 0.5
+
+
+# -----------------------------------------------------------------------------
+# 3c. Masked generation: MaskGIT over codes, MAR over continuous tokens
+
+
+def tiny_masked_gpt(token_kind="discrete", model_type="c2i", seed=0, block_size=16, std=0.3):
+    torch.manual_seed(seed)
+    cfg = L.GPTConfig(**L.GPT_PRESETS["GPT-tiny"], order="masked", token_kind=token_kind, vocab_size=32, token_dim=4,
+                      block_size=block_size, num_classes=5, model_type=model_type, caption_dim=12,
+                      cls_token_num=1 if model_type == "c2i" else 6, token_dropout_p=0.0, resid_dropout_p=0.0,
+                      ffn_dropout_p=0.0, class_dropout_prob=0.0, diffusion_width=32, diffusion_depth=2)
+    gpt = L.make_gpt(cfg)
+    for p in gpt.parameters() if std else []:  # zero-initialised layers would hide mistakes: give everything weights
+        torch.nn.init.normal_(p, std=std)
+    return gpt.eval()
+
+
+def tiny_tokens(gpt, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if gpt.config.token_kind == "discrete":
+        return torch.randint(0, gpt.config.vocab_size, (batch, gpt.config.block_size), generator=g)
+    return torch.randn(batch, gpt.config.block_size, gpt.config.token_dim, generator=g)
+
+
+@pytest.mark.parametrize("num_tokens", [16, 64, 256])
+def test_mask_schedule_is_a_cosine_that_ends_with_every_token_decided(num_tokens):
+    for num_iter in [1, 2, 4, 8, 16, num_tokens]:
+        masked, counts = num_tokens, []
+        for step in range(num_iter):
+            after = L.masked_after_step(step, num_iter, num_tokens, masked)
+            counts.append(masked - after)
+            assert after < masked or masked == 0                     # every step decides at least one token
+            if step < num_iter - 1:
+                assert after >= 1 and after <= math.floor(num_tokens * math.cos(math.pi / 2 * (step + 1) / num_iter))
+            masked = after
+        assert masked == 0 and sum(counts) == num_tokens and min(counts) >= 1
+        if num_iter == num_tokens:
+            assert counts == [1] * num_tokens                          # one token per step
+    if num_tokens == 256:  # 8 steps over a 16 x 16 grid, by hand: 256 cos(pi/16) = 251.1 stay masked, ...
+        masked, counts = 256, []
+        for step in range(8):
+            after = L.masked_after_step(step, 8, 256, masked)
+            counts.append(masked - after)
+            masked = after
+        assert counts == [5, 15, 24, 31, 39, 45, 48, 49]  # few tokens first, most at the end
+
+
+def test_random_ranks_are_permutations_reproducible_from_the_seed():
+    ranks = L.random_ranks(torch.rand(5, 64, generator=torch.Generator().manual_seed(0)))
+    assert all(sorted(row.tolist()) == list(range(64)) for row in ranks)
+    again = L.random_ranks(torch.rand(5, 64, generator=torch.Generator().manual_seed(0)))
+    other = L.random_ranks(torch.rand(5, 64, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(ranks, again) and not torch.equal(ranks, other) and not torch.equal(ranks[0], ranks[1])
+
+
+@pytest.mark.parametrize("token_kind", ["discrete", "continuous"])
+def test_masked_loss_is_taken_on_the_masked_positions_only(token_kind):
+    """The positions whose input is the mask vector are exactly those whose readout gets a gradient;
+    their number follows the token kind's masking fraction."""
+    gpt = tiny_masked_gpt(token_kind).train()
+    tokens, labels = tiny_tokens(gpt, batch=64), torch.arange(64) % 5
+    captured = {}
+    gpt.layers[0].register_forward_pre_hook(lambda module, args: captured.update(h=args[0]))
+
+    def keep_readout(module, args, out):
+        out.retain_grad()
+        captured["out"] = out
+    gpt.output.register_forward_hook(keep_readout) if token_kind == "discrete" else None
+    if token_kind == "continuous":  # the diffusion head's readout is z itself: catch the final norm's output
+        gpt.norm.register_forward_hook(keep_readout)
+    torch.manual_seed(1)
+    gpt.loss(tokens, labels).backward()
+    masked_input = (captured["h"][:, 1:] == gpt.mask_token + gpt.pos_embedding).all(-1)  # (B, T)
+    grad = captured["out"].grad
+    grad = grad if token_kind == "discrete" else grad[:, 1:]
+    assert torch.equal(grad.abs().sum(-1) > 0, masked_input)
+    fraction = masked_input.float().mean(1)                                          # per image
+    assert (fraction > 0).all()
+    if token_kind == "continuous":  # MAR: a truncated normal on [0.7, 1]
+        assert fraction.min() >= 0.7 - 1 / 16 and fraction.mean() > 0.8
+    else:                           # MaskGIT: cos(pi/2 r), r uniform: E = 2 / pi, and some images lightly masked
+        assert abs(fraction.mean() - 2 / math.pi) < 0.1 and fraction.min() < 0.3
+
+
+def test_masked_attention_is_bidirectional_and_raster_attention_is_causal():
+    masked_gpt = tiny_masked_gpt()
+    tokens, labels = tiny_tokens(masked_gpt), torch.tensor([0, 1])
+    changed = tokens.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 32
+    nothing = torch.zeros_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        before, after = masked_gpt(tokens, nothing, labels), masked_gpt(changed, nothing, labels)
+    assert not torch.allclose(before[:, 0], after[:, 0])          # the first position sees the last
+    raster = tiny_gpt()
+    with torch.no_grad():
+        before, after = raster(tokens, labels), raster(changed, labels)
+    assert torch.equal(before[:, :-1], after[:, :-1])              # no earlier position sees it
+
+
+class Recorder:
+    """Wraps a MaskedGPT's forward: what each step fed it (tokens, masked), for the first row of the
+    CFG batch."""
+
+    def __init__(self, gpt):
+        self.inputs, self.forward = [], gpt.forward
+
+    def __call__(self, tokens, masked, cond, cond_mask=None):
+        self.inputs.append((tokens.clone(), masked.clone()))
+        return self.forward(tokens, masked, cond, cond_mask)
+
+
+@pytest.mark.parametrize("token_kind", ["discrete", "continuous"])
+@pytest.mark.parametrize("num_iter", [1, 4, 16])
+def test_masked_sampling_never_masks_a_known_token_again(token_kind, num_iter):
+    """Each step sees every token decided so far unchanged and still known; the steps decide the
+    schedule's counts; the last leaves no mask; with as many steps as tokens, one per step."""
+    gpt = tiny_masked_gpt(token_kind)
+    recorder = gpt.forward = Recorder(gpt)
+    steps = []
+    tokens = gpt.generate(torch.tensor([0, 3]), cfg_scale=2.0, num_iter=num_iter, steps=steps,
+                          generator=torch.Generator().manual_seed(0), **({"diffusion_steps": 3} if token_kind ==
+                                                                         "continuous" else {}))
+    decided = steps[0]                                                                # (2, 16)
+    assert decided.shape == (2, 16) and decided.min() == 0 and decided.max() == num_iter - 1
+    masked, expected = 16, []
+    for step in range(num_iter):
+        after = L.masked_after_step(step, num_iter, 16, masked)
+        expected.append(masked - after)
+        masked = after
+    for row in decided:
+        assert torch.bincount(row, minlength=num_iter).tolist() == expected
+    assert len(recorder.inputs) == num_iter
+    for step, (fed, masked_in) in enumerate(recorder.inputs):
+        assert torch.equal(masked_in[:2], decided >= step)                # known: decided at an earlier step
+        known = ~masked_in[:2]
+        assert torch.equal(fed[:2][known], tokens[known])                  # and with its final value
+        assert torch.equal(fed[2:], fed[:2]) and torch.equal(masked_in[2:], masked_in[:2])  # the CFG halves agree
+
+
+def test_masked_codes_keep_the_most_confident_draws():
+    """With no Gumbel noise and greedy draws, each step keeps the codes the model is surest of: the
+    argmax at every kept position, and no masked position more confident than a kept one."""
+    gpt = tiny_masked_gpt()
+    recorder = gpt.forward = Recorder(gpt)
+    steps = []
+    tokens = gpt.generate(torch.tensor([0, 3]), temperature=0.0, choice_temperature=0.0, num_iter=4, steps=steps)
+    for step, (fed, masked_in) in enumerate(recorder.inputs[:-1]):
+        with torch.no_grad():
+            log_probs = recorder.forward(fed, masked_in, torch.tensor([0, 3])).log_softmax(-1)
+        best, best_codes = log_probs.max(-1)                                           # (2, 16)
+        now = steps[0] == step
+        assert torch.equal(tokens[now], best_codes[now])
+        for row in range(2):
+            kept, left = best[row][now[row]], best[row][steps[0][row] > step]
+            assert kept.min() >= left.max()
+
+
+@pytest.mark.parametrize("token_kind", ["discrete", "continuous"])
+def test_masked_cfg_follows_mars_ramp(token_kind, monkeypatch):
+    """The guidance scale at step s is 1 + (cfg_scale - 1) * known_s / N, known_s the tokens known
+    after it; for codes guide() is applied to the logits, for continuous tokens to the head's noise."""
+    gpt = tiny_masked_gpt(token_kind)
+    scales, guide = [], L.guide
+    monkeypatch.setattr(L, "guide", lambda out, scale: scales.append(scale) or guide(out, scale))
+    gpt.generate(torch.tensor([0, 3]), cfg_scale=3.0, num_iter=4, generator=torch.Generator().manual_seed(0),
+                 **({"diffusion_steps": 2} if token_kind == "continuous" else {}))
+    masked, expected = 16, []
+    for step in range(4):
+        masked = L.masked_after_step(step, 4, 16, masked)
+        expected.append(1 + 2.0 * (16 - masked) / 16)
+    calls_per_step = 1 if token_kind == "discrete" else 2                             # 2 reverse diffusion steps
+    assert scales == [scale for scale in expected for _ in range(calls_per_step)]
+    assert scales[-1] == 3.0
+
+
+@pytest.mark.parametrize("token_kind", ["discrete", "continuous"])
+def test_masked_sampling_reproduces_from_the_seed(token_kind):
+    gpt = tiny_masked_gpt(token_kind)
+    options = {"diffusion_steps": 3} if token_kind == "continuous" else {}
+
+    def run(seed):
+        steps = []
+        tokens = gpt.generate(torch.tensor([1, 2]), cfg_scale=2.0, steps=steps,
+                              generator=torch.Generator().manual_seed(seed), **options)
+        return tokens, steps[0]
+    (tokens, order), (again, order_again), (other, order_other) = run(0), run(0), run(1)
+    assert torch.equal(tokens, again) and torch.equal(order, order_again)
+    assert not torch.equal(tokens, other) and not torch.equal(order, order_other)
+    with pytest.raises(ValueError, match="num_iter 17: masked generation takes 1 to 16 steps"):
+        gpt.generate(torch.tensor([1]), num_iter=17)
+
+
+@pytest.mark.parametrize("token_kind", ["discrete", "continuous"])
+def test_tiny_masked_gpt_overfits_one_batch(token_kind):
+    """Trained on one image per class, the masked loss falls; over codes, greedy masked sampling
+    then writes most of each class's image back. (Slower to learn than raster order, where the
+    tokens before a position identify the image: here, mostly masked, the class alone must.)"""
+    discrete = token_kind == "discrete"
+    gpt = tiny_masked_gpt(token_kind, std=0.02 if discrete else None).train()  # None: the library's init
+    tokens, labels = tiny_tokens(gpt, batch=4), torch.arange(4)
+    opt = torch.optim.AdamW(gpt.parameters(), lr=1e-2 if discrete else 3e-3)
+    losses = []
+    torch.manual_seed(0)
+    for _ in range(500 if discrete else 400):
+        loss = gpt.loss(tokens, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    if discrete:
+        assert first > 3.0 and last < first / 3
+        generated = gpt.eval().generate(labels, temperature=0.0, num_iter=4)
+        assert (generated == tokens).float().mean() > 0.7  # 1 / 32 by chance
+    else:
+        assert last < first / 3
 
 
 # -----------------------------------------------------------------------------
@@ -1300,7 +1520,7 @@ def test_speculative_sampling_from_the_scripts(trained, tmp_path, capsys):
 def test_gif_shows_raster_order_generation(trained, tmp_path):
     _, classes = trained
     S.main(["--out-dir", str(classes), "--class-id", "0", "--num-samples", "2", "--output", str(tmp_path / "g.png"),
-            "--gif", str(tmp_path / "g.gif"), "--gif-tokens-per-frame", "20"])
+            "--gif", str(tmp_path / "g.gif"), "--gif-steps-per-frame", "20"])
     with Image.open(tmp_path / "g.gif") as gif:
         assert gif.n_frames == math.ceil(64 / 20)  # 8 x 8 tokens, 20 per frame
         gif.seek(gif.n_frames - 1)
@@ -1310,7 +1530,7 @@ def test_gif_shows_raster_order_generation(trained, tmp_path):
     assert np.abs(last - read_rgb(tmp_path / "g.png")).mean() < 8
     vq, _ = L.load_tokenizer(str(classes / "tokenizer.pt"))
     tokens = torch.randint(0, 256, (2, 64))
-    frames = S.generation_frames(vq, tokens, 8, tokens_per_frame=8)
+    frames = S.generation_frames(vq, tokens, torch.arange(64).expand(2, -1), 8, steps_per_frame=8)
     assert len(frames) == 8 and torch.equal(frames[-1], S.decode(vq, tokens))
     assert (frames[0][:, :, 4:] == 0).all()           # after the first row of tokens, the rest is blank
     assert not (frames[1][:, :, 4:8] == 0).all()      # ... and the second row appears in frame 2
@@ -1491,7 +1711,8 @@ def test_continuous_tokens_end_to_end(trained, tmp_path, capsys):
     assert np.array_equal(sample("b.png"), grid) and not np.array_equal(sample("c.png", "--seed", "1"), grid)
     _, message = fails(S.main, ["--out-dir", str(tmp_path / "mar"), "--top-k", "10", "--output", str(out / "x.png")],
                        capsys)
-    assert "--top-k does not apply to this GPT, which draws with --diffusion-steps, --temperature" in message
+    assert "--top-k does not apply to this GPT (raster order), which samples with --cfg-scale, --temperature, " \
+        "--cfg-interval, --diffusion-steps." in message
     _, message = fails(S.main, ["--out-dir", str(tmp_path / "mar"), "--speculative", "--output", str(out / "x.png")],
                        capsys)
     assert "--speculative needs each token's probability" in message
@@ -1507,6 +1728,58 @@ def test_continuous_tokens_end_to_end(trained, tmp_path, capsys):
     assert "--codebook-size is for discrete tokens" in message
     _, message = fails(T.main, tiny_run(tmp_path / "mar", "gpt", "--cond", "class", "--overwrite"), capsys)
     assert "tokenizer.pt makes continuous tokens: pass --tokens continuous" in message
+
+
+@slow
+@pytest.mark.parametrize("tokens", ["discrete", "continuous"])
+def test_masked_order_end_to_end(tokens, trained, tmp_path, capsys):
+    """train.py --order masked writes a GPT that sample.py and evaluate read by themselves (grid,
+    GIF with one frame per step, seeds); a flag of the other order, of the other kind of token or
+    of another run gets one sentence."""
+    kind = ["--tokenizer-preset", "KL-mini", "--diffusion-steps", "5"] if tokens == "continuous" else []
+    run = tiny_run(tmp_path / "m", "--tokens", tokens, *kind, "--order", "masked", "--cond", "class",
+                   "--tokenizer-steps", "3", "--gpt-steps", "3", "--disc-start", "100", "--num-iter", "4")
+    T.main(run)
+    assert L.load_checkpoint(str(tmp_path / "m" / "gpt.pt"), "gpt")["config"]["order"] == "masked"
+    out = tmp_path / "out"
+    fast = ["--diffusion-steps", "5"] if tokens == "continuous" else []
+
+    def sample(name, *extra):
+        S.main(["--out-dir", str(tmp_path / "m"), "--class-name", "red circle", "--num-samples", "3", *fast,
+                "--output", str(out / name), *extra])
+        return read_rgb(out / name)
+    grid = sample("a.png", "--num-iter", "4", "--gif", str(out / "a.gif"))
+    with Image.open(out / "a.gif") as gif:
+        assert gif.n_frames == 4                                      # one frame per step
+    assert np.array_equal(sample("b.png", "--num-iter", "4"), grid)
+    assert not np.array_equal(sample("c.png", "--num-iter", "4", "--seed", "1"), grid)
+    assert not np.array_equal(sample("d.png", "--num-iter", "2"), grid)
+    for flag in ["--speculative", "--no-kv-cache", "--compile"]:
+        _, message = fails(S.main, ["--out-dir", str(tmp_path / "m"), flag, "--output", str(out / "x.png")], capsys)
+        assert f"{flag} is for raster order, and this GPT generates in masked order: leave out {flag}." in message
+    _, message = fails(S.main, ["--out-dir", str(tmp_path / "m"), "--cfg-interval", "3", "--output", str(out / "x.png")],
+                       capsys)
+    assert "--cfg-interval does not apply to this GPT (masked order), which samples with --cfg-scale" in message
+    _, message = fails(S.main, ["--out-dir", str(tmp_path / "m"), "--num-iter", "65", "--output", str(out / "x.png")],
+                       capsys)
+    assert "--num-iter 65: an image has 64 tokens, so at most 64 steps." in message
+    _, message = fails(T.main, tiny_run(tmp_path / "m", "evaluate", "--eval-per-class", "1", "--num-iter", "65"), capsys)
+    assert "--num-iter 65: an image has 64 tokens" in message
+    _, message = fails(S.main, ["--out-dir", str(trained[1]), "--num-iter", "4", "--output", str(out / "x.png")], capsys)
+    assert "--num-iter does not apply to this GPT (raster order)" in message
+    T.main(tiny_run(tmp_path / "m", "evaluate", "--eval-per-class", "1", "--num-iter", "2", *fast))
+    assert "samples generated and judged" in open(tmp_path / "m" / "log.txt").read()
+    _, message = fails(T.main, [*run, "--resume", "--order", "raster", "--num-iter", "4"], capsys)
+    assert "--num-iter does not apply to --order raster" in message
+    _, message = fails(T.main, [*[a for a in run if a != "4" and a != "--num-iter"], "--resume", "--order", "raster"],
+                       capsys)
+    assert "--order masked -> raster" in message
+    if tokens == "continuous":
+        _, message = fails(S.main, ["--out-dir", str(tmp_path / "m"), "--choice-temperature", "1", "--output",
+                                    str(out / "x.png")], capsys)
+        assert "--choice-temperature does not apply to this GPT (masked order)" in message
+        _, message = fails(T.main, [*run, "--choice-temperature", "1", "--overwrite"], capsys)
+        assert "--choice-temperature does not apply to --order masked with --tokens continuous" in message
 
 
 # -----------------------------------------------------------------------------

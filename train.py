@@ -646,7 +646,7 @@ def gpt_config(args, tokenizer, text_encoder, num_classes):
                        caption_dim=text_encoder.t5.config.d_model if text else 0,
                        cls_token_num=args.text_length if text else 1, class_dropout_prob=args.class_dropout,
                        token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout,
-                       rope_2d=args.rope == "2d", diffusion_width=args.diffusion_width,
+                       rope_2d=args.rope == "2d", order=args.order, diffusion_width=args.diffusion_width,
                        diffusion_depth=args.diffusion_depth, diffusion_repeats=args.diffusion_repeats)
 
 
@@ -656,9 +656,9 @@ def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device
     With --speculative, the forward passes each image needed are appended to `passes`."""
     cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
-    options = {name: getattr(args, name) for name in gpt.draw_options if hasattr(args, name)}
+    options = S.sampling_options(args, gpt.generate_options, {}, gpt.config.order)
     generate = S.pick_sampler(gpt, args, passes)
-    tokens = generate(cond, cond_mask, cfg_scale=args.cfg_scale, generator=generator, **options)
+    tokens = generate(cond, cond_mask, generator=generator, **options)
     gpt.free_caches()  # give the KV cache's memory back to training
     return tokenizer.decode(tokens)
 
@@ -685,7 +685,8 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
     examples = tokenize_training_set(args, data, tokenizer, text_encoder, run.device)
     cfg = L.config_from_dict(L.GPTConfig, checkpoint["config"], path) if checkpoint \
         else gpt_config(args, tokenizer, text_encoder, len(data.class_names or []))
-    gpt = L.GPT(cfg)
+    gpt = L.make_gpt(cfg)
+    S.check_steps(gpt, S.sampling_options(args, gpt.generate_options, {}, cfg.order))  # before training
     model = Conditioned(gpt, text_encoder.t5 if text_encoder else None, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([  # weight decay on matrices and embeddings only
@@ -878,7 +879,7 @@ TOKENIZER_SETTINGS = DATA_SETTINGS + tuple(name for kind in TOKEN_KINDS.values()
     "tokenizer_preset", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr", "perceptual_weight",
     "disc_start", "disc_weight", "adaptive_disc_weight", "ema")
 GPT_SETTINGS = DATA_SETTINGS + ("cond", "gpt_preset", "gpt_steps", "gpt_batch_size", "gpt_lr", "weight_decay",
-                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope",
+                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope", "order",
                                 "diffusion_width", "diffusion_depth", "diffusion_repeats")
 
 
@@ -959,6 +960,10 @@ def parse_args(argv=None):
                        help="how often the condition is replaced by the null one while training, so that CFG works")
     group.add_argument("--rope", choices=["2d", "1d"], default="2d",
                        help="rotary positions by (row, column) of the token grid, or by raster position")
+    group.add_argument("--order", choices=list(L.GENERATORS), default="raster",
+                       help="raster: one token per pass, causal (LlamaGen; MAR's causal variant); masked: a few "
+                            "passes, each deciding a share of the tokens, bidirectional (MaskGIT for codes, MAR "
+                            "for continuous tokens)")
     group.add_argument("--text-length", type=S.bounded(int, 2), default=16,
                        help="text tokens the GPT reads (official: 120)")
     group.add_argument("--text-vocab", type=S.bounded(int, 16), default=128,
@@ -973,8 +978,14 @@ def parse_args(argv=None):
     group.add_argument("--diffusion-repeats", type=positive, default=L.GPTConfig.diffusion_repeats,
                        help="continuous tokens: timesteps drawn per token per training step")
     group.add_argument("--diffusion-steps", type=positive,
-                       default=S.library_default(L.DiffusionHead.draw, "diffusion_steps"),
-                       help="continuous tokens: reverse diffusion steps per token when sampling grids")
+                       help="continuous tokens: reverse diffusion steps per token when sampling grids "
+                            f"(default: {S.library_default(L.DiffusionHead.draw, 'diffusion_steps')})")
+    group.add_argument("--num-iter", type=positive,
+                       help="masked order: sampling steps for the grids and the evaluation "
+                            f"(default: {S.library_default(L.MaskedGPT.generate, 'num_iter')})")
+    group.add_argument("--choice-temperature", type=S.bounded(float, 0),
+                       help="masked order over codes: Gumbel noise on the confidence that picks the codes kept "
+                            f"(default: {S.library_default(L.MaskedGPT.generate, 'choice_temperature')})")
     group.add_argument("--cfg-scale", type=S.bounded(float, 0), default=2.0,
                        help="classifier-free guidance for the sample grids and the evaluation (1: none)")
     group.add_argument("--eval-per-class", type=S.bounded(int, 0), default=20,
@@ -1013,8 +1024,18 @@ def parse_args(argv=None):
     return args
 
 
+# the sampling options of one order or one kind of token: (order, tokens) -> whether it applies
+SAMPLING_FLAGS = {"num_iter": lambda order, tokens: order == "masked",
+                  "choice_temperature": lambda order, tokens: order == "masked" and tokens == "discrete",
+                  "diffusion_steps": lambda order, tokens: tokens == "continuous"}
+
+
 def check_args(args, data):
     """Errors a user can make with the data and the settings, found before any training starts."""
+    for name, applies in SAMPLING_FLAGS.items():  # (evaluate checks them on the GPT it loads)
+        if getattr(args, name) is not None and not applies(args.order, args.tokens):
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --order {args.order} with "
+                             f"--tokens {args.tokens}: leave it out.")
     world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("tokenizer_batch_size", "gpt_batch_size"):
         if getattr(args, name) % world:
@@ -1085,7 +1106,8 @@ def evaluate_run(args, run):
         raise ValueError(f"{gpt_path} was trained on {checkpoint['args']['data']}, not on the built-in shapes.")
     if args.eval_per_class == 0:
         raise ValueError("--eval-per-class 0 leaves nothing to evaluate.")
-    S.check_speculative(gpt, args, gpt_path)
+    S.check_sampler(gpt, args, gpt_path)
+    S.check_steps(gpt, S.sampling_options(args, gpt.generate_options, {}, gpt.config.order))
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
     if text_encoder is not None:
         text_encoder.t5.to(run.device)
