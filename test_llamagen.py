@@ -1737,8 +1737,9 @@ def test_masked_order_end_to_end(tokens, trained, tmp_path, capsys):
     GIF with one frame per step, seeds); a flag of the other order, of the other kind of token or
     of another run gets one sentence."""
     kind = ["--tokenizer-preset", "KL-mini", "--diffusion-steps", "5"] if tokens == "continuous" else []
-    run = tiny_run(tmp_path / "m", "--tokens", tokens, *kind, "--order", "masked", "--cond", "class",
-                   "--tokenizer-steps", "3", "--gpt-steps", "3", "--disc-start", "100", "--num-iter", "4")
+    base = tiny_run(tmp_path / "m", "--tokens", tokens, *kind, "--order", "masked", "--cond", "class",
+                    "--tokenizer-steps", "3", "--gpt-steps", "3", "--disc-start", "100")
+    run = [*base, "--num-iter", "4"]
     T.main(run)
     assert L.load_checkpoint(str(tmp_path / "m" / "gpt.pt"), "gpt")["config"]["order"] == "masked"
     out = tmp_path / "out"
@@ -1769,10 +1770,9 @@ def test_masked_order_end_to_end(tokens, trained, tmp_path, capsys):
     assert "--num-iter does not apply to this GPT (raster order)" in message
     T.main(tiny_run(tmp_path / "m", "evaluate", "--eval-per-class", "1", "--num-iter", "2", *fast))
     assert "samples generated and judged" in open(tmp_path / "m" / "log.txt").read()
-    _, message = fails(T.main, [*run, "--resume", "--order", "raster", "--num-iter", "4"], capsys)
+    _, message = fails(T.main, [*run, "--overwrite", "--order", "raster"], capsys)
     assert "--num-iter does not apply to --order raster" in message
-    _, message = fails(T.main, [*[a for a in run if a != "4" and a != "--num-iter"], "--resume", "--order", "raster"],
-                       capsys)
+    _, message = fails(T.main, [*base, "--resume", "--order", "raster"], capsys)
     assert "--order masked -> raster" in message
     if tokens == "continuous":
         _, message = fails(S.main, ["--out-dir", str(tmp_path / "m"), "--choice-temperature", "1", "--output",
@@ -1814,6 +1814,9 @@ def fails(main, argv, capsys):
     (["--holdout", "purple hexagon"], "unknown --holdout purple hexagon"),
     (["--speculative"], "--speculative is for sampling: use it with python train.py evaluate"),
     (["--speculative", "0"], "--speculative: 0 is out of range"),
+    (["--num-iter", "4"], "--num-iter does not apply to --order raster with --tokens discrete: leave it out."),
+    (["--diffusion-steps", "4"], "--diffusion-steps does not apply to --order raster with --tokens discrete"),
+    (["--order", "sideways"], "--order: invalid choice: 'sideways'"),
 ])
 def test_train_argument_errors(argv, expected, capsys, tmp_path):
     status, message = fails(T.main, ["--out-dir", str(tmp_path / "out"), *argv], capsys)
@@ -1844,7 +1847,9 @@ def test_train_out_dir_that_is_a_file(tmp_path, capsys):
     (["--output", "grid.xyz"], "needs a file extension Pillow can write"),
     (["--gif", "animation.png"], "--gif animation.png needs a file extension Pillow can write (.gif)"),
     (["--official-vq", "vq_ds16_c2i.pt"], "pass both --official-vq and --official-gpt"),
-    (["--benchmark", "--diffusion-steps", "5"], "--diffusion-steps does not apply to this GPT, which draws with --top-k"),
+    (["--benchmark", "--diffusion-steps", "5"], "--diffusion-steps does not apply to this GPT (raster order), which "
+                                                "samples with --cfg-scale, --temperature, --cfg-interval, --top-k"),
+    (["--benchmark", "--num-iter", "4"], "--num-iter does not apply to this GPT (raster order)"),
     (["--speculative", "0"], "--speculative: 0 is out of range"),
     (["--speculative", "--no-kv-cache"], "--speculative has its own loop: leave out --no-kv-cache"),
     (["--speculative", "--compile"], "--speculative has its own loop: leave out --compile"),
@@ -2062,7 +2067,7 @@ README = os.path.join(HERE, "README.md")
 # appended to the README's commands, so that each runs in seconds (argparse keeps the last value)
 TINY_TRAIN = ["--num-images", "48", "--tokenizer-steps", "2", "--gpt-steps", "2", "--disc-start", "100",
               "--tokenizer-batch-size", "4", "--gpt-batch-size", "8", "--gpt-preset", "GPT-tiny", "--warmup", "1",
-              "--eval-per-class", "1", "--log-every", "1", "--perceptual-weight", "0", "--diffusion-steps", "2"]
+              "--eval-per-class", "1", "--log-every", "1", "--perceptual-weight", "0"]
 TINY_BENCHMARK = ["--preset", "GPT-tiny", "--image-size", "64", "--repeat", "1"]
 
 
@@ -2102,10 +2107,14 @@ def run_readme_command(words, sandbox):
     if "--compile" in words or any(word.startswith("cuda") for word in words):
         return False  # a GPU, or minutes of compiling: test_compiled_decode_step_is_one_graph covers it
     args = words[2:]
+    out_dir = args[args.index("--out-dir") + 1] if "--out-dir" in args else "out"
+
+    def continuous():  # a trained GPT over continuous tokens samples with few diffusion steps here
+        return torch.load(sandbox / out_dir / "gpt.pt", weights_only=True)["config"]["token_kind"] == "continuous"
     if words[1] == "train.py":
-        stage_and_settings = args + TINY_TRAIN
+        stage_and_settings = args + TINY_TRAIN + (["--diffusion-steps", "2"] if "continuous" in args else [])
         if args and args[0] == "evaluate":
-            T.main(args + ["--eval-per-class", "1", "--diffusion-steps", "2"])
+            T.main(args + ["--eval-per-class", "1"] + (["--diffusion-steps", "2"] if continuous() else []))
         else:
             T.main(stage_and_settings + ([] if "--resume" in args else ["--overwrite"]))
         return True
@@ -2118,9 +2127,7 @@ def run_readme_command(words, sandbox):
     if "--official" in args or "--list-official" in args:  # the sandbox serves the release on 127.0.0.1
         S.main(args)
         return True
-    out_dir = args[args.index("--out-dir") + 1] if "--out-dir" in args else "out"
-    continuous = torch.load(sandbox / out_dir / "gpt.pt", weights_only=True)["config"]["token_kind"] == "continuous"
-    S.main(args + (["--diffusion-steps", "2"] if continuous else []))
+    S.main(args + (["--diffusion-steps", "2"] if continuous() else []))
     return True
 
 
