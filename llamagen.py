@@ -27,8 +27,8 @@ Beyond LlamaGen, on the same Llama:
                       2024, LTH14/mar; DDPM: Ho et al. 2020)
  10. masked           generation in random order with bidirectional attention: MaskGIT over codes
                       (Chang et al. 2022, google-research/maskgit), MAR proper over continuous tokens
- 11. VAR              the multi-scale residual quantizer of next-scale prediction (Tian et al. 2024,
-                      FoundationVision/VAR)
+ 11. VAR              the multi-scale residual quantizer of next-scale prediction and its tokenizer
+                      (Tian et al. 2024, FoundationVision/VAR)
 
 One Llama, several generators: a kind of token is a tokenizer (TOKENIZERS: every one has
 encode(images) -> tokens and decode(tokens) -> images) and the two layers that read such tokens into
@@ -353,7 +353,7 @@ class VQModel(ImageTokenizer):
         return {"usage": codes.unique().numel() / self.cfg.codebook_size}
 
 
-# a token_kind -> its tokenizer; section 9 adds MAR's "continuous"
+# a token_kind -> its tokenizer; section 9 adds MAR's "continuous", section 11 VAR's "multiscale"
 TOKENIZERS = {"discrete": VQModel}
 
 
@@ -2007,7 +2007,7 @@ GENERATORS["masked"] = MaskedGPT
 
 
 # -----------------------------------------------------------------------------
-# 11. Next-scale prediction (VAR): the multi-scale residual quantizer
+# 11. Next-scale prediction (VAR): the multi-scale residual quantizer and its tokenizer
 # VAR (Tian et al. 2024, FoundationVision/VAR) writes an image coarse to fine: a 1x1 map of codes,
 # then 2x2, ..., up to the h x w grid, each scale quantizing what the earlier ones left unexplained.
 # The quantizer below is exact to the official VectorQuantizer2 (its state-dict names; a fixture
@@ -2104,7 +2104,8 @@ class MultiScaleQuantizer(nn.Module):
         return torch.cat(inputs, dim=1)
 
     def forward(self, f):
-        """Training: f (B, C, h, h) -> (the straight-through f_hat, the VQ loss). The codes are
+        """Training: f (B, C, h, h) -> (the straight-through f_hat, the codes of every scale, the
+        VQ loss). The codes are
         found without gradients; f_hat is then rebuilt with them, so that the loss reaches the
         codebook and phi. The loss is taken after every scale and averaged: beta * ||sg[f_hat] - f||^2
         (commitment, moves the encoder) + ||f_hat - sg[f]||^2 (moves the codes and phi)."""
@@ -2113,4 +2114,77 @@ class MultiScaleQuantizer(nn.Module):
         for k, scale_codes in enumerate(codes):
             f_hat = f_hat + self.scale_contribution(k, scale_codes)                 # (B, C, h, h)
             loss = loss + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f.detach())
-        return f + (f_hat - f).detach(), loss / len(codes)
+        return f + (f_hat - f).detach(), codes, loss / len(codes)
+
+
+@dataclasses.dataclass
+class MultiScaleVQConfig:  # VQConfig's encoder and decoder around VAR's multi-scale residual quantizer
+    codebook_size: int = 4096        # VAR's vocabulary
+    codebook_embed_dim: int = 32     # VAR's Cvae
+    scales: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's patch_nums for 256 px; the last is the grid
+    commit_loss_beta: float = 0.25
+    phi_ratio: float = 0.5           # phi(h) = (1 - r) h + r conv3x3(h); 0: no refinement
+    phi_count: int = 4               # convolutions shared by the scales
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dropout: float = 0.0
+
+
+MULTISCALE_PRESETS = {
+    "MSVQ-mini": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, codebook_size=256,
+                      codebook_embed_dim=8, scales=(1, 2, 3, 4, 6, 8)),                 # CPU demo
+    "MSVQ-tiny": dict(ch=32, ch_mult=(1, 2), z_channels=32, codebook_size=64, codebook_embed_dim=8,
+                      scales=(1, 2, 4, 8)),                                            # tests
+}
+
+
+def split_scales(tokens, scales):  # (B, s_1^2 + ... + s_K^2) -> [(B, s_k^2)], coarse to fine
+    return list(tokens.split([s * s for s in scales], dim=1))
+
+
+class MultiScaleVQModel(ImageTokenizer):
+    """VAR's tokenizer: the encoder's features quantized over scales by MultiScaleQuantizer. An
+    image's tokens are the codes of every scale, coarse to fine, each scale in raster order:
+    s_1^2 + ... + s_K^2 of them (1 + 4 + 9 + 16 + 36 + 64 = 130 for the demo's 8 x 8 grid)."""
+
+    config_class = MultiScaleVQConfig
+    token_kind = "multiscale"
+
+    def __init__(self, cfg: MultiScaleVQConfig):
+        super().__init__(cfg)
+        self.quantize = MultiScaleQuantizer(cfg.codebook_size, cfg.codebook_embed_dim, cfg.scales,
+                                            cfg.commit_loss_beta, cfg.phi_ratio, cfg.phi_count)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+
+    def forward(self, images):  # (B, 3, H, W) -> reconstruction, codes (B, s_1^2 + ...), loss terms
+        f_hat, codes, vq_loss = self.quantize(self.quant_conv(self.encoder(images)))
+        return self.decoder(self.post_quant_conv(f_hat)), torch.cat(codes, dim=1), dict(vq_loss=vq_loss)
+
+    @torch.no_grad()
+    def encode(self, images):  # (B, 3, H, W) -> codes (B, s_1^2 + ... + s_K^2), coarse to fine
+        codes, _ = self.quantize.quantize(self.quant_conv(self.encoder(images)))
+        return torch.cat(codes, dim=1)
+
+    @torch.no_grad()
+    def decode_f_hat(self, f_hat):  # (B, C, h, h), the sum of some scales' contributions -> images
+        return self.decoder(self.post_quant_conv(f_hat)).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode(self, codes):  # (B, s_1^2 + ...) -> images (B, 3, H, W) in [-1, 1], float32
+        return self.decode_f_hat(self.quantize.codes_to_f_hat(split_scales(codes, self.cfg.scales)))
+
+    def token_config(self):
+        return dict(token_kind=self.token_kind, vocab_size=self.cfg.codebook_size, scales=tuple(self.cfg.scales))
+
+    def token_stats(self, codes):  # codes (N, s_1^2 + ...) -> the fraction of the codebook each scale uses
+        per_scale = split_scales(codes, self.cfg.scales)
+        stats = {"usage": codes.unique().numel() / self.cfg.codebook_size}
+        for s, scale_codes in zip(self.cfg.scales, per_scale):
+            stats[f"{s}x{s}"] = scale_codes.unique().numel() / self.cfg.codebook_size
+        return stats
+
+
+TOKENIZERS["multiscale"] = MultiScaleVQModel

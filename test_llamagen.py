@@ -161,7 +161,8 @@ def test_multi_scale_quantizer_matches_official_var():
             f_hat, next_input = quantizer.next_input(k, f_hat, fx["idx_Bl"][k])
             assert (next_input - official).abs().max() < 1e-4
     f = f.clone().requires_grad_(True)
-    out, loss = quantizer(f)
+    out, codes, loss = quantizer(f)
+    assert all(torch.equal(ours, official) for ours, official in zip(codes, fx["idx_Bl"]))
     loss.backward()
     assert (out - fx["train_f_hat"]).abs().max() < 1e-4 and (loss - fx["train_vq_loss"]).abs() < 1e-4
     assert (f.grad - fx["train_grad_f"]).abs().max() < 1e-4
@@ -241,6 +242,60 @@ def test_tiny_vq_overfits_one_batch():
         loss = F.mse_loss(recon, images) + vq_losses["codebook_loss"] + vq_losses["commit_loss"]
         opt.zero_grad()
         loss.backward()
+        opt.step()
+        losses.append(F.mse_loss(recon, images).item())
+    assert losses[-1] < losses[0] / 10
+
+
+def tiny_multiscale_vq(**overrides):
+    torch.manual_seed(0)
+    return L.MultiScaleVQModel(L.MultiScaleVQConfig(**{**L.MULTISCALE_PRESETS["MSVQ-tiny"], **overrides}))
+
+
+def test_multiscale_tokens_are_every_scale_coarse_to_fine():
+    """VAR's tokenizer: an image is the codes of scales 1, 2, 4 and 8 in a row (85 of them); they
+    decode to the encoder's quantized features; the transformer's inputs built from the true codes
+    are the encoder's f_hat after each scale, area-downsampled to the next scale; the log gets the
+    codebook usage of every scale."""
+    vq = tiny_multiscale_vq().eval()
+    images = blob_images()                                                  # (4, 3, 16, 16)
+    codes = vq.encode(images)
+    assert codes.shape == (4, 1 + 4 + 16 + 64) and codes.dtype == torch.long
+    with torch.no_grad():
+        per_scale, f_hats = vq.quantize.quantize(vq.quant_conv(vq.encoder(images)))
+        assert torch.equal(torch.cat(per_scale, dim=1), codes)
+        assert torch.allclose(vq.decode(codes), vq.decode_f_hat(f_hats[-1]), atol=1e-5)
+        inputs = vq.quantize.teacher_forcing_input(L.split_scales(codes, vq.cfg.scales))  # (4, 4 + 16 + 64, 8)
+        start = 0
+        for k, s in enumerate(vq.cfg.scales[1:]):
+            expected = F.interpolate(f_hats[k], size=(s, s), mode="area").flatten(2).transpose(1, 2)
+            assert torch.allclose(inputs[:, start:start + s * s], expected, atol=1e-6)
+            start += s * s
+    assert vq.decode(codes).shape == (4, 3, 16, 16)
+    stats = vq.token_stats(codes)
+    assert list(stats) == ["usage", "1x1", "2x2", "4x4", "8x8"]
+    assert stats["1x1"] == codes[:, 0].unique().numel() / 64 and stats["8x8"] == codes[:, 21:].unique().numel() / 64
+    assert vq.token_config() == dict(token_kind="multiscale", vocab_size=64, scales=(1, 2, 4, 8))
+
+
+@slow
+def test_tiny_multiscale_vq_overfits_one_batch():
+    """Trained with the VQ tokenizer's losses (here L2 and the multi-scale VQ loss), the
+    reconstruction error falls tenfold; the loss reaches the encoder (straight through), the
+    codebook and every phi."""
+    vq = tiny_multiscale_vq().train()
+    images = blob_images()
+    opt = torch.optim.Adam(vq.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    losses = []
+    for step in range(120):
+        recon, _, vq_losses = vq(images)
+        loss = F.mse_loss(recon, images) + vq_losses["vq_loss"]
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            assert vq.encoder.conv_in.weight.grad.abs().sum() > 0
+            assert vq.quantize.embedding.weight.grad.abs().sum() > 0
+            assert all(phi.weight.grad.abs().sum() > 0 for phi in vq.quantize.quant_resi.qresi_ls)
         opt.step()
         losses.append(F.mse_loss(recon, images).item())
     assert losses[-1] < losses[0] / 10
