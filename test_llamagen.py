@@ -1041,7 +1041,7 @@ def test_masked_loss_is_taken_on_the_masked_positions_only(token_kind):
     fraction = masked_input.float().mean(1)                                          # per image
     assert (fraction > 0).all()
     if token_kind == "continuous":  # MAR: a truncated normal on [0.7, 1]
-        assert fraction.min() >= 0.7 - 1 / 16 and fraction.mean() > 0.8
+        assert fraction.min() >= 0.7 and fraction.mean() > 0.8
     else:                           # MaskGIT: cos(pi/2 r), r uniform: E = 2 / pi, and some images lightly masked
         assert abs(fraction.mean() - 2 / math.pi) < 0.1 and fraction.min() < 0.3
 
@@ -1117,6 +1117,64 @@ def test_masked_codes_keep_the_most_confident_draws():
         for row in range(2):
             kept, left = best[row][now[row]], best[row][steps[0][row] > step]
             assert kept.min() >= left.max()
+
+
+def test_masked_codes_choose_by_log_prob_plus_annealed_gumbel(monkeypatch):
+    """The confidence that ranks the codes is log p(code) + choice_temperature * (1 - (s + 1) / S) *
+    Gumbel noise, here with the noise's exponential draws made known."""
+    gpt, cond = tiny_masked_gpt(), torch.tensor([0, 3])
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))  # the Exp(1) draws, made known
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, generator=None: self.copy_(noise))
+    scores, ranks = [], L.random_ranks
+    monkeypatch.setattr(L, "random_ranks", lambda s: scores.append(s.clone()) or ranks(s))
+    gpt.generate(cond, temperature=0.0, choice_temperature=2.0, num_iter=4)
+    with torch.no_grad():  # step 0: everything masked, greedy draws
+        best = gpt(torch.zeros(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.bool), cond)
+        best = best.log_softmax(-1).amax(-1)
+    assert torch.allclose(scores[1], best + 2.0 * (1 - 1 / 4) * -noise.log(), atol=1e-5)  # scores[0]: the order
+
+
+def test_masked_continuous_order_differs_per_row_and_temperature_is_used():
+    gpt = tiny_masked_gpt("continuous")
+
+    def run(temperature):
+        steps = []
+        tokens = gpt.generate(torch.tensor([1, 2]), num_iter=16, temperature=temperature, diffusion_steps=3,
+                              steps=steps, generator=torch.Generator().manual_seed(0))
+        return tokens, steps[0]
+    tokens, decided = run(1.0)
+    assert not torch.equal(decided[0], decided[1])               # each image its own random order
+    assert not torch.allclose(run(0.5)[0], tokens)               # temperature reaches the diffusion head
+
+
+def test_mask_fractions_follow_their_distributions():
+    torch.manual_seed(0)
+    fraction = L.maskgit_fraction(100_000, "cpu")                # cos(pi/2 r): mean 2/pi, median cos(pi/4)
+    assert abs(fraction.mean() - 2 / math.pi) < 0.01 and abs((fraction > math.cos(math.pi / 4)).float().mean() - 0.5) < 0.01
+    fraction = L.mar_fraction(100_000, "cpu")
+    assert fraction.min() >= 0.7 and fraction.max() <= 1.0
+
+
+def test_masked_loss_masks_ceil_of_fraction_at_random_per_image(monkeypatch):
+    gpt = tiny_masked_gpt()
+    seen, forward = [], gpt.forward
+    gpt.forward = lambda tokens, masked, cond, cond_mask=None: seen.append(masked) or forward(tokens, masked, cond,
+                                                                                             cond_mask)
+    for fraction, count in [(0.3, 5), (0.01, 1), (1.0, 16)]:  # ceil(0.3 * 16) = 5, at least 1, at most all
+        monkeypatch.setitem(L.MASK_FRACTIONS, "discrete", lambda B, device: torch.full((B,), fraction))
+        gpt.loss(tiny_tokens(gpt, batch=8), torch.arange(8) % 5)
+        assert (seen[-1].sum(1) == count).all()
+    assert len({tuple(row.tolist()) for row in seen[0]}) > 1  # not the same positions in every image
+
+
+def test_masked_text_padding_is_hidden_from_the_image():
+    gpt = tiny_masked_gpt(model_type="t2i")
+    caption = torch.randn(2, 6, 12, generator=torch.Generator().manual_seed(0))
+    cond_mask = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)  # left padding
+    other = torch.where(cond_mask[..., None], caption, torch.randn(2, 6, 12))          # other padding values
+    tokens, masked = tiny_tokens(gpt), torch.rand(2, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    with torch.no_grad():
+        assert torch.allclose(gpt(tokens, masked, caption, cond_mask), gpt(tokens, masked, other, cond_mask), atol=1e-5)
 
 
 @pytest.mark.parametrize("token_kind", ["discrete", "continuous"])
