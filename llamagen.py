@@ -1132,6 +1132,14 @@ def make_gpt(cfg: GPTConfig):  # the generator a config names
     return GENERATORS[cfg.order](cfg)
 
 
+def generate_options(order, token_kind):
+    """generate_options of a GPT of this order over these tokens, before one is trained: read off
+    the smallest such model (no layers), so that the answer has one home, the classes."""
+    cfg = GPTConfig(dim=8, n_layer=0, n_head=1, num_classes=1, block_size=1, vocab_size=1, token_kind=token_kind,
+                    order=order, token_dim=1, diffusion_width=8, diffusion_depth=0)
+    return make_gpt(cfg).generate_options
+
+
 # -----------------------------------------------------------------------------
 # 6. Text conditioner: a compact T5 encoder and a SentencePiece tokenizer
 # The text-conditional models read a caption as T5's features of its SentencePiece tokens: 120

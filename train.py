@@ -1024,16 +1024,11 @@ def parse_args(argv=None):
     return args
 
 
-# the sampling options of one order or one kind of token: (order, tokens) -> whether it applies
-SAMPLING_FLAGS = {"num_iter": lambda order, tokens: order == "masked",
-                  "choice_temperature": lambda order, tokens: order == "masked" and tokens == "discrete",
-                  "diffusion_steps": lambda order, tokens: tokens == "continuous"}
-
-
 def check_args(args, data):
     """Errors a user can make with the data and the settings, found before any training starts."""
-    for name, applies in SAMPLING_FLAGS.items():  # (evaluate checks them on the GPT it loads)
-        if getattr(args, name) is not None and not applies(args.order, args.tokens):
+    applies = L.generate_options(args.order, args.tokens)  # (evaluate checks them on the GPT it loads)
+    for name in ("num_iter", "choice_temperature", "diffusion_steps"):  # train.py's sampling flags
+        if getattr(args, name) is not None and name not in applies:
             raise ValueError(f"--{name.replace('_', '-')} does not apply to --order {args.order} with "
                              f"--tokens {args.tokens}: leave it out.")
     world = int(os.environ.get("WORLD_SIZE", 1))
