@@ -48,7 +48,7 @@ OFFICIAL_T2I_SAMPLING = dict(cfg_scale=7.5, top_k=1000)
 # line only when given, so that its default has one home: the library, or where the models come from
 # (a Pipeline).
 GENERATE_OPTIONS = ("cfg_scale", "temperature")
-OWN_OPTIONS = ("cfg_interval", "num_iter", "choice_temperature", "top_k", "top_p", "diffusion_steps")
+OWN_OPTIONS = ("cfg_interval", "num_iter", "choice_temperature", "cfg_schedule", "top_k", "top_p", "diffusion_steps")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -408,20 +408,17 @@ def decode(tokenizer, tokens, batch_size=32):  # (N, h*w, ..) tokens -> images (
 
 
 @torch.no_grad()
-def generation_frames(tokenizer, tokens, steps, grid_size, steps_per_frame, batch_size=32):
-    """What generation looks like: frame k decodes the tokens of every sample decided by step
-    (k + 1) * steps_per_frame - 1 (steps (N, T) from generate), with the tokens not decided yet
-    shown blank (gray). The last frame is the finished image."""
-    f = tokenizer.downsample_factor
+def generation_frames(tokenizer, tokens, steps, steps_per_frame, batch_size=32):
+    """What generation looks like: frame k shows the tokens of every sample decided by step
+    (k + 1) * steps_per_frame - 1 (steps (N, T) from generate), as the tokenizer's decode_known
+    draws a generation under way (the cells not decided yet blank; VAR: the scales so far). The
+    last frame is the finished image."""
     num_steps = int(steps.max()) + 1
     frames = []
     for last in list(range(steps_per_frame - 1, num_steps - 1, steps_per_frame)) + [num_steps - 1]:
-        unknown = steps > last                                             # (N, T)
-        partial = tokens.clone()
-        partial[unknown] = 0  # any token: those pixels are blanked below
-        images = decode(tokenizer, partial, batch_size)
-        blank = unknown.view(-1, 1, grid_size, grid_size).repeat_interleave(f, 2).repeat_interleave(f, 3)
-        frames.append(images.masked_fill(blank, 0.0))                    # (N, 3, H, W)
+        known = steps <= last                                              # (N, T)
+        frames.append(torch.cat([tokenizer.decode_known(tokens[i:i + batch_size], known[i:i + batch_size])
+                                 for i in range(0, len(tokens), batch_size)]))  # (N, 3, H, W)
     return frames
 
 
@@ -496,7 +493,7 @@ def time_parts(gpt, rows, batch, top_k, device, dtype):
     q = torch.randn(rows, cfg.n_head, 1, head_dim, device=device, dtype=dtype)
     caches = [torch.randn(2, rows, cfg.n_head, max_seq_len, head_dim, device=device, dtype=dtype)
               for _ in range(cfg.n_layer)]  # one (k, v) cache per layer
-    mask = L.attention_mask(max_seq_len, device=device)
+    mask = L.attention_mask(torch.arange(max_seq_len, device=device))
     x = torch.randn(rows, 1, cfg.dim, device=device, dtype=dtype)
     norms = [m for m in gpt.modules() if isinstance(m, L.RMSNorm)]
     logits = torch.randn(batch, cfg.vocab_size, device=device)
@@ -731,6 +728,10 @@ def parse_args(argv=None):
                        help="masked order over codes: Gumbel noise on the confidence that picks the codes kept "
                             "at each step (MaskGIT; 0: the most likely first, large: a random order) "
                             f"(default: {library_default(L.MaskedGPT.generate, 'choice_temperature')})")
+    group.add_argument("--cfg-schedule", choices=L.CFG_SCHEDULES, default=argparse.SUPPRESS,
+                       help="scales order (VAR): CFG from none at the 1x1 scale up to --cfg-scale at the last "
+                            "(ramp), or --cfg-scale at every scale (constant) "
+                            f"(default: {library_default(L.ScaleGPT.generate, 'cfg_schedule')})")
     group.add_argument("--seed", type=int, default=0, help="same seed, same images")
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the GPT and T5")
@@ -743,7 +744,8 @@ def parse_args(argv=None):
     group = parser.add_argument_group("outputs")
     group.add_argument("--output", default="samples.png", help="the grid, an image file (.png, .jpg, ...)")
     group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
-    group.add_argument("--gif", help="an animation of the token grid filling in (.gif)")
+    group.add_argument("--gif", help="an animation of the generation (.gif): the token grid filling in, or in "
+                                     "scales order the image sharpening scale by scale")
     group.add_argument("--gif-steps-per-frame", type=bounded(int, 1),
                        help="sampler steps per GIF frame (default: a row of the grid when each step makes one "
                             "token, as in raster order; else 1)")
@@ -820,7 +822,7 @@ def main(argv=None):
         save_outputs(decode(pipeline.tokenizer, tokens), args, columns)
         if args.gif:
             one_per_step = int(steps.max()) + 1 == steps.shape[1]  # raster order: a row of the grid per frame
-            frames = generation_frames(pipeline.tokenizer, tokens, steps, pipeline.grid_size,
+            frames = generation_frames(pipeline.tokenizer, tokens, steps,
                                        args.gif_steps_per_frame or (pipeline.grid_size if one_per_step else 1))
             save_gif(frames, args.gif, columns)
             print(f"wrote {args.gif} ({len(frames)} frames)")

@@ -275,7 +275,8 @@ def test_multiscale_tokens_are_every_scale_coarse_to_fine():
     stats = vq.token_stats(codes)
     assert list(stats) == ["usage", "1x1", "2x2", "4x4", "8x8"]
     assert stats["1x1"] == codes[:, 0].unique().numel() / 64 and stats["8x8"] == codes[:, 21:].unique().numel() / 64
-    assert vq.token_config() == dict(token_kind="multiscale", vocab_size=64, scales=(1, 2, 4, 8))
+    assert vq.token_config() == dict(token_kind="multiscale", vocab_size=64, token_dim=8, scales=(1, 2, 4, 8),
+                                     phi_ratio=0.5, phi_count=4)
 
 
 @slow
@@ -398,7 +399,7 @@ def assert_cache_matches_full_forward(gpt, cond, cond_mask, tokens):
     cls = gpt.config.cls_token_num
     max_seq_len = cls + gpt.config.block_size - 1
     gpt.setup_caches(2, max_seq_len, torch.float32, tokens.device)
-    mask = L.attention_mask(max_seq_len, cond_mask, tokens.device)
+    mask = L.attention_mask(torch.arange(max_seq_len), cond_mask)
     stepwise = [gpt.prefill(cond, mask)]
     for t in range(gpt.config.block_size - 1):
         stepwise.append(gpt.decode_one_token(tokens[:, t:t + 1], torch.tensor([cls + t], device=tokens.device), mask))
@@ -732,7 +733,7 @@ def test_speculative_cache_holds_the_committed_prefix_after_rejections():
     gpt.setup_caches(4, used, torch.float32, "cpu")
     h = torch.cat([gpt.embed_condition(both), gpt.tok_embeddings(torch.cat([codes, codes])[:, :-1])], dim=1)
     with torch.no_grad():
-        gpt.forward_with_cache(h, torch.arange(used), L.attention_mask(used, both_mask))
+        gpt.forward_with_cache(h, torch.arange(used), L.attention_mask(torch.arange(used), both_mask))
     for layer, (k, v) in zip(gpt.layers, cached):
         assert torch.allclose(layer.attention.kv_cache.k_cache, k, atol=1e-5)
         assert torch.allclose(layer.attention.kv_cache.v_cache, v, atol=1e-5)
@@ -1643,7 +1644,7 @@ def test_gif_shows_raster_order_generation(trained, tmp_path):
     assert np.abs(last - read_rgb(tmp_path / "g.png")).mean() < 8
     vq, _ = L.load_tokenizer(str(classes / "tokenizer.pt"))
     tokens = torch.randint(0, 256, (2, 64))
-    frames = S.generation_frames(vq, tokens, torch.arange(64).expand(2, -1), 8, steps_per_frame=8)
+    frames = S.generation_frames(vq, tokens, torch.arange(64).expand(2, -1), steps_per_frame=8)
     assert len(frames) == 8 and torch.equal(frames[-1], S.decode(vq, tokens))
     assert (frames[0][:, :, 4:] == 0).all()           # after the first row of tokens, the rest is blank
     assert not (frames[1][:, :, 4:8] == 0).all()      # ... and the second row appears in frame 2

@@ -416,13 +416,27 @@ QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", 
 # defaults that differ by kind. The VQ's entropy loss is 0.1 rather than the official 0: on the
 # simple shapes most codes die without it. A continuous GPT step also trains the diffusion head on
 # 4 noisings of every token and takes about twice as long: 600 steps give it the training time of
-# the discrete demo's 1400.
+# the discrete demo's 1400. A multi-scale GPT step reads 130 tokens per image rather than 64.
 TOKEN_KINDS = {
     "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS,
-                     defaults=dict(tokenizer_preset="VQ-mini", gpt_steps=1400, entropy_loss_ratio=0.1)),
+                     defaults=dict(tokenizer_preset="VQ-mini", gpt_steps=1400, entropy_loss_ratio=0.1, order="raster")),
     "continuous": dict(presets=L.KL_PRESETS, options=("kl_weight",),
-                       defaults=dict(tokenizer_preset="KL-mini", gpt_steps=600)),
+                       defaults=dict(tokenizer_preset="KL-mini", gpt_steps=600, order="raster")),
+    "multiscale": dict(presets=L.MULTISCALE_PRESETS,
+                       options=("codebook_size", "codebook_embed_dim", "commit_loss_beta", "scales", "phi_ratio"),
+                       defaults=dict(tokenizer_preset="MSVQ-mini", gpt_steps=1000, order="scales")),
 }
+
+
+def scale_sizes(text):  # --scales 1,2,3,4,6,8
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sizes, such as 1,2,3,4,6,8") \
+            from None
+    if sizes[0] != 1 or any(later <= earlier for earlier, later in zip(sizes, sizes[1:])):
+        raise argparse.ArgumentTypeError(f"{text}: the scales start at 1 and grow, such as 1,2,3,4,6,8")
+    return sizes
 
 
 def tokenizer_config(args):
@@ -445,8 +459,14 @@ def load_perceptual_loss(weight):
         return None
 
 
-def codebook_stats(stats, separator):  # a tokenizer's token_stats, for a log line
-    return "".join(f"{separator}{name} {value:.0%}" for name, value in stats.items())
+def codebook_stats(stats, separator):
+    """A tokenizer's token_stats for a log line: "<separator>usage 95%", and VAR's usage per scale
+    after it in brackets."""
+    if not stats:
+        return ""
+    (name, value), *per_scale = stats.items()
+    scales = ", ".join(f"{scale} {share:.0%}" for scale, share in per_scale)
+    return f"{separator}{name} {value:.0%}" + (f" ({scales})" if scales else "")
 
 
 @torch.no_grad()
@@ -641,7 +661,7 @@ def gpt_config(args, tokenizer, text_encoder, num_classes):
     """The preset's size, for the tokenizer's tokens and the condition."""
     text = text_encoder is not None
     return L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], **tokenizer.token_config(),
-                       block_size=(args.image_size // tokenizer.downsample_factor) ** 2,
+                       block_size=tokenizer.tokens_per_image(tokenizer.cfg, args.image_size),
                        model_type="t2i" if text else "c2i", num_classes=num_classes,
                        caption_dim=text_encoder.t5.config.d_model if text else 0,
                        cls_token_num=args.text_length if text else 1, class_dropout_prob=args.class_dropout,
@@ -686,6 +706,7 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
     cfg = L.config_from_dict(L.GPTConfig, checkpoint["config"], path) if checkpoint \
         else gpt_config(args, tokenizer, text_encoder, len(data.class_names or []))
     gpt = L.make_gpt(cfg)
+    gpt.bind_tokenizer(tokenizer)
     S.check_steps(gpt, S.sampling_options(args, gpt.generate_options, {}, cfg.order))  # before training
     model = Conditioned(gpt, text_encoder.t5 if text_encoder else None, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -909,9 +930,10 @@ def parse_args(argv=None):
                             "where a flip turns writing, digits and faces into something else)")
     group.add_argument("--cond", choices=["text", "class"], default="text", help="what the GPT is conditioned on")
     group = parser.add_argument_group("tokenizer (stage 1)")
-    group.add_argument("--tokens", choices=list(TOKEN_KINDS), default="discrete",
-                       help="discrete codes from a VQ tokenizer (LlamaGen), or continuous tokens from a KL "
-                            "tokenizer with a diffusion loss per token (MAR)")
+    group.add_argument("--tokens", choices=list(TOKEN_KINDS),
+                       help="discrete codes from a VQ tokenizer (LlamaGen), continuous tokens from a KL "
+                            "tokenizer with a diffusion loss per token (MAR), or the codes of every scale from a "
+                            "multi-scale residual VQ (VAR) (default: discrete; multiscale for --order scales)")
     group.add_argument("--tokenizer-preset", choices=[name for kind in TOKEN_KINDS.values() for name in kind["presets"]],
                        help=f"the tokenizer's size (default: {kind_defaults('tokenizer_preset')})")
     group.add_argument("--tokenizer-steps", type=positive, default=800, help="training steps of the tokenizer")
@@ -931,6 +953,12 @@ def parse_args(argv=None):
     group.add_argument("--entropy-loss-ratio", type=S.bounded(float, 0),
                        help="VQ: weight of the entropy loss that keeps the whole codebook in use (MaskGIT; 0: off, "
                             f"the official default; default: {kind_defaults('entropy_loss_ratio')})")
+    group.add_argument("--scales", type=scale_sizes,
+                       help="multiscale: the side of each scale's map of codes, coarse to fine, from 1 up to the "
+                            "grid (image size / downsampling) (default: the preset's, 1,2,3,4,6,8 for MSVQ-mini)")
+    group.add_argument("--phi-ratio", type=S.bounded(float, 0, 1),
+                       help="multiscale: r in phi(h) = (1 - r) h + r conv3x3(h), the refinement of each scale's "
+                            "upsampled codes (0: none; default: 0.5, VAR's)")
     group.add_argument("--kl-weight", type=S.bounded(float, 0),
                        help="KL tokenizer: weight of KL(q(z|x) || N(0, I)) per latent value (default: the preset's)")
     group.add_argument("--perceptual-weight", type=S.bounded(float, 0), default=1.0, help="LPIPS weight (0: off)")
@@ -960,10 +988,11 @@ def parse_args(argv=None):
                        help="how often the condition is replaced by the null one while training, so that CFG works")
     group.add_argument("--rope", choices=["2d", "1d"], default="2d",
                        help="rotary positions by (row, column) of the token grid, or by raster position")
-    group.add_argument("--order", choices=list(L.GENERATORS), default="raster",
+    group.add_argument("--order", choices=list(L.GENERATORS),
                        help="raster: one token per pass, causal (LlamaGen; MAR's causal variant); masked: a few "
                             "passes, each deciding a share of the tokens, bidirectional (MaskGIT for codes, MAR "
-                            "for continuous tokens)")
+                            "for continuous tokens); scales: one pass per scale, coarse to fine, block-causal "
+                            f"(VAR; multiscale tokens) (default: {kind_defaults('order')})")
     group.add_argument("--text-length", type=S.bounded(int, 2), default=16,
                        help="text tokens the GPT reads (official: 120)")
     group.add_argument("--text-vocab", type=S.bounded(int, 16), default=128,
@@ -986,6 +1015,10 @@ def parse_args(argv=None):
     group.add_argument("--choice-temperature", type=S.bounded(float, 0),
                        help="masked order over codes: Gumbel noise on the confidence that picks the codes kept "
                             f"(default: {S.library_default(L.MaskedGPT.generate, 'choice_temperature')})")
+    group.add_argument("--cfg-schedule", choices=L.CFG_SCHEDULES,
+                       help="scales order: CFG from none at the 1x1 scale up to --cfg-scale at the last (ramp, "
+                            "VAR's), or --cfg-scale at every scale (constant) "
+                            f"(default: {S.library_default(L.ScaleGPT.generate, 'cfg_schedule')})")
     group.add_argument("--cfg-scale", type=S.bounded(float, 0), default=2.0,
                        help="classifier-free guidance for the sample grids and the evaluation (1: none)")
     group.add_argument("--eval-per-class", type=S.bounded(int, 0), default=20,
@@ -1009,6 +1042,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.flip is None:
         args.flip = args.data is None
+    if args.tokens is None:  # the tokens the order generates (--order scales: multiscale)
+        args.tokens = L.GENERATORS[args.order or "raster"].token_kinds[0]
     kind = TOKEN_KINDS[args.tokens]
     for name, default in kind["defaults"].items():
         if getattr(args, name) is None:
@@ -1021,13 +1056,17 @@ def parse_args(argv=None):
                      if name not in kind["options"] and getattr(args, name) is not None]
         if misplaced:
             parser.error(f"--{misplaced[0].replace('_', '-')} is for {tokens} tokens, not {args.tokens} ones")
+    generates = L.GENERATORS[args.order].token_kinds
+    if args.tokens not in generates:
+        parser.error(f"--order {args.order} generates {' or '.join(generates)} tokens, not {args.tokens} ones: "
+                     f"leave out --tokens, or use --order {kind['defaults']['order']} for {args.tokens} tokens")
     return args
 
 
 def check_args(args, data):
     """Errors a user can make with the data and the settings, found before any training starts."""
     applies = L.generate_options(args.order, args.tokens)  # (evaluate checks them on the GPT it loads)
-    for name in ("num_iter", "choice_temperature", "diffusion_steps"):  # train.py's sampling flags
+    for name in ("num_iter", "choice_temperature", "diffusion_steps", "cfg_schedule"):  # train.py's sampling flags
         if getattr(args, name) is not None and name not in applies:
             raise ValueError(f"--{name.replace('_', '-')} does not apply to --order {args.order} with "
                              f"--tokens {args.tokens}: leave it out.")
@@ -1047,6 +1086,7 @@ def check_args(args, data):
         if args.image_size % downsampling:
             raise ValueError(f"--image-size {args.image_size} is not a multiple of {args.tokenizer_preset}'s "
                              f"{downsampling}x downsampling.")
+        L.TOKENIZERS[args.tokens].tokens_per_image(tokenizer_config(args), args.image_size)  # VAR: the scales
         if args.image_size < 32 and args.disc_start < args.tokenizer_steps:
             raise ValueError(f"the PatchGAN discriminator needs images of at least 32 px: use --image-size 32 "
                              f"or more, or --disc-start {args.tokenizer_steps} to train without it.")
