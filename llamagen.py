@@ -2111,6 +2111,7 @@ class MultiScaleQuantizer(nn.Module):
         super().__init__()
         self.scales, self.beta, self.dim = list(scales), beta, dim
         self.embedding = nn.Embedding(vocab_size, dim)
+        self.embedding.weight.data.uniform_(-1.0 / vocab_size, 1.0 / vocab_size)
         self.quant_resi = SharedPhis(dim, phi_count, phi_ratio)
 
     def nearest_codes(self, z):  # (N, C) -> (N,): the code at the smallest Euclidean distance

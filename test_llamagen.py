@@ -1240,6 +1240,193 @@ def test_tiny_masked_gpt_overfits_one_batch(token_kind):
 
 
 # -----------------------------------------------------------------------------
+# 3d. Next-scale prediction (VAR): block-causal attention, one pass per scale
+
+
+def tiny_scale_gpt(model_type="c2i", seed=0, std=0.3, scales=(1, 2, 4)):
+    torch.manual_seed(seed)
+    cfg = L.GPTConfig(**L.GPT_PRESETS["GPT-tiny"], order="scales", token_kind="multiscale", vocab_size=32, token_dim=4,
+                      scales=scales, block_size=sum(s * s for s in scales), num_classes=5, model_type=model_type,
+                      caption_dim=12, cls_token_num=1 if model_type == "c2i" else 6, token_dropout_p=0.0,
+                      resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0)
+    gpt = L.make_gpt(cfg)
+    for p in gpt.parameters() if std else []:  # zero-initialised layers would hide mistakes: give everything weights
+        torch.nn.init.normal_(p, std=std)
+    return gpt.eval()
+
+
+def scale_codes(gpt, batch=2, seed=0):
+    return torch.randint(0, gpt.config.vocab_size, (batch, gpt.config.block_size),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+class DrawRecorder:
+    """Wraps a readout's draw: the logits each call drew from (after guidance)."""
+
+    def __init__(self, head):
+        self.logits, self.draw = [], head.draw
+
+    def __call__(self, logits, *args, **kwargs):
+        self.logits.append(logits.clone())
+        return self.draw(logits, *args, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_next_scale_attention_is_block_causal(model_type):
+    """A position sees the condition and every position of its own and earlier scales, never one
+    of a later scale: in the mask, and through the model (a change at the last input of a scale
+    reaches every output of that scale, the first one too, and none of an earlier scale)."""
+    gpt = tiny_scale_gpt(model_type, scales=(1, 2, 3, 4))
+    cls = gpt.config.cls_token_num
+    scale_of = [-1] * cls + [k for k, s in enumerate((2, 3, 4), start=1) for _ in range(s * s)]  # -1: condition
+    S_ = len(scale_of)
+    mask = L.attention_mask(gpt.attention_blocks(S_, "cpu"))[0, 0]
+    for q in range(S_):
+        for k in range(S_):
+            if scale_of[q] < 0:
+                expected = k <= q                                         # the condition: causal, as in raster order
+            else:
+                expected = scale_of[k] <= scale_of[q]                     # the condition, own and earlier scales
+            assert bool(mask[q, k]) == expected, (q, k)
+    cond, cond_mask = tiny_condition(gpt)
+    inputs = torch.randn(2, S_ - cls, gpt.config.dim)
+    changed = inputs.clone()
+    changed[:, 4 + 9 - 1] += 1.0                                            # the last input of the 3x3 scale
+    with torch.no_grad():
+        before, after = gpt.transformer(cond, inputs, cond_mask), gpt.transformer(cond, changed, cond_mask)
+    differs = (before - after).abs().amax(dim=(0, 2)) > 1e-6               # (S,)
+    assert not differs[:cls + 4].any()                                      # condition and the 2x2 scale
+    assert differs[cls + 4:].all()                                          # all of 3x3 and 4x4
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_scale_by_scale_sampling_equals_the_full_forward(model_type, monkeypatch):
+    """generate's passes, one per scale through the KV cache, feeding f_hat built by
+    quantizer.next_input, give the logits of one teacher-forced forward pass (built by
+    teacher_forcing_input) on the codes they drew."""
+    gpt = tiny_scale_gpt(model_type)
+    cond, cond_mask = tiny_condition(gpt)
+    recorder = DrawRecorder(gpt.output)
+    monkeypatch.setattr(gpt.output, "draw", recorder)
+    steps = []
+    codes = gpt.generate(cond, cond_mask, generator=torch.Generator().manual_seed(0), steps=steps)
+    assert codes.shape == (2, 1 + 4 + 16) and len(recorder.logits) == 3                  # one pass per scale
+    assert torch.equal(steps[0], torch.tensor([0] + [1] * 4 + [2] * 16).expand(2, -1))  # each token's scale
+    stepwise = torch.cat([logits.view(2, -1, 32) for logits in recorder.logits], dim=1)
+    with torch.no_grad():
+        full = gpt(codes, cond, cond_mask)                                            # (2, 21, 32)
+    assert (stepwise - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("cfg_schedule", ["ramp", "constant"])
+def test_next_scale_cfg_follows_its_formula(cfg_schedule, monkeypatch):
+    """At scale k of K the guided logits are (1 + t) cond - t uncond, t = (cfg_scale - 1) k / (K - 1)
+    (VAR's ramp, k from 0), or t = cfg_scale - 1 at every scale (constant); the conditional and
+    null halves of the batch go on with the same codes."""
+    assert [L.guidance_at_scale(k, 3, 3.0) for k in range(3)] == [1.0, 2.0, 3.0]
+    assert [L.guidance_at_scale(k, 3, 3.0, "constant") for k in range(3)] == [3.0] * 3
+    gpt = tiny_scale_gpt()
+    cond = torch.tensor([1, 3])
+    recorder = DrawRecorder(gpt.output)
+    monkeypatch.setattr(gpt.output, "draw", recorder)
+    codes = gpt.generate(cond, cfg_scale=3.0, cfg_schedule=cfg_schedule, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        both, _ = gpt.with_null_condition(cond, None)
+        conditional, unconditional = gpt(torch.cat([codes, codes]), both).chunk(2)          # (2, 21, 32) each
+    start = 0
+    for k, s in enumerate((1, 2, 4)):
+        t = 2.0 * k / 2 if cfg_schedule == "ramp" else 2.0
+        expected = (1 + t) * conditional[:, start:start + s * s] - t * unconditional[:, start:start + s * s]
+        assert (recorder.logits[k].view(2, s * s, 32) - expected).abs().max() < 1e-4
+        start += s * s
+    with pytest.raises(ValueError, match="cfg_schedule 'linear': choose one of ramp, constant"):
+        gpt.generate(cond, cfg_schedule="linear")
+
+
+def test_next_scale_rope_puts_each_cell_at_its_centre_on_the_final_grid():
+    """Cell i of scale s sits at (i + 1/2) h / s - 1/2 on the h x h grid: the 2x2 scale's cells at
+    the centres of the quarters; the last scale exactly where the raster GPT puts the grid."""
+    gpt = tiny_scale_gpt(scales=(1, 2, 4))
+    head_dim = gpt.config.dim // gpt.config.n_head
+    rope = gpt.rope                                                         # (1 + 4 + 16, head_dim / 2, 2)
+    assert rope.shape == (1 + 4 + 16, head_dim // 2, 2) and (rope[0] == 0).all()
+    centres = torch.tensor([0.5, 2.5])                                      # (i + 1/2) * 4 / 2 - 1/2
+    angles = L.rope_angles_2d(centres.repeat_interleave(2), centres.repeat(2), head_dim, gpt.config.rope_base)
+    assert torch.allclose(rope[1:5], torch.stack([angles.cos(), angles.sin()], dim=-1))
+    assert torch.allclose(rope[5:], L.precompute_rope_2d(4, head_dim, gpt.config.rope_base, 0))
+    one_d = tiny_scale_gpt(scales=(1, 2, 4)).make_rope(dataclasses.replace(gpt.config, rope_2d=False))
+    assert torch.allclose(one_d[1:], L.rope_table(L.rope_angles_1d(torch.arange(20), head_dim, 10000), 0))
+
+
+def test_next_scale_gpt_builds_its_inputs_with_the_tokenizers_quantizer():
+    """bind_tokenizer copies the tokenizer's codebook and phis; they stay frozen (no gradient, out
+    of the optimizer) and float32 when the GPT is cast to bf16, which still generates."""
+    vq = tiny_multiscale_vq()
+    codes = vq.encode(blob_images())
+    cfg = L.GPTConfig(**L.GPT_PRESETS["GPT-tiny"], order="scales", **vq.token_config(), block_size=85, num_classes=4)
+    gpt = L.make_gpt(cfg)
+    gpt.bind_tokenizer(vq)
+    per_scale = L.split_scales(codes, vq.cfg.scales)
+    assert torch.equal(gpt.quantizer.teacher_forcing_input(per_scale), vq.quantize.teacher_forcing_input(per_scale))
+    gpt.loss(codes, torch.arange(4)).backward()
+    assert all(p.grad is None and not p.requires_grad for p in gpt.quantizer.parameters())
+    assert gpt.tok_embeddings.weight.grad is not None and gpt.scale_embedding.weight.grad is not None
+    gpt.cast("cpu", torch.bfloat16)
+    assert gpt.quantizer.embedding.weight.dtype == torch.float32 and gpt.tok_embeddings.weight.dtype == torch.bfloat16
+    assert gpt.generate(torch.tensor([0, 1]), cfg_scale=2.0).shape == (2, 85)
+
+
+def test_next_scale_sampling_reproduces_from_the_seed():
+    gpt = tiny_scale_gpt("t2i")
+    cond, cond_mask = tiny_condition(gpt)
+
+    def run(seed):
+        return gpt.generate(cond, cond_mask, cfg_scale=2.0, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+
+
+def test_next_scale_gpt_refuses_what_it_cannot_generate():
+    with pytest.raises(ValueError, match=r"scales \(2, 4\): next-scale prediction starts at 1x1"):
+        tiny_scale_gpt(scales=(2, 4))
+    for order, kind in [("scales", "discrete"), ("raster", "multiscale"), ("masked", "multiscale")]:
+        with pytest.raises(ValueError, match=f"{order} order generates .* tokens, not {kind} ones"):
+            L.generate_options(order, kind)
+
+
+def test_multiscale_decode_known_sums_the_scales_so_far():
+    """A picture of a multi-scale generation under way decodes the f_hat of the scales decided so
+    far (the image sharpening), not blank cells; all known is decode()."""
+    vq = tiny_multiscale_vq().eval()
+    codes = vq.encode(blob_images())
+    per_scale = L.split_scales(codes, vq.cfg.scales)
+    known = torch.zeros_like(codes, dtype=torch.bool)
+    known[:, :1 + 4] = True                                                 # scales 1x1 and 2x2
+    with torch.no_grad():
+        expected = vq.decode_f_hat(vq.quantize.scale_contribution(0, per_scale[0])
+                                   + vq.quantize.scale_contribution(1, per_scale[1]))
+        assert torch.allclose(vq.decode_known(codes, known), expected, atol=1e-6)
+        assert torch.allclose(vq.decode_known(codes, torch.ones_like(known)), vq.decode(codes), atol=1e-6)
+
+
+def test_tiny_scale_gpt_overfits_one_batch():
+    """Trained on one image's codes per class, the cross-entropy over all scales falls near zero
+    and greedy sampling, one pass per scale, writes each class's codes back."""
+    gpt = tiny_scale_gpt(std=None).train()                                   # None: the library's init
+    codes, labels = scale_codes(gpt, batch=4), torch.arange(4)
+    opt = torch.optim.AdamW([p for p in gpt.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    torch.manual_seed(0)
+    for _ in range(150):
+        loss = gpt.loss(codes, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.0 and losses[-1] < 0.05
+    assert torch.equal(gpt.generate(labels, temperature=0.0), codes)
+
+
+# -----------------------------------------------------------------------------
 # 4. The text conditioner
 
 CAPTIONS = ["a small red circle at the top", "red circle, large, centered", "a blue square on the left",
@@ -1841,7 +2028,7 @@ def test_continuous_tokens_end_to_end(trained, tmp_path, capsys):
     _, message = fails(T.main, [*run, "--codebook-size", "64", "--overwrite"], capsys)
     assert "--codebook-size is for discrete tokens" in message
     _, message = fails(T.main, tiny_run(tmp_path / "mar", "gpt", "--cond", "class", "--overwrite"), capsys)
-    assert "tokenizer.pt makes continuous tokens: pass --tokens continuous" in message
+    assert "tokenizer.pt makes continuous tokens, not discrete ones: pass --tokens continuous" in message
 
 
 @slow
@@ -1894,6 +2081,82 @@ def test_masked_order_end_to_end(tokens, trained, tmp_path, capsys):
         assert "--choice-temperature does not apply to this GPT (masked order)" in message
         _, message = fails(T.main, [*run, "--choice-temperature", "1", "--overwrite"], capsys)
         assert "--choice-temperature does not apply to --order masked with --tokens continuous" in message
+
+
+@slow
+def test_next_scale_order_end_to_end(trained, tmp_path, capsys):
+    """train.py --order scales trains a multi-scale tokenizer (per-scale usage in the log) and a
+    ScaleGPT that sample.py and evaluate read by themselves (grid, files, a GIF frame per scale
+    that sharpens, seeds, --cfg-schedule); mixing a multi-scale tokenizer with another generator,
+    or the other way round, and flags of other orders get one sentence."""
+    base = tiny_run(tmp_path / "v", "--order", "scales", "--cond", "class", "--tokenizer-steps", "3", "--gpt-steps",
+                    "3", "--disc-start", "100")
+    run = [*base, "--tokenizer-preset", "MSVQ-mini"]
+    T.main(run)
+    tokenizer = L.load_checkpoint(str(tmp_path / "v" / "tokenizer.pt"), "tokenizer")
+    gpt = L.load_checkpoint(str(tmp_path / "v" / "gpt.pt"), "gpt")
+    assert tokenizer["token_kind"] == "multiscale" and tokenizer["args"]["tokens"] == "multiscale"
+    assert gpt["config"]["order"] == "scales" and tuple(gpt["config"]["scales"]) == (1, 2, 3, 4, 6, 8)
+    assert gpt["config"]["block_size"] == 1 + 4 + 9 + 16 + 36 + 64
+    assert all(torch.equal(gpt["model"][f"quantizer.{name}"], value)          # the tokenizer's quantizer, copied
+               for name, value in tokenizer["model"].items() if name.startswith("quantize.")
+               for name in [name.removeprefix("quantize.")])
+    log = open(tmp_path / "v" / "log.txt").read()
+    assert re.search(r"tokenizer step 3/3 .* usage \d+% \(1x1 \d+%, 2x2 \d+%, 3x3 \d+%, 4x4 \d+%, 6x6 \d+%, 8x8 \d+%\)", log)
+    out = tmp_path / "out"
+
+    def sample(name, *extra):
+        S.main(["--out-dir", str(tmp_path / "v"), "--class-name", "red circle", "--num-samples", "3",
+                "--output", str(out / name), *extra])
+        return read_rgb(out / name)
+    grid = sample("a.png", "--save-dir", str(out / "each"), "--gif", str(out / "a.gif"))
+    assert grid.shape == (2 + 34, 2 + 3 * 34, 3) and np.load(out / "each" / "samples.npz")["arr_0"].shape == (3, 32, 32, 3)
+    with Image.open(out / "a.gif") as gif:
+        assert gif.n_frames == 6                                              # one frame per scale
+        frames = []
+        for i in range(6):
+            gif.seek(i)
+            frames.append(np.asarray(gif.convert("RGB")).astype(int))
+    assert all(np.abs(a - b).sum() > 0 for a, b in zip(frames, frames[1:]))  # each scale changes the picture
+    assert np.abs(frames[-1] - grid).mean() < 8                              # the last is the grid (256 colors)
+    assert np.array_equal(sample("b.png"), grid) and not np.array_equal(sample("c.png", "--seed", "1"), grid)
+    assert not np.array_equal(sample("d.png", "--cfg-schedule", "constant", "--cfg-scale", "4"),
+                              sample("e.png", "--cfg-scale", "4"))
+    for flag in ["--speculative", "--no-kv-cache", "--compile"]:
+        _, message = fails(S.main, ["--out-dir", str(tmp_path / "v"), flag, "--output", str(out / "x.png")], capsys)
+        assert f"{flag} is for raster order, and this GPT generates in scales order: leave out {flag}." in message
+    _, message = fails(S.main, ["--out-dir", str(tmp_path / "v"), "--num-iter", "4", "--output", str(out / "x.png")],
+                       capsys)
+    assert "--num-iter does not apply to this GPT (scales order), which samples with --cfg-scale, --temperature, " \
+        "--cfg-schedule, --top-k, --top-p." in message
+    _, message = fails(S.main, ["--out-dir", str(trained[1]), "--cfg-schedule", "ramp", "--output", str(out / "x.png")],
+                       capsys)
+    assert "--cfg-schedule does not apply to this GPT (raster order)" in message
+    T.main(tiny_run(tmp_path / "v", "evaluate", "--eval-per-class", "1", "--cfg-schedule", "constant"))
+    assert "samples generated and judged" in open(tmp_path / "v" / "log.txt").read()
+    # mixing: a multi-scale tokenizer with a raster GPT, and a VQ with next-scale prediction
+    _, message = fails(T.main, [*run, "--tokens", "multiscale", "--order", "raster", "--overwrite"], capsys)
+    assert "--order raster generates discrete or continuous tokens, not multiscale ones: leave out --tokens, or use " \
+        "--order scales for multiscale tokens" in message
+    _, message = fails(T.main, tiny_run(tmp_path / "v", "gpt", "--cond", "class", "--overwrite"), capsys)
+    assert "tokenizer.pt makes multiscale tokens, not discrete ones: pass --tokens multiscale" in message
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "tokenizer.pt").write_bytes((trained[1] / "tokenizer.pt").read_bytes())  # a VQ
+    _, message = fails(T.main, tiny_run(mixed, "gpt", "--order", "scales", "--tokenizer-preset", "MSVQ-mini",
+                                        "--cond", "class"), capsys)
+    assert "tokenizer.pt makes discrete tokens, not multiscale ones: pass --tokens discrete" in message
+    (mixed / "gpt.pt").write_bytes((tmp_path / "v" / "gpt.pt").read_bytes())
+    _, message = fails(S.main, ["--out-dir", str(mixed), "--output", str(out / "x.png")], capsys)
+    assert "gpt.pt models multiscale tokens but" in message and "makes discrete ones" in message
+    _, message = fails(T.main, [*run, "--scales", "1,2,4", "--overwrite"], capsys)
+    assert "the last scale is 4 x 4 but 32 px images make a 8 x 8 grid: end the scales at 8." in message
+    _, message = fails(T.main, [*run, "--scales", "1,4,2", "--overwrite"], capsys)
+    assert "--scales: 1,4,2: the scales start at 1 and grow" in message
+    _, message = fails(T.main, [*run, "--phi-ratio", "0", "--resume"], capsys)
+    assert "--resume with other settings than" in message and "--phi-ratio None -> 0.0" in message
+    _, message = fails(T.main, [*run, "--num-iter", "2", "--overwrite"], capsys)
+    assert "--num-iter does not apply to --order scales with --tokens multiscale: leave it out." in message
 
 
 # -----------------------------------------------------------------------------

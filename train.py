@@ -416,7 +416,8 @@ QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", 
 # defaults that differ by kind. The VQ's entropy loss is 0.1 rather than the official 0: on the
 # simple shapes most codes die without it. A continuous GPT step also trains the diffusion head on
 # 4 noisings of every token and takes about twice as long: 600 steps give it the training time of
-# the discrete demo's 1400. A multi-scale GPT step reads 130 tokens per image rather than 64.
+# the discrete demo's 1400. A multi-scale GPT step reads 130 tokens per image rather than 64 and takes
+# twice as long: 700 steps.
 TOKEN_KINDS = {
     "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS,
                      defaults=dict(tokenizer_preset="VQ-mini", gpt_steps=1400, entropy_loss_ratio=0.1, order="raster")),
@@ -424,7 +425,7 @@ TOKEN_KINDS = {
                        defaults=dict(tokenizer_preset="KL-mini", gpt_steps=600, order="raster")),
     "multiscale": dict(presets=L.MULTISCALE_PRESETS,
                        options=("codebook_size", "codebook_embed_dim", "commit_loss_beta", "scales", "phi_ratio"),
-                       defaults=dict(tokenizer_preset="MSVQ-mini", gpt_steps=1000, order="scales")),
+                       defaults=dict(tokenizer_preset="MSVQ-mini", gpt_steps=700, order="scales")),
 }
 
 
@@ -1019,6 +1020,9 @@ def parse_args(argv=None):
                        help="scales order: CFG from none at the 1x1 scale up to --cfg-scale at the last (ramp, "
                             "VAR's), or --cfg-scale at every scale (constant) "
                             f"(default: {S.library_default(L.ScaleGPT.generate, 'cfg_schedule')})")
+    group.add_argument("--temperature", type=S.bounded(float, 0),
+                       help="sampling temperature for the grids and the evaluation: below 1 sharper, 0 the most "
+                            f"likely token (default: {S.library_default(L.GPT.generate, 'temperature')})")
     group.add_argument("--cfg-scale", type=S.bounded(float, 0), default=2.0,
                        help="classifier-free guidance for the sample grids and the evaluation (1: none)")
     group.add_argument("--eval-per-class", type=S.bounded(int, 0), default=20,
@@ -1128,7 +1132,8 @@ def checkpoints_to_resume(args):
 
 def evaluate_run(args, run):
     """The evaluation of the shapes demo, again, on the checkpoints in --out-dir: the settings of
-    its run, with this command line's --cfg-scale, --eval-per-class, --diffusion-steps and --seed."""
+    its run, with this command line's sampling flags (--cfg-scale, --temperature, ...),
+    --eval-per-class and --seed."""
     if args.data is not None:
         raise ValueError("evaluate judges the built-in shapes; for your own images, look at the grids "
                          "sample.py writes.")
@@ -1177,8 +1182,9 @@ def main(argv=None):
                                         "(python train.py tokenizer), or run both stages (python train.py).")
             tokenizer, checkpoint = L.load_tokenizer(tokenizer_path)
             if checkpoint["token_kind"] != args.tokens:
-                raise ValueError(f"{tokenizer_path} makes {checkpoint['token_kind']} tokens: pass --tokens "
-                                 f"{checkpoint['token_kind']}.")
+                kind = checkpoint["token_kind"]
+                raise ValueError(f"{tokenizer_path} makes {kind} tokens, not {args.tokens} ones: pass --tokens {kind} "
+                                 f"(with an --order that generates them), or train a {args.tokens} tokenizer first.")
             if checkpoint["image_size"] != args.image_size:
                 raise ValueError(f"{tokenizer_path} was trained at {checkpoint['image_size']} px but --image-size "
                                  f"is {args.image_size}: pass --image-size {checkpoint['image_size']}.")
