@@ -2067,9 +2067,10 @@ GENERATORS["masked"] = MaskedGPT
 # 11. Next-scale prediction (VAR): the multi-scale residual quantizer, its tokenizer, and the
 # generator that writes an image one scale per forward pass
 # VAR ("Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction", Tian,
-# Jiang, Yuan, Peng, Wang 2024, NeurIPS best paper; code FoundationVision/VAR): FID 1.73 on ImageNet
-# 256 in 10 passes, where LlamaGen takes 256. It writes an image coarse to fine: a 1x1 map of codes,
-# then 2x2, ..., up to the h x w grid, each scale quantizing what the earlier ones left unexplained.
+# Jiang, Yuan, Peng, Wang 2024, NeurIPS best paper; code FoundationVision/VAR): FID down to 1.73 on
+# ImageNet 256 in 10 passes, where raster order takes 256. It writes an image coarse to fine: a 1x1
+# map of codes, then 2x2, ..., up to the h x w grid, each scale quantizing what the earlier ones
+# left unexplained.
 # The quantizer below is exact to the official VectorQuantizer2 (its state-dict names; a fixture
 # test), with codes found by Euclidean distance (VAR's using_znorm=False).
 
@@ -2111,6 +2112,8 @@ class MultiScaleQuantizer(nn.Module):
         super().__init__()
         self.scales, self.beta, self.dim = list(scales), beta, dim
         self.embedding = nn.Embedding(vocab_size, dim)
+        # codes start near zero, uniform(-1/V, 1/V) (VAR's eini(-1), and the VQ's): from nn.Embedding's
+        # N(0, 1) most codes begin far from every feature, are never chosen, and stay dead
         self.embedding.weight.data.uniform_(-1.0 / vocab_size, 1.0 / vocab_size)
         self.quant_resi = SharedPhis(dim, phi_count, phi_ratio)
 
@@ -2238,8 +2241,9 @@ class MultiScaleVQModel(ImageTokenizer):
         return self.decode_f_hat(self.quantize.codes_to_f_hat(split_scales(codes, self.cfg.scales)))
 
     def token_config(self):
-        return dict(token_kind=self.token_kind, vocab_size=self.cfg.codebook_size, token_dim=self.cfg.codebook_embed_dim,
-                    scales=tuple(self.cfg.scales), phi_ratio=self.cfg.phi_ratio, phi_count=self.cfg.phi_count)
+        return dict(token_kind=self.token_kind, vocab_size=self.cfg.codebook_size,
+                    token_dim=self.cfg.codebook_embed_dim, scales=tuple(self.cfg.scales), phi_ratio=self.cfg.phi_ratio,
+                    phi_count=self.cfg.phi_count)
 
     @classmethod
     def tokens_per_image(cls, cfg, image_size):  # every scale's codes; the last scale must be the grid
@@ -2338,7 +2342,7 @@ class ScaleGPT(Llama):
             centres = (torch.arange(s) + 0.5) * h / s - 0.5
             rows.append(centres.repeat_interleave(s))
             cols.append(centres.repeat(s))
-        angles = rope_angles_2d(torch.cat(rows or [torch.zeros(0)]), torch.cat(cols or [torch.zeros(0)]),
+        angles = rope_angles_2d(torch.cat(rows + [torch.zeros(0)]), torch.cat(cols + [torch.zeros(0)]),  # (none: 1x1)
                                 head_dim, cfg.rope_base)
         return rope_table(angles, cfg.cls_token_num)
 

@@ -4,6 +4,8 @@
     python train.py tokenizer --data DIR     # the tokenizer on your images
     python train.py gpt --data DIR --cond class
     python train.py --tokens continuous      # MAR: continuous tokens and a diffusion loss (llamagen.py section 9)
+    python train.py --order masked           # MaskGIT: masked generation in a few passes (section 10)
+    python train.py --order scales           # VAR: a multi-scale tokenizer, one pass per scale (section 11)
     python train.py --resume                 # continue an interrupted run (Ctrl-C saves one)
     torchrun --nproc_per_node=2 train.py     # data-parallel on 2 GPUs (or CPU processes)
 
@@ -943,14 +945,15 @@ def parse_args(argv=None):
     group.add_argument("--tokenizer-lr", type=S.bounded(float, 0, above=True), default=1e-3,
                        help="peak learning rate (Adam)")
     group.add_argument("--codebook-size", type=S.bounded(int, 2),
-                       help="VQ: codes in the codebook (default: the preset's)")
+                       help="VQ and multiscale: codes in the codebook (default: the preset's)")
     group.add_argument("--codebook-embed-dim", type=positive,
-                       help="VQ: dimensions per code; low dimensions use the codebook better (ViT-VQGAN; default: 8)")
+                       help="VQ and multiscale: dimensions per code; low dimensions use the codebook better "
+                            "(ViT-VQGAN; default: 8)")
     group.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="VQ: compare l2-normalised codes, by cosine similarity (ViT-VQGAN; default: on)")
     group.add_argument("--commit-loss-beta", type=S.bounded(float, 0),
-                       help="VQ: weight of the commitment loss that keeps the encoder near its codes (VQ-VAE; "
-                            "default: 0.25)")
+                       help="VQ and multiscale: weight of the commitment loss that keeps the encoder near its codes "
+                            "(VQ-VAE; default: 0.25)")
     group.add_argument("--entropy-loss-ratio", type=S.bounded(float, 0),
                        help="VQ: weight of the entropy loss that keeps the whole codebook in use (MaskGIT; 0: off, "
                             f"the official default; default: {kind_defaults('entropy_loss_ratio')})")
