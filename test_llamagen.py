@@ -579,6 +579,30 @@ def test_cuda_bf16_generation():
     assert vectors.dtype == torch.float32 and vectors.isfinite().all()
 
 
+@cuda
+def test_cuda_next_scale_generation_equals_its_references(monkeypatch):
+    """VAR on a GPU (convolutions in full float32): the teacher-forced logits are the CPU's, the
+    passes through the KV cache give the full forward's logits on the codes they drew, and bf16
+    samples with the quantizer kept float32."""
+    gpt = tiny_scale_gpt("t2i")
+    cond, cond_mask = tiny_condition(gpt)
+    codes = scale_codes(gpt)
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        on_cpu = gpt(codes, cond, cond_mask)
+        gpt, cond, cond_mask = on_cuda(gpt, cond, cond_mask)
+        assert (gpt(codes.cuda(), cond, cond_mask).cpu() - on_cpu).abs().max() < 1e-4
+        recorder = DrawRecorder(gpt.output)
+        monkeypatch.setattr(gpt.output, "draw", recorder)
+        drawn = gpt.generate(cond, cond_mask, generator=torch.Generator("cuda").manual_seed(0))
+        full = gpt(drawn, cond, cond_mask)
+    stepwise = torch.cat([logits.view(2, -1, 32) for logits in recorder.logits], dim=1)
+    assert drawn.is_cuda and (stepwise - full).abs().max() < 1e-4
+    monkeypatch.undo()
+    gpt.cast("cuda", torch.bfloat16)
+    assert gpt.quantizer.embedding.weight.dtype == torch.float32
+    assert gpt.generate(cond.bfloat16(), cond_mask, cfg_scale=2.0, top_k=10).shape == (2, 21)
+
+
 def test_top_k_top_p_and_temperature_keep_exactly_the_allowed_tokens():
     probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04])
     logits = probs.log().expand(4000, -1).contiguous()
