@@ -1400,13 +1400,16 @@ def test_next_scale_gpt_builds_its_inputs_with_the_tokenizers_quantizer():
     assert gpt.generate(torch.tensor([0, 1]), cfg_scale=2.0).shape == (2, 85)
 
 
-def test_next_scale_sampling_reproduces_from_the_seed():
+def test_next_scale_sampling_reproduces_from_the_seed_and_follows_the_temperature():
     gpt = tiny_scale_gpt("t2i")
     cond, cond_mask = tiny_condition(gpt)
 
     def run(seed):
         return gpt.generate(cond, cond_mask, cfg_scale=2.0, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    greedy = gpt.generate(cond, cond_mask, temperature=0.0)            # temperature 0: every code the argmax
+    with torch.no_grad():
+        assert torch.equal(gpt(greedy, cond, cond_mask).argmax(dim=-1), greedy)
 
 
 def test_next_scale_gpt_refuses_what_it_cannot_generate():
