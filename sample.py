@@ -3,6 +3,7 @@
     python sample.py                                     # a grid from out/tokenizer.pt and out/gpt.pt
     python sample.py --prompt "a small red circle at the top" --num-samples 8
     python sample.py --class-name "red circle" --gif generation.gif
+    python sample.py --out-dir out-scales --gif generation-scales.gif   # any trained order: VAR sharpens by scale
     python sample.py --official c2i_B_256 --class-id 207      # a released model, downloaded once by name
     python sample.py --list-official                         # the release: names, sizes, what is downloaded
     python sample.py --official t2i_XL_stage1_256 --t5 flan-t5-xl --prompt "a red fox in the snow"
