@@ -42,6 +42,7 @@ checkpoints load unchanged and give its outputs (test_llamagen.py checks this ag
 """
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -2087,18 +2088,33 @@ class Phi(nn.Conv2d):
 
 
 class SharedPhis(nn.Module):
-    """K convolutions shared by all the scales: scale k of S uses the one whose tick, K points
-    spread over [0, 1], is nearest to k / (S - 1) (VAR's rule; 4 of them by default)."""
+    """`count` convolutions shared by all the scales: scale k of S uses the one whose tick, `count`
+    points spread over [0, 1], is nearest to k / (S - 1), the first on a tie (VAR's rule; 4 of
+    them by default)."""
 
     def __init__(self, dim, count=4, ratio=0.5):
         super().__init__()
         self.qresi_ls = nn.ModuleList(Phi(dim, ratio) for _ in range(count))  # the official name
-        margin = 1 / (3 * count) if count == 4 else 1 / (2 * count)
-        self.ticks = [margin + (1 - 2 * margin) * i / max(count - 1, 1) for i in range(count)]
+        # the ticks in np.linspace's arithmetic, to the last bit: some scales sit exactly halfway
+        # between two ticks (with VAR's 10 scales, k = 2 and 7), and rounding picks the phi
+        first = 1 / 3 / count if count == 4 else 1 / 2 / count
+        last = 1 - first
+        step = (last - first) / max(count - 1, 1)
+        self.ticks = [i * step + first for i in range(count - 1)] + [last]
 
     def at(self, scale, num_scales):  # the phi of scale index `scale` (0 = the coarsest)
-        where = scale / (num_scales - 1)
+        where = scale / max(num_scales - 1, 1)
         return self.qresi_ls[min(range(len(self.ticks)), key=lambda i: abs(self.ticks[i] - where))]
+
+
+def without_autocast(method):
+    """A quantizer method run in float32 even under bf16 autocast (a GPU's training step), as VAR's
+    quantizer is: training must find the codes, and build the inputs, that encode and generate do."""
+    @functools.wraps(method)
+    def run(self, *args):
+        with torch.autocast(self.embedding.weight.device.type, enabled=False):
+            return method(self, *args)
+    return run
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -2133,10 +2149,11 @@ class MultiScaleQuantizer(nn.Module):
         return self.quant_resi.at(k, len(self.scales))(vectors)
 
     @torch.no_grad()
+    @without_autocast
     def quantize(self, f):
         """Encoder features f (B, C, h, h) -> the codes of every scale [(B, s_k * s_k)] (raster
-        order within a scale) and f_hat after every scale [(B, C, h, h)]."""
-        residual, f_hat, codes, f_hats = f.clone(), torch.zeros_like(f), [], []
+        order within a scale) and f_hat after every scale [(B, C, h, h)], in float32."""
+        residual, f_hat, codes, f_hats = f.float(), torch.zeros_like(f, dtype=torch.float32), [], []
         for k, s in enumerate(self.scales):
             z = F.interpolate(residual, size=(s, s), mode="area") if s != self.scales[-1] else residual
             codes.append(self.nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, self.dim)).view(len(f), s * s))
@@ -2157,6 +2174,7 @@ class MultiScaleQuantizer(nn.Module):
         s = self.scales[k + 1]
         return f_hat, F.interpolate(f_hat, size=(s, s), mode="area")
 
+    @without_autocast
     def teacher_forcing_input(self, codes):
         """What the transformer reads in training: for scales 2..K, f_hat after the earlier scales
         downsampled to that scale, flattened in raster order -> (B, s_2^2 + ... + s_K^2, C)."""
@@ -2167,12 +2185,14 @@ class MultiScaleQuantizer(nn.Module):
             inputs.append(downsampled.flatten(2).transpose(1, 2))                   # (B, s*s, C)
         return torch.cat(inputs, dim=1)
 
+    @without_autocast
     def forward(self, f):
         """Training: f (B, C, h, h) -> (the straight-through f_hat, the codes of every scale, the
-        VQ loss). The codes are
-        found without gradients; f_hat is then rebuilt with them, so that the loss reaches the
-        codebook and phi. The loss is taken after every scale and averaged: beta * ||sg[f_hat] - f||^2
-        (commitment, moves the encoder) + ||f_hat - sg[f]||^2 (moves the codes and phi)."""
+        VQ loss), in float32. The codes are found without gradients; f_hat is then rebuilt with
+        them, so that the loss reaches the codebook and phi. The loss is taken after every scale
+        and averaged: beta * ||sg[f_hat] - f||^2 (commitment, moves the encoder) +
+        ||f_hat - sg[f]||^2 (moves the codes and phi)."""
+        f = f.float()
         codes, _ = self.quantize(f)
         f_hat, loss = 0.0, 0.0
         for k, scale_codes in enumerate(codes):
@@ -2285,8 +2305,8 @@ CFG_SCHEDULES = ("ramp", "constant")
 def guidance_at_scale(k, num_scales, cfg_scale, cfg_schedule="ramp"):
     """The CFG scale at scale index k (0 = the 1x1 scale) of num_scales. VAR's ramp: the guided
     logits are (1 + t) cond - t uncond with t = (cfg_scale - 1) k / (K - 1), guide()'s scale 1 + t:
-    no guidance at the first scale (the overall layout stays diverse), all of it at the last;
-    "constant": cfg_scale at every scale."""
+    no guidance at the first scale (the overall layout stays diverse), all of it at the last
+    (VAR's cfg is cfg_scale - 1); "constant": cfg_scale at every scale."""
     if cfg_schedule == "constant" or num_scales == 1:
         return cfg_scale
     return 1 + (cfg_scale - 1) * k / (num_scales - 1)
@@ -2306,9 +2326,10 @@ class ScaleGPT(Llama):
       loss        cross-entropy over all tokens of all scales, equally weighted (as VAR);
       sampler     one pass per scale through the KV cache (which holds the earlier scales); the
                   codes drawn update f_hat, which gives the next scale's input; CFG ramps up.
-    VAR conditions on the class through AdaLN and gives positions by learned absolute embeddings;
-    this keeps LlamaGen's prefix condition and RoPE, so that the rows of the comparison differ by
-    the order alone (STAR, VAR's text-to-image follow-up, moves to 2D RoPE too). The GPT keeps a
+    VAR conditions on the class through AdaLN and a start token, and gives positions by learned
+    absolute embeddings; this keeps LlamaGen's prefix condition and RoPE, so that the rows of the
+    comparison differ by the order alone (STAR, a text-to-image follow-up of VAR, moves to 2D RoPE
+    too). The GPT keeps a
     frozen copy of the tokenizer's quantizer (codebook and phis) to build its own inputs."""
 
     sampling_options = ("cfg_schedule",)
@@ -2322,6 +2343,8 @@ class ScaleGPT(Llama):
         super().__init__(cfg)
         self.quantizer = MultiScaleQuantizer(cfg.vocab_size, cfg.token_dim, scales, phi_ratio=cfg.phi_ratio,
                                              phi_count=cfg.phi_count).requires_grad_(False)
+        # VAR's lvl_embed: row k is added to scale k's inputs; row 0, VAR's for its start token,
+        # stays unused, as the condition has its own embedding
         self.scale_embedding = nn.Embedding(len(scales), cfg.dim)
         nn.init.normal_(self.scale_embedding.weight, std=0.02)
         sizes = torch.tensor([s * s for s in scales])

@@ -136,6 +136,21 @@ def test_official_checkpoint_files(fx, tmp_path):
         L.load_official_gpt(odd_width, block_size=16)
 
 
+def test_shared_phis_are_chosen_by_vars_rule_to_the_last_bit():
+    """Scale k of S takes the phi whose tick (np.linspace, as VAR) is nearest k / (S - 1), the
+    first on a tie: with VAR's 10 scales, k = 2 and k = 7 sit exactly halfway between two ticks."""
+    for count in range(1, 9):
+        phis = L.SharedPhis(2, count)
+        first = 1 / 3 / count if count == 4 else 1 / 2 / count
+        ticks = np.linspace(first, 1 - first, count)
+        assert phis.ticks == ticks.tolist()
+        for num_scales in range(2, 17):
+            chosen = [list(phis.qresi_ls).index(phis.at(k, num_scales)) for k in range(num_scales)]
+            assert chosen == [int(np.argmin(np.abs(ticks - k / (num_scales - 1)))) for k in range(num_scales)]
+    phis = L.SharedPhis(2, 4)
+    assert [list(phis.qresi_ls).index(phis.at(k, 10)) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+
+
 def test_multi_scale_quantizer_matches_official_var():
     """VAR's multi-scale residual quantizer (fixtures/VAR.md): from the official weights, the codes
     of every scale exactly, f_hat after every scale, the teacher-forcing input, the inputs of
@@ -277,6 +292,24 @@ def test_multiscale_tokens_are_every_scale_coarse_to_fine():
     assert stats["1x1"] == codes[:, 0].unique().numel() / 64 and stats["8x8"] == codes[:, 21:].unique().numel() / 64
     assert vq.token_config() == dict(token_kind="multiscale", vocab_size=64, token_dim=8, scales=(1, 2, 4, 8),
                                      phi_ratio=0.5, phi_count=4)
+
+
+def test_multiscale_quantizer_computes_in_float32_under_autocast():
+    """Under bf16 autocast (a GPU's training step; here the CPU's) the quantizer finds the codes,
+    f_hat, loss and teacher-forcing inputs that it finds without, in float32, as VAR's does."""
+    quantizer = tiny_multiscale_vq().quantize
+    f = torch.randn(2, 8, 8, 8).bfloat16()                                  # values bf16 holds exactly
+    codes, f_hats = quantizer.quantize(f.float())
+    f_hat, _, loss = quantizer(f.float())
+    inputs = quantizer.teacher_forcing_input(codes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes_autocast, f_hats_autocast = quantizer.quantize(f)
+        f_hat_autocast, _, loss_autocast = quantizer(f)
+        inputs_autocast = quantizer.teacher_forcing_input(codes)
+    assert all(torch.equal(a, b) for a, b in zip(codes, codes_autocast))
+    for exact, under_autocast in [(f_hats[-1], f_hats_autocast[-1]), (f_hat, f_hat_autocast), (loss, loss_autocast),
+                                  (inputs, inputs_autocast)]:
+        assert under_autocast.dtype == torch.float32 and torch.allclose(exact, under_autocast, atol=1e-6)
 
 
 @slow
