@@ -13,29 +13,34 @@ Read it top to bottom:
                       embedders                            (Llama, gpt-fast, LlamaGen gpt.py)
   4. codes in, out    a learned vector per code in; logits out: cross-entropy, classifier-free
                       guidance, temperature / top-k / top-p   (LlamaGen generate.py, Ho & Salimans 2022)
-  5. Llama, GPT       the Llama assembled (Llama, shared by every generator); GPT, LlamaGen's raster
-                      order: teacher forcing, then generation through the KV cache:
-                      prefill, and decode_one_token -> guide -> sample_code per token (gpt-fast);
-                      speculative Jacobi decoding, the same images in fewer passes (Teng et al. 2024)
-  6. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
+  5. Llama, GPT       the Llama assembled (Llama, shared by every generator, with what every
+                      generation starts with); GPT, LlamaGen's raster order: teacher forcing, then
+                      generation through the KV cache: prefill, and decode_one_token -> guide ->
+                      sample_code per token (gpt-fast)
+  6. speculative      speculative Jacobi decoding, the same images in fewer passes (Teng et al.
+                      2024); and the raster loop without a KV cache, as a contrast
+  7. text conditioner a compact T5 encoder and a SentencePiece tokenizer (Raffel et al. 2020,
                       Hugging Face transformers' modeling_t5.py)
-  7. released weights the official LlamaGen checkpoints and Hugging Face's T5, with a plain
-                      load_state_dict
-  8. our checkpoints  what train.py writes and sample.py reads: plain dicts with a format version
 Beyond LlamaGen, on the same Llama:
-  9. MAR              continuous tokens from a KL tokenizer, a diffusion loss per token (Li et al.
+  8. MAR              continuous tokens from a KL tokenizer, a diffusion loss per token (Li et al.
                       2024, LTH14/mar; DDPM: Ho et al. 2020)
- 10. masked           generation in random order with bidirectional attention: MaskGIT over codes
+  9. masked           generation in random order with bidirectional attention: MaskGIT over codes
                       (Chang et al. 2022, google-research/maskgit), MAR proper over continuous tokens
- 11. VAR              the multi-scale residual quantizer of next-scale prediction and its tokenizer
-                      (Tian et al. 2024, FoundationVision/VAR)
+ 10. VAR              next-scale prediction: the multi-scale residual quantizer, its tokenizer and
+                      the generator that writes a scale per pass (Tian et al. 2024, FoundationVision/VAR)
+Then the files:
+  A. released weights the official LlamaGen checkpoints and Hugging Face's T5, with a plain
+                      load_state_dict
+  B. our checkpoints  what train.py writes and sample.py reads: plain dicts with a format version
 
 One Llama, several generators: a kind of token is a tokenizer (TOKENIZERS: every one has
 encode(images) -> tokens and decode(tokens) -> images) and the two layers that read such tokens into
-the Llama and read its output out (TOKEN_LAYERS: every readout has readout, loss and draw). An order
-is a generator (GENERATORS: the Llama subclass with its loss(tokens, cond) and its generate(cond)).
-make_gpt builds the pair a config names, so one training loop and one sampling script serve every
-combination.
+the Llama and read its output out (TOKEN_LAYERS: every readout has initialize, readout, loss, draw,
+its sampling_options, and probabilities, the distribution it draws from, or None). An order is a
+generator (GENERATORS: the Llama subclass with its loss(tokens, cond), its generate(cond, **options)
+and its sampling_options). make_gpt builds the pair a config names, so one training loop and one
+sampling script serve every combination; each sampling keyword is a SamplingOption declared once,
+by the class that reads it, and the scripts make their flags of those declarations.
 
 State-dict names and shapes follow the official code (FoundationVision/LlamaGen), so its released
 checkpoints load unchanged and give its outputs (test_llamagen.py checks this against a fixture).
@@ -46,11 +51,13 @@ import functools
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import pickle
 import re
+import types
 import warnings
 from argparse import Namespace  # the official checkpoints store their training settings as one
 
@@ -65,17 +72,25 @@ import torch.nn.functional as F
 
 
 @dataclasses.dataclass
-class VQConfig:
+class AutoencoderConfig:  # the VQGAN encoder and decoder that every tokenizer puts around its bottleneck
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # channels / ch at each resolution, the image's first
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dropout: float = 0.0
+
+    @property
+    def downsample_factor(self):  # image pixels per token along each side: a halving between resolutions
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclasses.dataclass
+class VQConfig(AutoencoderConfig):
     codebook_size: int = 16384
     codebook_embed_dim: int = 8      # low-dimensional codes look up better (ViT-VQGAN)
     codebook_l2_norm: bool = True    # nearest code by cosine similarity (ViT-VQGAN)
     commit_loss_beta: float = 0.25   # weight of the commitment term (VQ-VAE)
     entropy_loss_ratio: float = 0.0  # > 0: push for confident, diverse code choices (MaskGIT)
-    ch: int = 128
-    ch_mult: tuple = (1, 1, 2, 2, 4)  # one entry per resolution; downsampling = 2 ** (len - 1)
-    num_res_blocks: int = 2
-    z_channels: int = 256
-    dropout: float = 0.0
 
 
 VQ_PRESETS = {
@@ -150,8 +165,8 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of the encoder or decoder: residual blocks (each followed by attention at
-    the lowest resolution), then a down- or upsampling step."""
+    """One resolution of the encoder or decoder: residual blocks (with attention at the lowest), then a
+    down- or upsampling step."""
 
     def __init__(self, in_channels, out_channels, num_blocks, attention, dropout,
                  downsample=False, upsample=False):
@@ -184,7 +199,7 @@ def middle(channels, dropout):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
@@ -208,7 +223,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         channels = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, channels, 3, padding=1)
@@ -281,15 +296,18 @@ class VectorQuantizer(nn.Module):
 class ImageTokenizer(nn.Module):
     """What every image tokenizer offers, whatever its tokens are (the scripts use only this):
       token_kind, config_class  the kind of token it makes (a key of TOKENIZERS and TOKEN_LAYERS),
-                             and its config's class
+                             and its config's class (an AutoencoderConfig: cfg.downsample_factor)
       forward(images)        training: the reconstruction, what the bottleneck made of the images
-                             (codes, or a latent sample: token_stats reads it), its own loss terms
-      encode(images)         images (B, 3, H, W) in [-1, 1] -> tokens (B, h*w, ..) in raster order
+                             (codes, or a latent sample), its own loss terms
+      encode(images)         images (B, 3, H, W) in [-1, 1] -> the tokens (B, T, ..): the grid's
+                             cells in raster order (VAR: every scale's, coarse to fine)
       decode(tokens)         tokens -> images (B, 3, H, W) in [-1, 1]
       token_config()         what a GPT must know of the tokens: GPTConfig fields
-      token_stats(...)       fractions of the codebook in use, for the training log
-      downsample_factor, tokens_per_image, decode_known, encode_posterior, draw_from_posterior,
-      calibrate: below"""
+      has_codebook           whether its tokens are codes of a codebook, and if so
+      token_stats(codes)     the fractions of the codebook they use, for the training log
+      tokens_per_image, decode_known, encode_posterior, draw_from_posterior, calibrate: below"""
+
+    has_codebook = False
 
     def __init__(self, cfg):  # the same VQGAN encoder and decoder around every kind of bottleneck
         super().__init__()
@@ -297,16 +315,16 @@ class ImageTokenizer(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    @property
-    def downsample_factor(self):  # image pixels per token, along each side
-        return 2 ** (len(self.cfg.ch_mult) - 1)
-
-    def token_stats(self, tokens):
-        return {}
+    def add_bottleneck_convs(self, encoded_dim, latent_dim):
+        """The 1x1 convolutions on either side of the bottleneck (official names): quant_conv from
+        the encoder's z_channels to what the bottleneck reads (encoded_dim), post_quant_conv from
+        the latent (latent_dim) back to z_channels for the decoder."""
+        self.quant_conv = nn.Conv2d(self.cfg.z_channels, encoded_dim, 1)
+        self.post_quant_conv = nn.Conv2d(latent_dim, self.cfg.z_channels, 1)
 
     @classmethod
     def tokens_per_image(cls, cfg, image_size):  # a token per cell of the grid
-        return (image_size // 2 ** (len(cfg.ch_mult) - 1)) ** 2
+        return (image_size // cfg.downsample_factor) ** 2
 
     @torch.no_grad()
     def decode_known(self, tokens, known):
@@ -314,33 +332,29 @@ class ImageTokenizer(nn.Module):
         decided -> images (B, 3, H, W) with the cells of the others blank (gray)."""
         decided = known.view(*known.shape, *[1] * (tokens.dim() - 2))
         images = self.decode(torch.where(decided, tokens, torch.zeros_like(tokens)))
-        grid, f = math.isqrt(known.shape[1]), self.downsample_factor
+        grid, f = math.isqrt(known.shape[1]), self.cfg.downsample_factor
         blank = ~known.view(-1, 1, grid, grid).repeat_interleave(f, 2).repeat_interleave(f, 3)
         return images.masked_fill(blank, 0.0)
 
-    def encode_posterior(self, images):
-        """What the GPT's training tokens are drawn from, computed once per image: for tokens
-        that are a function of the image (codes), the tokens themselves."""
+    def encode_posterior(self, images):  # what the GPT's training tokens are drawn from: for codes, themselves
         return self.encode(images)
 
     def draw_from_posterior(self, posterior):  # a batch of encode_posterior's output -> the GPT's tokens
         return posterior
 
-    def calibrate(self, image_batches):
-        """What is fitted once training ends, from the training images ({name: value} to log):
-        nothing for codes."""
+    def calibrate(self, image_batches):  # what is fitted from the training images at the end ({name: value} to log)
         return {}
 
 
 class VQModel(ImageTokenizer):
     config_class = VQConfig
     token_kind = "discrete"  # one code of the codebook per grid cell
+    has_codebook = True
 
     def __init__(self, cfg: VQConfig):
         super().__init__(cfg)
         self.quantize = VectorQuantizer(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+        self.add_bottleneck_convs(cfg.codebook_embed_dim, cfg.codebook_embed_dim)
 
     def forward(self, images):  # (B, 3, H, W) in [-1, 1] -> reconstruction, indices (B, h, w), loss terms
         z_q, indices, losses = self.quantize(self.quant_conv(self.encoder(images)))
@@ -369,7 +383,7 @@ class VQModel(ImageTokenizer):
         return {"usage": codes.unique().numel() / self.cfg.codebook_size}
 
 
-# a token_kind -> its tokenizer; section 9 adds MAR's "continuous", section 11 VAR's "multiscale"
+# a token_kind -> its tokenizer; section 8 adds MAR's "continuous", section 10 VAR's "multiscale"
 TOKENIZERS = {"discrete": VQModel}
 
 
@@ -378,9 +392,8 @@ TOKENIZERS = {"discrete": VQModel}
 
 
 def load_lpips():
-    """LPIPS with a VGG16 trunk (the `lpips` package), loaded the standard way: torchvision
-    downloads the ImageNet weights once into the torch hub cache. When that fails (no internet, a
-    broken cached file), an OSError says what to download where."""
+    """LPIPS with a VGG16 trunk (the `lpips` package), loaded the standard way: torchvision downloads
+    the ImageNet weights once into the torch hub cache; if that fails, an OSError says what to get where."""
     import lpips
     from torchvision.models import VGG16_Weights
     try:
@@ -434,22 +447,17 @@ def adaptive_weight(nll_loss, gen_loss, last_layer):
 
 
 class VQLoss(nn.Module):
-    """The tokenizer's training objective (LlamaGen vq_loss.py):
-    L2 + perceptual_weight * LPIPS + the tokenizer's own terms (codebook + commitment (+ entropy)
-    for the VQ) + disc_weight * (-mean D(reconstruction)) once step >= disc_start.
-    lpips: load_lpips()'s model for the perceptual term, or None to train without it.
-    The discriminator starts late: early reconstructions are so poor that it would win at once and
-    its gradients would only add noise. It is trained in its own step on detached images, so its
-    loss never reaches the tokenizer."""
+    """The tokenizer's training objective (LlamaGen vq_loss.py): L2 + perceptual_weight * LPIPS (lpips:
+    load_lpips()'s model, or None) + the tokenizer's own terms (codebook + commitment (+ entropy) for
+    the VQ) + disc_weight * (-mean D(reconstruction)) once step >= disc_start: earlier, D would win at
+    once on poor reconstructions and add only noise. D trains in its own step on detached images."""
 
     def __init__(self, lpips, perceptual_weight, disc_start, disc_weight, adaptive_disc_weight):
         super().__init__()
         self.lpips = lpips if perceptual_weight > 0 else None
         self.discriminator = PatchGANDiscriminator()
-        self.disc_start = disc_start
-        self.disc_weight = disc_weight
+        self.disc_start, self.disc_weight, self.adaptive_disc_weight = disc_start, disc_weight, adaptive_disc_weight
         self.perceptual_weight = perceptual_weight
-        self.adaptive_disc_weight = adaptive_disc_weight
 
     def generator_loss(self, images, recon, tokenizer_losses, step, last_layer):
         reconstruction = F.mse_loss(recon, images)
@@ -499,20 +507,19 @@ class GPTConfig:
     caption_dim: int = 2048          # width of the text features (flan-t5-xl: 2048)
     class_dropout_prob: float = 0.1  # how often the condition is replaced by the null one (for CFG)
     model_type: str = "c2i"          # 'c2i' class-conditional, 't2i' text-conditional
-    # "cls" is the official name for the condition, class or text: cls_token_num is how many
-    # positions it takes before the image (1 class token, or 120 text tokens)
+    # the condition's positions before the image ("cls", the official name): 1 class token, or 120 text tokens
     cls_token_num: int = 1
     block_size: int = 256            # image tokens = (image_size / downsampling) ** 2 (VAR: all scales')
     rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise)
     token_kind: str = "discrete"     # what the image tokens are: a key of TOKEN_LAYERS
     order: str = "raster"            # how they are generated: a key of GENERATORS (sections 5, 10, 11)
-    vocab_size: int = 16384          # discrete: the tokenizer's codebook size
-    # continuous tokens (MAR, section 9): their width, and the diffusion head that draws them
-    token_dim: int = 16              # = the KL tokenizer's embed_dim
+    vocab_size: int = 16384          # codes (discrete, multiscale): the tokenizer's codebook size
+    token_dim: int = 16              # vectors: MAR's tokens (the KL's embed_dim), VAR's inputs (codebook_embed_dim)
+    # the diffusion head that draws continuous tokens (MAR, section 8)
     diffusion_width: int = 1024      # MAR's training recipe: 3 blocks of width 1024
     diffusion_depth: int = 3
     diffusion_repeats: int = 4       # timesteps drawn per token per training step (diffusion_batch_mul)
-    # multi-scale codes (VAR, section 11): the tokenizer's scales and phi, whose quantizer the GPT keeps
+    # multi-scale codes (VAR, section 10): the tokenizer's scales and phi, whose quantizer the GPT keeps
     scales: tuple = ()
     phi_ratio: float = 0.5
     phi_count: int = 4
@@ -542,9 +549,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles_2d(rows, cols, head_dim, base):
-    """Rotation angles (N, head_dim // 2) of tokens at grid coordinates rows, cols (N,), which may
-    be fractional: the first half of the channel pairs turns with the row, the second with the
-    column."""
+    """Rotation angles (N, head_dim // 2) of tokens at grid coordinates rows, cols (N,), maybe
+    fractional: the first half of the channel pairs turns with the row, the second with the column."""
     freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))  # (head_dim/4,)
     return torch.cat([torch.outer(rows.float(), freqs), torch.outer(cols.float(), freqs)], dim=-1)
 
@@ -558,9 +564,8 @@ def rope_table(angles, cls_token_num):
     """(cos, sin) of every position of the sequence: the condition's, then the image tokens' of
     angles (N, head_dim // 2) -> (cls_token_num + N, head_dim // 2, 2)."""
     rope = torch.stack([angles.cos(), angles.sin()], dim=-1)
-    # The condition positions get (cos, sin) = (0, 0), not the identity (1, 0): their queries and
-    # keys become zero. This is what the official code does and the released checkpoints were
-    # trained with, so the condition reaches the image only through the attention values.
+    # The condition positions get (cos, sin) = (0, 0), not the identity (1, 0): their queries and keys
+    # are zero, as the official code and its checkpoints have it: the condition acts through the values.
     return torch.cat([torch.zeros(cls_token_num, angles.shape[1], 2), rope])
 
 
@@ -584,10 +589,9 @@ def apply_rope(x, rope):  # x (B, S, nh, hs), rope (S, hs/2, 2) or per row (B, S
 
 def attention_mask(blocks, cond_mask=None):
     """Which keys each query may see, a bool mask (1 or B, 1, S, S), from the block of each position
-    blocks (S,), in order: a position sees every position of its own block and of earlier ones.
-    A block per position is causal attention (raster order), one block for all is bidirectional
-    (masked generation), a block per scale is VAR's block-causal attention. For text, the
-    caption's left padding is seen by no one but itself (every row of a softmax needs one key)."""
+    blocks (S,): a position sees its own block and earlier ones. A block per position is causal
+    (raster order), one for all bidirectional (masked), one per scale VAR's block-causal attention.
+    A caption's left padding is seen by no one but itself (every row of a softmax needs one key)."""
     visible = blocks[None, :] <= blocks[:, None]                                    # (S, S)
     if cond_mask is None:
         return visible[None, None]                                                  # (1, 1, S, S)
@@ -599,12 +603,10 @@ def attention_mask(blocks, cond_mask=None):
 
 
 class KVCache(nn.Module):
-    """The keys and values of every position seen so far, for one attention layer (gpt-fast).
-    Generating token t needs the keys and values of all earlier positions; the cache keeps them
-    instead of recomputing them, so each step runs only the one new token through the model: the
-    work per image drops from O(T^2) token passes to O(T). The buffers are allocated once, for the
-    longest sequence (GPT.setup_caches), and written in place; the attention mask hides the
-    positions not written yet, so every step has the same shapes."""
+    """The keys and values of every position seen so far, for one attention layer (gpt-fast): each
+    step runs only the new token through the model, O(T) token passes per image instead of O(T^2).
+    The buffers are allocated once, for the longest sequence (Llama.setup_caches), and written in
+    place; the attention mask hides the positions not written yet, so every step has the same shapes."""
 
     def __init__(self, batch_size, max_seq_len, n_head, head_dim, dtype, device):
         super().__init__()
@@ -632,7 +634,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
-        self.kv_cache = None  # a KVCache while generating (GPT.setup_caches)
+        self.kv_cache = None  # a KVCache while generating (Llama.setup_caches)
 
     def forward(self, x, rope, mask, input_pos=None):
         """x (B, S, dim) at positions input_pos (S,) or (B, S). Without input_pos: the whole sequence
@@ -736,10 +738,40 @@ class CaptionEmbedder(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 4. Codes in and out: a learned vector per code, logits over the codes, and how a code is drawn
-# The Llama reads each image token through an input layer, and its output at a position is read out
-# as the prediction of the next token. For LlamaGen's codes: an embedding table in, a linear map to
-# logits out; next-code cross-entropy trains it, and a code is drawn from the logits after
-# classifier-free guidance, temperature, top-k and top-p.
+# For LlamaGen's codes: an embedding table in, a linear map to logits out; next-code cross-entropy
+# trains it, and a code is drawn from the logits after classifier-free guidance, temperature, top-k
+# and top-p. Each sampling keyword is a SamplingOption of the class whose code reads it (a readout
+# here, a generator in section 5): generate() takes its default there, the scripts their flags.
+
+
+def out_of_range(value, minimum=None, maximum=None, above=False):  # what a number must be when it is not, else None
+    too_low = minimum is not None and (value <= minimum if above else value < minimum)
+    if math.isfinite(value) and not too_low and (maximum is None or value <= maximum):
+        return None
+    allowed = f"{'above' if above else 'at least'} {minimum}" + ("" if maximum is None else f" and at most {maximum}")
+    return f"it must be {allowed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOption:
+    """A keyword of generate(), declared by the code that reads it: default (and type), range, help."""
+    name: str
+    default: object
+    help: str
+    minimum: float = None
+    maximum: object = None             # a number, or the GPTConfig field that bounds it ("block_size")
+    above: bool = False                # the minimum itself is out of range
+    choices: tuple = None
+    needs_probabilities: bool = False  # only over tokens whose readout gives each one's probability (codes)
+
+    def problem(self, value, cfg=None):
+        """Why value is refused, or None (a maximum named by a config field needs cfg)."""
+        if self.choices is not None:
+            return None if value in self.choices else f"it must be one of {', '.join(self.choices)}"
+        by_model = isinstance(self.maximum, str)
+        maximum = getattr(cfg, self.maximum, None) if by_model else self.maximum
+        problem = out_of_range(value, self.minimum, maximum, self.above)
+        return problem and problem + (f", this model's {self.maximum}" if by_model and maximum is not None else "")
 
 
 def guide(out, cfg_scale):
@@ -751,10 +783,9 @@ def guide(out, cfg_scale):
 
 
 def draw_inverse_cdf(probs, generator=None):  # (B, vocab) -> (B, 1)
-    """The first token whose running total of probability passes a uniform draw: one random
-    number per row, much faster on a CPU than torch.multinomial over 16384 codes. It relies on an
-    exact running total, which a CPU computes in order: a removed token adds exactly 0, so no draw
-    can land on it."""
+    """The first token whose running total of probability passes a uniform draw: one random number
+    per row, much faster on a CPU than torch.multinomial over 16384 codes. A CPU sums in order, so
+    a removed token adds exactly 0 and no draw can land on it."""
     cdf = probs.cumsum(dim=-1)                                                   # (B, vocab)
     draw = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, draw, right=True)
@@ -768,10 +799,10 @@ def draw_exponential_race(probs, generator=None):  # (B, vocab) -> (B, 1)
     return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
-def code_probabilities(logits, temperature=1.0, top_k=0, top_p=1.0):
+def code_probabilities(logits, temperature, top_k, top_p):
     """What a code is drawn from: logits (.., vocab) -> probabilities (.., vocab), after
-    temperature, top-k and top-p filtering as in the official sampler. Temperature 0 puts all the
-    mass on the argmax (greedy)."""
+    temperature, top-k (0: all) and top-p (1: all) filtering as in the official sampler.
+    Temperature 0 puts all the mass on the argmax (greedy)."""
     if temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits / temperature
@@ -794,20 +825,29 @@ def draw_code(probs, generator=None):  # (B, vocab) -> (B, 1)
     return draw_exponential_race(probs, generator)
 
 
-def sample_code(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def sample_code(logits, temperature, top_k, top_p, generator=None):
     """One code per row of logits (B, vocab) -> (B, 1), drawn from code_probabilities."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # greedy: no random number spent
     return draw_code(code_probabilities(logits, temperature, top_k, top_p), generator)
 
 
+class CodeEmbedding(nn.Embedding):  # LlamaGen's input layer: a learned vector per code, (B, T) -> (B, T, dim)
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg.vocab_size, cfg.dim)
+
+
 class CodeHead(nn.Linear):
     """LlamaGen's readout: the Llama's output (.., dim) -> logits over the codes (.., vocab). What
-    every readout offers the GPT (MAR's DiffusionHead too): readout(h), loss(out, tokens), and
-    draw(out, cfg_scale, temperature, generator, **options) with the options named in draw_options.
-    Its weights are the official `output.weight`."""
+    every readout offers the GPT (MAR's DiffusionHead too): initialize(), readout(h), loss(out,
+    tokens), draw(out, cfg_scale, settings, generator) reading its sampling_options, and
+    probabilities(out, cfg_scale, settings), what draw() draws from (None if there is no such thing)."""
 
-    draw_options = ("top_k", "top_p")
+    sampling_options = (
+        SamplingOption("top_k", 0, "codes: draw from the k most likely codes only, 0: all", minimum=0),
+        SamplingOption("top_p", 1.0, "codes: draw from the most likely codes that make up this much probability, "
+                                     "in (0, 1]", minimum=0, maximum=1, above=True),
+    )
 
     def __init__(self, cfg: GPTConfig):
         super().__init__(cfg.dim, cfg.vocab_size, bias=False)
@@ -821,28 +861,24 @@ class CodeHead(nn.Linear):
     def loss(self, logits, codes):  # logits (B, T, vocab), codes (B, T) -> next-code cross-entropy
         return F.cross_entropy(logits.flatten(0, 1), codes.flatten())     # (B*T, vocab), (B*T,)
 
-    def draw(self, logits, cfg_scale=1.0, temperature=1.0, generator=None, top_k=0, top_p=1.0):
+    def draw(self, logits, cfg_scale, settings, generator=None):
         """One code per row, (B, 1): from logits (B, vocab), or from the CFG batch (2B, vocab)
-        guided when cfg_scale is not 1."""
+        guided when cfg_scale is not 1; settings: the temperature, top_k and top_p."""
         if cfg_scale != 1.0:
             logits = guide(logits, cfg_scale)
-        return sample_code(logits, temperature, top_k, top_p, generator)
+        return sample_code(logits, settings.temperature, settings.top_k, settings.top_p, generator)
 
-    def probabilities(self, logits, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0):
+    def probabilities(self, logits, cfg_scale, settings):
         """The distribution draw() draws from, (B, .., vocab), for speculative decoding; cfg_scale
         may be a tensor of scales per position (B, .., 1)."""
         if torch.is_tensor(cfg_scale) or cfg_scale != 1.0:
             logits = guide(logits, cfg_scale)
-        return code_probabilities(logits, temperature, top_k, top_p)
+        return code_probabilities(logits, settings.temperature, settings.top_k, settings.top_p)
 
 
-def code_layers(cfg):  # LlamaGen's tokens: a learned vector per code in, logits over the codes out
-    return nn.Embedding(cfg.vocab_size, cfg.dim), CodeHead(cfg)
-
-
-# GPTConfig.token_kind -> the layer that reads such tokens in and the readout of the Llama's output;
-# section 9 adds MAR's "continuous", section 11 VAR's "multiscale"
-TOKEN_LAYERS = {"discrete": code_layers}
+# GPTConfig.token_kind -> (the layer that reads such tokens into the Llama, the readout of its
+# output), each built from the GPTConfig; section 8 adds MAR's "continuous", section 10 VAR's "multiscale"
+TOKEN_LAYERS = {"discrete": (CodeEmbedding, CodeHead)}
 
 
 # -----------------------------------------------------------------------------
@@ -861,6 +897,10 @@ def evaluating(module):
         module.train(was_training)
 
 
+def cfg_batch(x, guided):  # both halves of the CFG batch read the same tokens: (B, ..) -> (2B, ..) when guided
+    return torch.cat([x, x]) if guided else x
+
+
 def guidance_at(t, cfg_scale, cfg_interval):
     """The CFG scale for image token t: cfg_scale, and 1 (none) after the first cfg_interval + 2
     tokens when cfg_interval >= 0 (the official convention)."""
@@ -869,12 +909,14 @@ def guidance_at(t, cfg_scale, cfg_interval):
 
 class Llama(nn.Module):
     """What every generator shares (makemore's shape: one Llama, several ways to feed it and read
-    it out): the condition embedder, the layer that reads image tokens in and the readout of the
-    Llama's output (TOKEN_LAYERS, from config.token_kind), the transformer blocks and the RoPE
-    table. A generator subclass adds its order: what the inputs are, which positions each sees, its
-    loss and its generate()."""
+    it out): the condition embedder, the layers in and out of TOKEN_LAYERS[config.token_kind], the
+    transformer blocks, the RoPE table, and what every generate() starts with. A generator subclass
+    adds its order: its inputs, which positions each sees, its loss, its generate() and what it reads."""
 
-    sampling_options = ()  # generate()'s keywords beyond cfg_scale, temperature and generator
+    sampling_options = (  # generate()'s keywords that every generator reads; a subclass adds its own
+        SamplingOption("cfg_scale", 1.0, "classifier-free guidance: 1 none, 0 unconditional, above 1 closer to the "
+                                         "condition, less varied", minimum=0),
+        SamplingOption("temperature", 1.0, "below 1: sharper, above 1: more varied, 0: the likeliest", minimum=0))
     token_kinds = ("discrete", "continuous")  # the tokens it generates (TOKEN_LAYERS keys)
 
     def __init__(self, cfg: GPTConfig):
@@ -885,7 +927,7 @@ class Llama(nn.Module):
         self.config = cfg
         # the condition embedder; "cls_embedding" is the official name for classes and text alike
         self.cls_embedding = LabelEmbedder(cfg) if cfg.model_type == "c2i" else CaptionEmbedder(cfg)
-        token_input, readout = TOKEN_LAYERS[cfg.token_kind](cfg)
+        token_input, readout = (layer(cfg) for layer in TOKEN_LAYERS[cfg.token_kind])
         self.tok_embeddings = token_input                           # image tokens -> (B, T, dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
@@ -909,16 +951,10 @@ class Llama(nn.Module):
         return torch.arange(seq_len, device=device)
 
     def bind_tokenizer(self, tokenizer):
-        """What the generator takes from its tokenizer's weights when a run starts (beyond
-        token_config()): nothing, but for VAR's, which builds its inputs with the quantizer."""
-
-    @property
-    def generate_options(self):  # every keyword generate() takes from a command line
-        return self.sampling_options + self.output.draw_options
+        """What it takes of the tokenizer's weights when a run starts: nothing, but for VAR's."""
 
     def cast(self, device, dtype):
-        """Move the model and cast its weights; the RoPE table stays float32, as the official
-        code keeps it, so that the rotation angles are exact in bf16 too."""
+        """Move and cast the weights; the RoPE table stays float32 (official), its angles exact in bf16."""
         rope = self.rope.to(device)
         self.to(device, dtype)
         self.rope = rope
@@ -941,23 +977,54 @@ class Llama(nn.Module):
             h = layer(h, rope, mask)
         return self.norm(h)
 
-    def loss(self, tokens, cond, cond_mask=None):
-        """The training objective: the readout's loss (the cross-entropy of the code, or MAR's
-        Diffusion Loss) of every image token against forward's prediction of it, all at once."""
+    def loss(self, tokens, cond, cond_mask=None):  # the readout's loss of every image token, all at once
         return self.output.loss(self(tokens, cond, cond_mask), tokens)
+
+    # What every generate() starts with: its sampling settings, eval mode, the CFG batch, the caches
+
+    @classmethod
+    def options_for(cls, token_kind):  # {name: SamplingOption} that generate() reads over these tokens, no model built
+        readout = TOKEN_LAYERS[token_kind][1]
+        return {option.name: option for option in cls.sampling_options + readout.sampling_options
+                if readout.probabilities is not None or not option.needs_probabilities}
+
+    def sampling_settings(self, options):
+        """generate()'s keywords -> what it samples with (a namespace): the declared defaults, with
+        the options given over them; one it does not read, or a value out of range, is refused."""
+        declared = self.options_for(self.config.token_kind)
+        for name, value in options.items():
+            if name not in declared:
+                raise ValueError(f"{name} does not apply to {self.config.order} order over {self.config.token_kind} "
+                                 f"tokens; it takes {', '.join(declared)}.")
+            problem = declared[name].problem(value, self.config)
+            if problem:
+                raise ValueError(f"{name} {value!r} is out of range: {problem}.")
+        return types.SimpleNamespace(**{name: options.get(name, option.default) for name, option in declared.items()})
 
     def with_null_condition(self, cond, cond_mask):
         """The CFG batch: the conditional rows, then the same rows with the null condition (2B, ...).
         A caption's padding mask is kept for its null half, as in the official sampler."""
         cond = torch.cat([cond, self.cls_embedding.null(cond)])
-        return cond, None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+        return cond, None if cond_mask is None else cfg_batch(cond_mask, True)
+
+    @contextlib.contextmanager
+    def generation(self, cond, cond_mask, guided, cache_len=None):
+        """Eval mode while a generation runs; the CFG batch [cond; null] when guided; for a sampler
+        that feeds the KV cache, caches for cache_len positions and their mask -> cond, cond_mask, mask."""
+        with evaluating(self):
+            if guided:
+                cond, cond_mask = self.with_null_condition(cond, cond_mask)    # (2B, ...)
+            mask = None
+            if cache_len is not None:
+                self.setup_caches(len(cond), cache_len, self.tok_embeddings.weight.dtype, cond.device)
+                mask = attention_mask(self.attention_blocks(cache_len, cond.device), cond_mask)
+            yield cond, cond_mask, mask
 
     # The KV cache (gpt-fast) of the generators that feed the sequence forward in order
 
     def setup_caches(self, batch_size, max_seq_len, dtype, device):
-        """Give every attention layer its KV cache. A cache of the same shape is kept (a compiled
-        decode step holds on to its buffers); what a previous generation left in it is never read,
-        since the mask hides every position not written by this one."""
+        """Give every attention layer its KV cache, or keep one of the same shape (a compiled decode
+        step holds on to its buffers): the mask hides whatever this generation has not written."""
         head_dim = self.config.dim // self.config.n_head
         shape = (batch_size, self.config.n_head, max_seq_len, head_dim)
         cache = self.layers[0].attention.kv_cache
@@ -993,7 +1060,8 @@ class GPT(Llama):
     token from the condition and the tokens before it, in raster order (causal attention); sampled
     one token per forward pass through a KV cache."""
 
-    sampling_options = ("cfg_interval",)
+    sampling_options = Llama.sampling_options + (SamplingOption("cfg_interval", -1, "guide only the first N + 2 "
+                                                                "tokens, -1: all", minimum=-1),)
 
     def forward(self, tokens, cond, cond_mask=None):
         """Teacher forcing: image tokens (B, T) codes or (B, T, D) vectors -> the readout (B, T, ..)
@@ -1009,18 +1077,6 @@ class GPT(Llama):
 
     # Generation (gpt-fast): the KV cache set up once, prefill the condition, then one token per step
 
-    def setup_generation(self, cond, cond_mask, guided):
-        """What a generation starts with: the CFG batch [cond; null] when guided, a KV cache for the
-        longest sequence, its attention mask (B or 1, 1, S, S), and the positions of the image tokens
-        fed back (kept on the device: no host copy per token)."""
-        cfg = self.config
-        if guided:
-            cond, cond_mask = self.with_null_condition(cond, cond_mask)    # (2B, ...)
-        max_seq_len = cfg.cls_token_num + cfg.block_size - 1  # the last token is never fed back
-        self.setup_caches(cond.shape[0], max_seq_len, self.tok_embeddings.weight.dtype, cond.device)
-        mask = attention_mask(self.attention_blocks(max_seq_len, cond.device), cond_mask)
-        return cond, mask, torch.arange(cfg.cls_token_num, max_seq_len, device=cond.device)
-
     def prefill(self, cond, mask):  # all condition positions at once -> the readout for image token 0
         input_pos = torch.arange(self.config.cls_token_num, device=mask.device)
         return self.forward_with_cache(self.embed_condition(cond), input_pos, mask)[:, -1]
@@ -1031,145 +1087,39 @@ class GPT(Llama):
     def compile_decode_one_token(self):
         """gpt-fast's speed-up: compile the decode step once. Every token has the same shapes (one
         token, the whole static cache), so one graph (a CUDA graph on a GPU) serves the whole
-        generation without Python in the loop. generate() calls self.decode_one_token, so it picks
-        up the compiled one."""
+        generation without Python in the loop; generate() calls self.decode_one_token."""
         self.decode_one_token = torch.compile(self.decode_one_token, mode="reduce-overhead", fullgraph=True)
 
     @torch.no_grad()
-    def generate(self, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, generator=None,
-                 steps=None, **draw_options):
+    def generate(self, cond, cond_mask=None, generator=None, steps=None, **options):
         """Sample block_size image tokens in raster order for cond: class ids (B,) or text features
         (B, L, caption_dim) with cond_mask (B, L) -> codes (B, block_size), or MAR's vectors
-        (B, block_size, D). cfg_scale 1: no guidance, 0: the unconditional model; cfg_interval:
-        guidance_at. draw_options go to the readout's draw (top_k, top_p for codes). steps, a list
-        when given, receives the step that decided each token (B, block_size), as every generator's
-        generate() does (for pictures of the generation): here token t at step t."""
-        B, guided = cond.shape[0], cfg_scale != 1.0
-        with evaluating(self):
-            cond, mask, positions = self.setup_generation(cond, cond_mask, guided)
+        (B, block_size, D); options: the generator's and the readout's sampling_options. steps, a
+        list when given, receives the step that decided each token (B, block_size), as every
+        generator's generate() does (for pictures of the generation): here token t at step t."""
+        o = self.sampling_settings(options)
+        B, T, guided = cond.shape[0], self.config.block_size, o.cfg_scale != 1.0
+        cache_len = self.config.cls_token_num + T - 1  # the last token is never fed back
+        # the positions of the tokens fed back, kept on the device: no host copy per token
+        positions = torch.arange(self.config.cls_token_num, cache_len, device=cond.device)
+        with self.generation(cond, cond_mask, guided, cache_len) as (cond, _, mask):
             tokens = []
             # Only the loop runs in inference mode: the tokens returned and the KV cache, made
             # outside it, stay ordinary tensors that a training step or a later call can use.
             with torch.inference_mode():
                 out = self.prefill(cond, mask)                                      # (B or 2B, ..)
-                for t in range(self.config.block_size):
-                    scale = guidance_at(t, cfg_scale, cfg_interval)
-                    token = self.output.draw(out if scale != 1.0 else out[:B], scale, temperature, generator,
-                                             **draw_options)                        # (B, 1, ..)
+                for t in range(T):
+                    scale = guidance_at(t, o.cfg_scale, o.cfg_interval)
+                    token = self.output.draw(out if scale != 1.0 else out[:B], scale, o, generator)  # (B, 1, ..)
                     tokens.append(token)
-                    if t + 1 < self.config.block_size:  # both halves of the CFG batch go on with the same token
-                        fed_back = torch.cat([token, token]) if guided else token
-                        out = self.decode_one_token(fed_back, positions[t:t + 1], mask)
-            if steps is not None:
-                steps.append(torch.arange(self.config.block_size, device=cond.device).expand(B, -1))
-            return torch.cat(tokens, dim=1)                                         # (B, block_size, ..)
-
-    @torch.no_grad()
-    def generate_without_cache(self, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
-                               generator=None, **draw_options):
-        """generate() without the KV cache, as a contrast: every new token reruns the whole sequence
-        so far through the model, O(T^2) token passes per image instead of O(T). The same random
-        draws from the same distributions: the same tokens as generate()."""
-        B, guided = cond.shape[0], cfg_scale != 1.0
-        with evaluating(self):
-            if guided:
-                cond, cond_mask = self.with_null_condition(cond, cond_mask)        # (2B, ...)
-            inputs = self.tok_embeddings.weight.new_zeros(cond.shape[0], 0, self.config.dim)  # tokens fed so far
-            tokens = []
-            for t in range(self.config.block_size):
-                out = self.predict(cond, inputs, cond_mask)[:, t]                   # the whole sequence again
-                scale = guidance_at(t, cfg_scale, cfg_interval)
-                token = self.output.draw(out if scale != 1.0 else out[:B], scale, temperature, generator,
-                                         **draw_options)
-                tokens.append(token)
-                fed_back = torch.cat([token, token]) if guided else token
-                inputs = torch.cat([inputs, self.tok_embeddings(fed_back)], dim=1)
-            return torch.cat(tokens, dim=1)
+                    if t + 1 < T:  # both halves of the CFG batch go on with the same token
+                        out = self.decode_one_token(cfg_batch(token, guided), positions[t:t + 1], mask)
+        if steps is not None:
+            steps.append(torch.arange(T, device=cond.device).expand(B, -1))
+        return torch.cat(tokens, dim=1)                                             # (B, block_size, ..)
 
 
-    @torch.no_grad()
-    def generate_speculative(self, cond, cond_mask=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
-                             top_p=1.0, generator=None, window=16):
-        """generate()'s distribution in fewer forward passes: speculative Jacobi decoding (Teng et
-        al. 2024) -> codes (B, block_size) and the forward passes each row needed (B,); the batch
-        makes as many as its slowest row, generate() block_size. Each pass feeds, after a row's
-        n committed codes, its last code and `window` drafts d_n .. d_{n+W-1}, and reads the target
-        distributions p_n .. p_{n+W} (guided and filtered as in generate) in one go. Left to right,
-        draft d is kept with probability min(1, p(d) / q(d)), q being what d was drawn from; at the
-        first rejection a code is drawn from max(0, p - q), normalised, and if all W are kept one
-        more from p_{n+W}: 1 to W + 1 codes per pass, and every committed code is distributed as
-        generate's (speculative sampling, Leviathan et al. 2023). The next drafts are the codes the
-        same pass drew at the later positions (Jacobi iteration: right if the context they saw
-        turns out right), their p as q, then uniform random codes. Rows advance independently.
-        A row's cache past its committed codes holds rejected drafts: the causal mask hides every
-        position after the one being computed, and the next pass rewrites them before any is read."""
-        if not hasattr(self.output, "probabilities"):
-            raise ValueError("speculative decoding needs the probability of each token, which a readout "
-                             "over codes gives; this model's tokens are continuous.")
-        if window < 1:
-            raise ValueError(f"window {window}: speculative decoding checks at least one draft per pass.")
-        cfg, B, guided = self.config, cond.shape[0], cfg_scale != 1.0
-        T, V, cls, device = cfg.block_size, cfg.vocab_size, cfg.cls_token_num, cond.device
-        W = min(window, max(T - 1, 1))  # T - 1 drafts and the code after them already make the image
-        rows = torch.arange(B, device=device)[:, None]                            # (B, 1)
-        with evaluating(self):
-            if guided:
-                cond, cond_mask = self.with_null_condition(cond, cond_mask)        # (2B, ...)
-            # room for a window past the last code; positions past the image get the last RoPE angle
-            # (forward_with_cache clamps them) and only ever predict codes that are thrown away
-            max_seq_len = cls + T + W
-            self.setup_caches(cond.shape[0], max_seq_len, self.tok_embeddings.weight.dtype, device)
-            mask = attention_mask(self.attention_blocks(max_seq_len, device), cond_mask)
-            codes = torch.zeros(B, T + W + 1, dtype=torch.long, device=device)   # committed, then scratch
-            n = torch.zeros(B, dtype=torch.long, device=device)                  # codes committed per row
-            needed = torch.zeros(B, dtype=torch.long, device=device)             # passes until a row was done
-            drafts = torch.randint(V, (B, W), device=device, generator=generator)  # (B, W), drawn from q
-            q = torch.full((B, W, V), 1.0 / V, device=device)                    # (B, W, V)
-
-            def both_halves(x):  # the CFG batch feeds the same codes to its null half
-                return torch.cat([x, x]) if guided else x
-            with torch.inference_mode():
-                # The first pass: the condition, then the drafts for codes 0 .. W-1
-                h = torch.cat([self.embed_condition(cond), self.tok_embeddings(both_halves(drafts))], dim=1)
-                out = self.forward_with_cache(h, torch.arange(cls + W, device=device), mask, outputs=W + 1)
-                while True:
-                    scale = cfg_scale
-                    if guided and cfg_interval >= 0:  # guidance_at for the code each output predicts
-                        predicted = n[:, None] + torch.arange(W + 1, device=device)        # (B, W + 1)
-                        scale = torch.where(predicted <= cfg_interval + 1, cfg_scale, 1.0)[..., None]
-                    p = self.output.probabilities(out, scale, temperature, top_k, top_p)  # (B, W + 1, V)
-                    p_d, q_d = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p[:, :W], q))  # (B, W)
-                    kept = torch.rand(B, W, device=device, generator=generator) * q_d < p_d  # u q(d) < p(d)
-                    j = kept.long().cumprod(dim=-1).sum(dim=-1)                   # drafts kept before a rejection
-                    jacobi = draw_code(p.flatten(0, 1), generator).view(B, W + 1)  # a code at every position
-                    # the code after the kept drafts: from the residual where a draft was rejected, else p_{n+W}
-                    at_j = j.clamp(max=W - 1)[:, None]
-                    residual = (p[rows, at_j] - q[rows, at_j]).clamp(min=0)[:, 0]  # (B, V)
-                    # (all zero only if p = q but for rounding, where a rejection is a rounding error)
-                    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, at_j][:, 0])
-                    last = torch.where((j < W)[:, None], residual, p[:, W])
-                    new = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, j[:, None], draw_code(last, generator))
-                    codes[rows, n[:, None] + torch.arange(W + 1, device=device)] = new  # j + 1 of them count
-                    n = (n + j + 1).clamp(max=T)
-                    needed += n < T
-                    if bool((n == T).all()):
-                        break
-                    # next drafts: this pass's codes after the committed one, then random codes
-                    after = j[:, None] + 1 + torch.arange(W, device=device)            # (B, W), up to 2W
-                    ours = after <= W                                                 # drawn by this pass
-                    random = torch.randint(V, (B, W), device=device, generator=generator)
-                    drafts = torch.where(ours, jacobi.gather(1, after.clamp(max=W)),
-                                         random.gather(1, (after - W - 1).clamp(min=0)))
-                    q = torch.where(ours[..., None], p[rows, after.clamp(max=W)], 1.0 / V)  # (B, W, V)
-                    last_code = codes[rows, n[:, None] - 1]                             # (B, 1)
-                    positions = cls + n[:, None] - 1 + torch.arange(W + 1, device=device)  # (B, W + 1)
-                    positions = positions[0] if B == 1 else both_halves(positions)  # one row: the cheaper (S,)
-                    h = self.tok_embeddings(both_halves(torch.cat([last_code, drafts], dim=1)))
-                    out = self.forward_with_cache(h, positions, mask, outputs=W + 1)
-            return codes[:, :T], needed + 1
-
-
-# GPTConfig.order -> the generator; section 10 adds masked generation, section 11 next-scale prediction
+# GPTConfig.order -> the generator; section 9 adds masked generation, section 10 next-scale prediction
 GENERATORS = {"raster": GPT}
 
 
@@ -1179,19 +1129,133 @@ def make_gpt(cfg: GPTConfig):  # the generator a config names
     return GENERATORS[cfg.order](cfg)
 
 
-def generate_options(order, token_kind):
-    """generate_options of a GPT of this order over these tokens, before one is trained: read off
-    the smallest such model (no layers), so that the answer has one home, the classes."""
-    cfg = GPTConfig(dim=8, n_layer=0, n_head=1, num_classes=1, block_size=1, vocab_size=1, token_kind=token_kind,
-                    order=order, token_dim=1, diffusion_width=8, diffusion_depth=0, scales=(1,))
-    return make_gpt(cfg).generate_options
+# -----------------------------------------------------------------------------
+# 6. Speculative Jacobi decoding: LlamaGen's images in fewer forward passes; and without a KV cache
+# "Accelerating Auto-regressive Text-to-Image Generation with Training-free Speculative Jacobi
+# Decoding" (Teng et al. 2024; code tyshiwo1/Accelerating-T2I-AR-with-SJD): about 2x fewer steps on
+# LlamaGen and Lumina-mGPT, no retraining. Each pass checks a window of drafts, the model's own
+# earlier guesses (Jacobi iteration), by speculative sampling (Leviathan et al. 2023), so the images
+# follow GPT.generate's distribution exactly. Beside it, the raster loop without the KV cache.
+
+
+def check_raster_loop(gpt, loop, speculative=False):
+    """The loops of this section (and GPT's compiled decode step) are raster order's, and speculative
+    decoding needs each token's probability; `loop` is the name the caller knows the loop by."""
+    if not isinstance(gpt, GPT):
+        raise ValueError(f"{loop} is for raster order, and this GPT generates in {gpt.config.order} order")
+    if speculative and gpt.output.probabilities is None:
+        raise ValueError(f"{loop} needs each token's probability, which a GPT over codes gives; this GPT draws "
+                         f"{gpt.config.token_kind} tokens (MAR)")
+
+
+@torch.no_grad()
+def generate_without_cache(gpt, cond, cond_mask=None, generator=None, **options):
+    """GPT.generate without the KV cache, as a contrast: every new token reruns the whole sequence
+    so far, O(T^2) token passes per image instead of O(T); the same draws, the same tokens."""
+    check_raster_loop(gpt, "generation without the KV cache")
+    o = gpt.sampling_settings(options)
+    B, guided = cond.shape[0], o.cfg_scale != 1.0
+    with gpt.generation(cond, cond_mask, guided) as (cond, cond_mask, _):
+        inputs = gpt.tok_embeddings.weight.new_zeros(len(cond), 0, gpt.config.dim)  # the tokens fed so far
+        tokens = []
+        for t in range(gpt.config.block_size):
+            out = gpt.predict(cond, inputs, cond_mask)[:, t]                    # the whole sequence again
+            scale = guidance_at(t, o.cfg_scale, o.cfg_interval)
+            token = gpt.output.draw(out if scale != 1.0 else out[:B], scale, o, generator)
+            tokens.append(token)
+            inputs = torch.cat([inputs, gpt.tok_embeddings(cfg_batch(token, guided))], dim=1)
+    return torch.cat(tokens, dim=1)
+
+
+def verify_drafts(p, q, drafts, generator=None):
+    """Speculative sampling's verdict on one pass, per row: p (B, W + 1, V) the targets at the
+    window's positions, q (B, W, V) what the drafts (B, W) were drawn from. Left to right, draft d is
+    kept with probability min(1, p(d) / q(d)); at the first rejection a code is drawn from max(0, p - q),
+    normalised, and if all W are kept one more from p_{n+W}: every committed code is distributed as p.
+    -> j (B,) drafts kept, the window's codes (B, W + 1) (the first j + 1 commit), a code from every p."""
+    B, W = drafts.shape
+    rows = torch.arange(B, device=drafts.device)[:, None]                         # (B, 1)
+    p_d, q_d = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p[:, :W], q))  # (B, W)
+    kept = torch.rand(B, W, device=drafts.device, generator=generator) * q_d < p_d  # u q(d) < p(d)
+    j = kept.long().cumprod(dim=-1).sum(dim=-1)                                  # drafts kept before a rejection
+    jacobi = draw_code(p.flatten(0, 1), generator).view(B, W + 1)                # a code at every position
+    # the code after the kept drafts: from the residual where a draft was rejected, else p_{n+W}
+    at_j = j.clamp(max=W - 1)[:, None]
+    residual = (p[rows, at_j] - q[rows, at_j]).clamp(min=0)[:, 0]                # (B, V)
+    # (all zero only if p = q but for rounding, where a rejection is a rounding error)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, at_j][:, 0])
+    last = torch.where((j < W)[:, None], residual, p[:, W])
+    codes = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, j[:, None], draw_code(last, generator))
+    return j, codes, jacobi
+
+
+def next_drafts(p, jacobi, j, generator=None):
+    """The next pass's W drafts after the j + 1 codes (B,) just committed, and what each was drawn
+    from (B, W, V): this pass's codes jacobi (B, W + 1) drawn from p (B, W + 1, V) at the later
+    positions (Jacobi iteration: right if the context they saw turns out right), then random codes."""
+    B, W, V = p.shape[0], p.shape[1] - 1, p.shape[2]
+    rows = torch.arange(B, device=p.device)[:, None]                              # (B, 1)
+    after = j[:, None] + 1 + torch.arange(W, device=p.device)                     # (B, W), up to 2W
+    ours = after <= W                                                            # drawn by this pass
+    random = torch.randint(V, (B, W), device=p.device, generator=generator)
+    drafts = torch.where(ours, jacobi.gather(1, after.clamp(max=W)), random.gather(1, (after - W - 1).clamp(min=0)))
+    q = torch.where(ours[..., None], p[rows, after.clamp(max=W)], 1.0 / V)       # (B, W, V)
+    return drafts, q
+
+
+@torch.no_grad()
+def generate_speculative(gpt, cond, cond_mask=None, generator=None, window=16, **options):
+    """GPT.generate's distribution in fewer forward passes -> codes (B, block_size) and the passes
+    each row needed (B,) (the batch makes as many as its slowest row). Each pass feeds, after a
+    row's n committed codes, its last code and `window` drafts d_n .. d_{n+W-1}, reads the targets
+    p_n .. p_{n+W} (guided and filtered as in generate) in one go, and commits 1 to W + 1 codes
+    (verify_drafts); rows advance independently. Rejected drafts left in a row's cache are hidden
+    by the causal mask from every position before them, and rewritten before any is read."""
+    check_raster_loop(gpt, "speculative decoding", speculative=True)
+    if window < 1:
+        raise ValueError(f"window {window}: speculative decoding checks at least one draft per pass.")
+    o = gpt.sampling_settings(options)
+    cfg, B, guided = gpt.config, cond.shape[0], o.cfg_scale != 1.0
+    T, V, cls, device = cfg.block_size, cfg.vocab_size, cfg.cls_token_num, cond.device
+    W = min(window, max(T - 1, 1))  # T - 1 drafts and the code after them already make the image
+    rows = torch.arange(B, device=device)[:, None]                                # (B, 1)
+    # room for a window past the last code; positions past the image get the last RoPE angle
+    # (forward_with_cache clamps them) and only ever predict codes that are thrown away
+    with gpt.generation(cond, cond_mask, guided, cache_len=cls + T + W) as (cond, _, mask):
+        codes = torch.zeros(B, T + W + 1, dtype=torch.long, device=device)      # committed, then scratch
+        n = torch.zeros(B, dtype=torch.long, device=device)                     # codes committed per row
+        needed = torch.zeros(B, dtype=torch.long, device=device)                # passes until a row was done
+        drafts = torch.randint(V, (B, W), device=device, generator=generator)     # (B, W), drawn from q
+        q = torch.full((B, W, V), 1.0 / V, device=device)                       # (B, W, V)
+        with torch.inference_mode():
+            # The first pass: the condition, then the drafts for codes 0 .. W-1
+            h = torch.cat([gpt.embed_condition(cond), gpt.tok_embeddings(cfg_batch(drafts, guided))], dim=1)
+            out = gpt.forward_with_cache(h, torch.arange(cls + W, device=device), mask, outputs=W + 1)
+            while True:
+                scale = o.cfg_scale
+                if guided and o.cfg_interval >= 0:  # guidance_at for the code each output predicts
+                    predicted = n[:, None] + torch.arange(W + 1, device=device)           # (B, W + 1)
+                    scale = torch.where(predicted <= o.cfg_interval + 1, o.cfg_scale, 1.0)[..., None]
+                p = gpt.output.probabilities(out, scale, o)                               # (B, W + 1, V)
+                j, window_codes, jacobi = verify_drafts(p, q, drafts, generator)
+                codes[rows, n[:, None] + torch.arange(W + 1, device=device)] = window_codes  # j + 1 of them count
+                n = (n + j + 1).clamp(max=T)
+                needed += n < T
+                if bool((n == T).all()):
+                    break
+                drafts, q = next_drafts(p, jacobi, j, generator)
+                last_code = codes[rows, n[:, None] - 1]                                   # (B, 1)
+                positions = cls + n[:, None] - 1 + torch.arange(W + 1, device=device)     # (B, W + 1)
+                positions = positions[0] if B == 1 else cfg_batch(positions, guided)  # one row: the cheaper (S,)
+                h = gpt.tok_embeddings(cfg_batch(torch.cat([last_code, drafts], dim=1), guided))
+                out = gpt.forward_with_cache(h, positions, mask, outputs=W + 1)
+    return codes[:, :T], needed + 1
 
 
 # -----------------------------------------------------------------------------
-# 6. Text conditioner: a compact T5 encoder and a SentencePiece tokenizer
-# The text-conditional models read a caption as T5's features of its SentencePiece tokens: 120
-# positions, left-padded, from flan-t5-xl for the official models (a small T5 trained from scratch
-# in the demo).
+# 7. Text conditioner: a compact T5 encoder and a SentencePiece tokenizer
+# A caption is T5's features of its SentencePiece tokens, left-padded: 120 positions of flan-t5-xl
+# for the official models, a small T5 trained from scratch in the demo.
 
 
 @dataclasses.dataclass
@@ -1260,10 +1324,7 @@ class T5FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x):
-        if self.gated:
-            h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
-        else:
-            h = F.relu(self.wi(x))
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x) if self.gated else F.relu(self.wi(x))
         return self.wo(self.dropout(h))
 
 
@@ -1324,10 +1385,9 @@ class TextTokenizer:
     def train(cls, texts, vocab_size):
         import sentencepiece as spm
         model = io.BytesIO()
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
-                                       vocab_size=vocab_size, model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                       character_coverage=1.0, hard_vocab_limit=False,
-                                       minloglevel=2)
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                       model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                       character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
         return cls(model.getvalue())
 
     @property
@@ -1356,8 +1416,7 @@ class TextTokenizer:
 
 
 class TextEncoder:
-    """Captions -> what a text-conditional GPT reads: T5's features (B, L, d_model) of the
-    SentencePiece ids, with their padding mask (B, L)."""
+    """Captions -> what a text-conditional GPT reads: T5's features (B, L, d_model), padding mask (B, L)."""
 
     def __init__(self, text_tokenizer, t5):
         self.text_tokenizer, self.t5 = text_tokenizer, t5
@@ -1371,314 +1430,19 @@ class TextEncoder:
 
 
 # -----------------------------------------------------------------------------
-# 7. Released weights: the official LlamaGen checkpoints and Hugging Face's T5, loaded with a plain
-# load_state_dict (each model's config is read off the shapes of its weights)
-
-
-class UnreadableFile(ValueError):
-    """A file torch.load cannot read: empty, cut short or damaged, or not a checkpoint at all."""
-
-    def __init__(self, path, reason, advice):
-        super().__init__(f"{path} is {reason}: {advice}.")
-        self.path, self.reason = path, reason
-
-
-def read_torch_file(path):
-    """torch.load(path) of tensors and plain values only (weights_only: nothing else is unpickled),
-    with one clear sentence for each way a file can be wrong."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; check the path.")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a folder; pass the checkpoint file inside it.")
-    try:  # the official files carry their training script's settings as a Namespace: allow that one class
-        with torch.serialization.safe_globals([Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file can fail in torch.load in many ways
-        if "Unsupported global" in str(error):
-            raise ValueError(f"{path} holds Python objects besides weights, which are not loaded for safety; "
-                             "save its state dict alone (torch.save(model.state_dict(), path)).") from None
-        with open(path, "rb") as f:
-            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-        if os.path.getsize(path) == 0:
-            raise UnreadableFile(path, "empty", "copy it again, or retrain it") from None
-        if is_zip:
-            raise UnreadableFile(path, "truncated or damaged, so it cannot be read",
-                                 "copy it again, or retrain it") from None
-        raise UnreadableFile(path, "not a PyTorch checkpoint (torch.save writes a zip archive; this is not one)",
-                             "check the path") from None
-
-
-def read_state_dict(path_or_state_dict):
-    """A state dict from a checkpoint file or dict in any of the official containers."""
-    checkpoint = path_or_state_dict
-    if not isinstance(checkpoint, dict):
-        checkpoint = read_torch_file(checkpoint)
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"{path_or_state_dict} holds a {type(checkpoint).__name__}, not a state dict.")
-    for key in ("model", "ema", "module", "state_dict"):  # "model" first, as the official samplers
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
-def count_prefixed(state, pattern):  # how many i make pattern.format(i) a key of state
-    n = 0
-    while pattern.format(n) in state:
-        n += 1
-    return n
-
-
-def load_weights(model, state, source, advice="copy it again, or retrain it"):
-    """model.load_state_dict(state) in eval mode, with one sentence when the weights do not fit the
-    model their file describes (a damaged, cut or hand-edited file)."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        first = str(error).strip().splitlines()[0].rstrip(":.")
-        raise ValueError(f"{source} holds weights that do not fit the model it describes ({first}): it is damaged; "
-                         f"{advice}.") from None
-    return model.eval()
-
-
-class NotAnOfficialCheckpoint(ValueError):
-    """One of this project's own checkpoints (section 8) where an official one was expected."""
-
-
-def reject_our_checkpoint(checkpoint, source):
-    """Our own checkpoints carry a "kind": say so rather than fail on their shapes."""
-    if "kind" in checkpoint and "config" in checkpoint:
-        raise NotAnOfficialCheckpoint(f"{source} is one of this project's checkpoints, not an official LlamaGen file")
-
-
-def load_official_vq(path_or_state_dict):
-    """An official LlamaGen VQ tokenizer (vq_ds16_c2i.pt, vq_ds8_c2i.pt) -> VQModel in eval mode."""
-    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
-    checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
-    reject_our_checkpoint(checkpoint, source)
-    state = dict(read_state_dict(checkpoint))
-    if "encoder.conv_in.weight" not in state or "quantize.embedding.weight" not in state:
-        raise ValueError(f"{source} is not a LlamaGen VQ tokenizer checkpoint (no encoder / codebook "
-                         "weights); pass vq_ds16_c2i.pt or vq_ds8_c2i.pt.")
-    state.pop("quantize.codebook_used", None)  # the official usage record, not needed to run
-    ch = state["encoder.conv_in.weight"].shape[0]
-    levels = count_prefixed(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
-    if "encoder.conv_out.weight" not in state or levels == 0:
-        raise ValueError(f"{source} is an incomplete LlamaGen VQ tokenizer checkpoint: download it again.")
-    cfg = VQConfig(
-        codebook_size=state["quantize.embedding.weight"].shape[0],
-        codebook_embed_dim=state["quantize.embedding.weight"].shape[1],
-        ch=ch,
-        ch_mult=tuple(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-        num_res_blocks=count_prefixed(state, "encoder.conv_blocks.0.res.{}.conv1.weight"),
-        z_channels=state["encoder.conv_out.weight"].shape[0],
-    )
-    return load_weights(VQModel(cfg), state, source, "download it again")
-
-
-def load_official_gpt(path_or_state_dict, block_size):
-    """An official LlamaGen GPT (c2i_B_256.pt ... c2i_3B_384.pt, t2i_XL_stage1_256.pt, ...) ->
-    GPT in eval mode. block_size = (image_size / downsampling) ** 2, e.g. 256 for 256 px and VQ-16.
-    The number of heads is not in the weights: it is the preset's of that width."""
-    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
-    checkpoint = read_torch_file(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
-    reject_our_checkpoint(checkpoint, source)
-    state = read_state_dict(checkpoint)
-    if "tok_embeddings.weight" not in state or "layers.0.attention.wqkv.weight" not in state:
-        raise ValueError(f"{source} is not a LlamaGen GPT checkpoint (no tok_embeddings.weight or first layer); "
-                         "pass one of the c2i_*.pt or t2i_*.pt files.")
-    vocab_size, dim = state["tok_embeddings.weight"].shape
-    heads_by_dim = {p["dim"]: p["n_head"] for p in GPT_PRESETS.values()}
-    if dim not in heads_by_dim or state["layers.0.attention.wqkv.weight"].shape[0] != 3 * dim:
-        raise ValueError(f"{source} is a GPT of width {dim} that matches none of the LlamaGen presets "
-                         f"({', '.join(GPT_PRESETS)}); pass one of the released c2i_*.pt or t2i_*.pt files.")
-    cfg = dict(dim=dim, n_layer=count_prefixed(state, "layers.{}.attention_norm.weight"), n_head=heads_by_dim[dim],
-               vocab_size=vocab_size, block_size=block_size, token_dropout_p=0.0, resid_dropout_p=0.0,
-               ffn_dropout_p=0.0)
-    if "cls_embedding.uncond_embedding" in state:  # text: the null caption's (120, caption_dim) features
-        uncond = state["cls_embedding.uncond_embedding"]
-        cfg.update(model_type="t2i", cls_token_num=uncond.shape[0], caption_dim=uncond.shape[1])
-    elif "cls_embedding.embedding_table.weight" in state:
-        cfg.update(model_type="c2i", cls_token_num=1,
-                   num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1)
-    else:
-        raise ValueError(f"{source} is an incomplete LlamaGen GPT checkpoint (no condition embedding): download "
-                         "it again.")
-    return load_weights(GPT(GPTConfig(**cfg)), state, source, "download it again")
-
-
-HF_T5_NAMES = [  # Hugging Face T5 state-dict names -> ours; anything else (the decoder) is dropped
-    (r"^(shared|encoder\.embed_tokens)\.", "embed_tokens."),
-    (r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.", "relative_attention_bias."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.", r"blocks.\1.attn."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.attn_norm."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.", r"blocks.\1.ffn."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.ffn_norm."),
-    (r"^encoder\.final_layer_norm\.", "final_norm."),
-]
-
-
-def load_t5_encoder(hf_dir):
-    """A Hugging Face T5 / flan-T5 directory -> (T5Encoder in eval mode, TextTokenizer or None).
-    Reads config.json, model*.safetensors or pytorch_model*.bin (sharded or not), spiece.model."""
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{hf_dir} has no config.json: pass a Hugging Face T5 directory "
-                                "(for example a download of google/flan-t5-xl).")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    if hf_config.get("model_type") != "t5":
-        raise ValueError(f"{hf_dir} holds a {hf_config.get('model_type')!r} model, not a T5 encoder.")
-    # a config.json has many more keys (the decoder's, the tokenizer's): take the encoder's
-    cfg = T5Config(**{f.name: hf_config[f.name] for f in dataclasses.fields(T5Config) if f.name in hf_config})
-    weight_files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
-    if weight_files:
-        from safetensors.torch import load_file
-        hf_state = {k: v for path in weight_files for k, v in load_file(path).items()}
-    else:
-        weight_files = sorted(glob.glob(os.path.join(hf_dir, "pytorch_model*.bin")))
-        if not weight_files:
-            raise FileNotFoundError(f"{hf_dir} has no *.safetensors or pytorch_model*.bin weights.")
-        hf_state = {k: v for path in weight_files for k, v in read_torch_file(path).items()}
-    state = {}
-    for name, tensor in hf_state.items():
-        for pattern, replacement in HF_T5_NAMES:
-            if re.match(pattern, name):
-                state[re.sub(pattern, replacement, name)] = tensor.float()
-                break
-    encoder = load_weights(T5Encoder(cfg), state, hf_dir, "download it again")
-    spiece = os.path.join(hf_dir, "spiece.model")
-    text_tokenizer = None
-    if os.path.isfile(spiece):
-        with open(spiece, "rb") as f:
-            text_tokenizer = TextTokenizer(f.read())
-    return encoder, text_tokenizer
-
-
-# -----------------------------------------------------------------------------
-# 8. Our checkpoints: plain dicts (train.py writes them, sample.py reads them), with a format version
-
-CHECKPOINT_FORMAT = 2  # the layout of the dicts below; a file of another format is refused by name
-CHECKPOINT_KINDS = {"tokenizer": "tokenizer (tokenizer.pt)", "gpt": "GPT (gpt.pt)"}
-CHECKPOINT_FIELDS = {  # what loading and resuming read of each kind
-    "tokenizer": ("token_kind", "config", "model", "ema", "step", "args", "image_size"),
-    "gpt": ("config", "model", "tokenizer_fingerprint", "t5", "t5_config", "text_tokenizer", "class_names",
-            "prompts", "cfg_scale", "step", "args"),
-}
-
-
-class NotOurCheckpoint(ValueError):
-    """A file that is not one of these checkpoints (an official LlamaGen file, for example)."""
-
-
-def save_checkpoint(checkpoint, path):
-    """Write a plain dict atomically: a temporary file, flushed to disk, then renamed over the old
-    one, so an interruption at any moment leaves the old checkpoint or the new one."""
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path, kind):
-    """One of our checkpoints ("tokenizer" or "gpt"), checked: of this kind, in the format this code
-    reads."""
-    checkpoint = read_torch_file(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in CHECKPOINT_KINDS:
-        raise NotOurCheckpoint(f"{path} is not one of this project's checkpoints (an official LlamaGen file?)")
-    if checkpoint["kind"] != kind:
-        raise ValueError(f"{path} holds the {CHECKPOINT_KINDS[checkpoint['kind']]}, not the "
-                         f"{CHECKPOINT_KINDS[kind]}: were the two files swapped?")
-    version = checkpoint.get("format", 0)
-    if version > CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} was written by a newer version of this code (checkpoint format {version}, "
-                         f"this one reads {CHECKPOINT_FORMAT}): update this code.")
-    if version < CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} was written by an older version of this code (checkpoint format {version}, "
-                         f"this one reads {CHECKPOINT_FORMAT}): retrain it, or use the version that wrote it.")
-    missing = [field for field in CHECKPOINT_FIELDS[kind] if field not in checkpoint]
-    if missing:
-        raise ValueError(f"{path} has no {', '.join(missing)}: it is damaged or was edited; copy it again, or "
-                         "retrain it.")
-    return checkpoint
-
-
-def config_from_dict(config_class, values, path):
-    """A config stored in one of our checkpoints; a setting this version does not know means a
-    newer version wrote it."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} has no readable settings: it is damaged; copy it again, or retrain it.")
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
-    if unknown:
-        raise ValueError(f"{path} has settings this version does not know ({', '.join(unknown)}): it was "
-                         "written by a newer version of this code; update it.")
-    return config_class(**values)
-
-
-def tokenizer_fingerprint(tokenizer):
-    """A short hash of the tokenizer's weights: gpt.pt stores the one it was trained on, so that it
-    is never paired with another tokenizer whose tokens mean something else."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tokenizer.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def load_tokenizer(path):
-    """Our trained image tokenizer in eval mode (its EMA weights when it has them), of the kind its
-    checkpoint names, and the checkpoint."""
-    checkpoint = load_checkpoint(path, "tokenizer")
-    if checkpoint["token_kind"] not in TOKENIZERS:
-        raise ValueError(f"{path} makes tokens of a kind this code does not know ({checkpoint['token_kind']!r}): "
-                         "it was written by another version of this code.")
-    tokenizer_class = TOKENIZERS[checkpoint["token_kind"]]
-    tokenizer = tokenizer_class(config_from_dict(tokenizer_class.config_class, checkpoint["config"], path))
-    return load_weights(tokenizer, checkpoint["ema"] or checkpoint["model"], path), checkpoint
-
-
-def load_gpt(path, tokenizer, tokenizer_path):
-    """Our trained GPT in eval mode, its TextEncoder (or None for classes), and its checkpoint;
-    refused when it was trained on another tokenizer."""
-    checkpoint = load_checkpoint(path, "gpt")
-    cfg = config_from_dict(GPTConfig, checkpoint["config"], path)
-    if cfg.token_kind != tokenizer.token_kind:
-        raise ValueError(f"{path} models {cfg.token_kind} tokens but {tokenizer_path} makes {tokenizer.token_kind} "
-                         "ones: pair it with the tokenizer it was trained on.")
-    if checkpoint["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise ValueError(f"{path} was trained on another tokenizer than {tokenizer_path}, so it would sample "
-                         "tokens that mean something else: pair it with the tokenizer it was trained on, or "
-                         "retrain the GPT on this tokenizer.")
-    gpt = load_weights(make_gpt(cfg), checkpoint["model"], path)
-    text_encoder = None
-    if checkpoint["t5"] is not None:
-        t5 = load_weights(T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path)), checkpoint["t5"], path)
-        text_encoder = TextEncoder(TextTokenizer(checkpoint["text_tokenizer"]), t5)
-    return gpt, text_encoder, checkpoint
-
-
-# -----------------------------------------------------------------------------
-# 9. Beyond LlamaGen, on the same Llama: MAR's continuous tokens and a diffusion loss per token
+# 8. Beyond LlamaGen, on the same Llama: MAR's continuous tokens and a diffusion loss per token
 # "Autoregressive Image Generation without Vector Quantization" (Li, Tian, Li, Deng, He 2024,
 # https://arxiv.org/abs/2406.11838; official code LTH14/mar): FID 1.55 on ImageNet 256 without a
-# codebook. The tokenizer gives each grid cell a continuous vector. What changes on the Llama is
-# only how tokens go in and out: a linear projection reads a vector in, and the Llama's output at a
-# position is z, the condition on which a small diffusion model draws the next token. LlamaGen's
-# softmax over codes becomes MAR's Diffusion Loss; the raster order, causal attention, the KV cache,
-# CFG with the doubled batch and the generation loop stay. This is MAR's causal raster-order
-# variant; MAR's main model predicts tokens in random order with bidirectional attention (section 10).
+# codebook. Each grid cell is a continuous vector; a linear projection reads it into the Llama, whose
+# output z conditions a small diffusion model that draws the next token: LlamaGen's softmax becomes
+# the Diffusion Loss, and raster order, the KV cache, CFG and the generation loop stay. This is MAR's
+# causal variant; its main model predicts tokens in random order (section 9).
 
 
 @dataclasses.dataclass
-class KLConfig:  # the encoder and decoder of VQConfig with a continuous latent (MAR's KL-16)
+class KLConfig(AutoencoderConfig):  # the same encoder and decoder with a continuous latent (MAR's KL-16)
     embed_dim: int = 16              # channels per token
     kl_weight: float = 1e-6          # KL(q(z|x) || N(0, I)) per latent element, against the L2 loss
-    ch: int = 128
-    ch_mult: tuple = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 256
-    dropout: float = 0.0
 
 
 KL_PRESETS = {
@@ -1689,19 +1453,17 @@ KL_PRESETS = {
 
 
 class KLModel(ImageTokenizer):
-    """The tokenizer with a continuous latent (LDM's AutoencoderKL, MAR's KL-16): the encoder gives
-    a mean and a log-variance for every latent value; training decodes a sample
-    z = mean + std * noise and pays kl_weight * KL(q(z|x) || N(0, I)), so that the latent stays
-    bounded and the decoder tolerates small errors in it. latent_scale, fixed after training, makes
-    the tokens the GPT sees have about unit variance (MAR's 0.2325 for KL-16 on ImageNet)."""
+    """The tokenizer with a continuous latent (LDM's AutoencoderKL, MAR's KL-16): a mean and a
+    log-variance per latent value; training decodes a sample z = mean + std * noise and pays
+    kl_weight * KL(q(z|x) || N(0, I)), so the latent stays bounded and the decoder tolerates small
+    errors. latent_scale, fixed after training, gives the GPT tokens of about unit variance."""
 
     config_class = KLConfig
     token_kind = "continuous"  # a vector of embed_dim values per grid cell
 
     def __init__(self, cfg: KLConfig):
         super().__init__(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, 2 * cfg.embed_dim, 1)      # mean and log-variance
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.add_bottleneck_convs(2 * cfg.embed_dim, cfg.embed_dim)  # reads a mean and a log-variance
         self.register_buffer("latent_scale", torch.ones(()))
 
     def posterior(self, images):  # (B, 3, H, W) -> mean, log-variance (B, D, h, w)
@@ -1794,18 +1556,16 @@ def respaced_schedule(alphas_cumprod, num_steps):
 
 
 @torch.no_grad()
-def reverse_diffusion(head, z, token_dim, alphas_cumprod, cfg_scale=1.0, temperature=1.0, num_steps=100,
-                      generator=None, x0_bound=5.0):
+def reverse_diffusion(head, z, token_dim, alphas_cumprod, cfg_scale, temperature, num_steps, generator=None,
+                      x0_bound=5.0):
     """Draw one token per row of z by reverse diffusion (DDPM ancestral sampling over num_steps
     respaced steps): start from noise, and at each step predict the noise, estimate x_0 from it,
     and step to the posterior mean plus fresh noise of variance beta~_t (times temperature: below 1
     sharper, as MAR). With CFG, z is the [cond; null] batch (2B, z_dim): both halves see the same
     x_t and the predicted noise is guided, uncond + (cond - uncond) * cfg_scale. -> (B, D)
-
     The estimate of x_0 is clipped to +-x0_bound (the tokens have unit variance), as ADM clips
-    images to [-1, 1]: at the first steps alpha_bar is about 1e-9, so x_0 = (x_t - sqrt(1 - a) noise)
-    / sqrt(a) multiplies any error in the predicted noise by thousands. MAR's large, long-trained
-    head predicts it precisely enough not to need this; a small head trained for minutes does not."""
+    images: at the first steps alpha_bar is about 1e-9, so x_0 = (x_t - sqrt(1 - a) noise) / sqrt(a)
+    multiplies any error in the predicted noise by thousands; a small head trained for minutes has them."""
     guided = cfg_scale != 1.0
     B = z.shape[0] // 2 if guided else z.shape[0]
     timesteps, alpha_bar, alpha_bar_prev, betas = respaced_schedule(alphas_cumprod.cpu(), num_steps)
@@ -1813,7 +1573,7 @@ def reverse_diffusion(head, z, token_dim, alphas_cumprod, cfg_scale=1.0, tempera
     x = torch.randn(B, token_dim, device=z.device, generator=generator)
     for i in reversed(range(num_steps)):
         t = torch.full((z.shape[0],), timesteps[i], device=z.device)
-        noise_pred = head((torch.cat([x, x]) if guided else x).to(z.dtype), t, z).float()
+        noise_pred = head(cfg_batch(x, guided).to(z.dtype), t, z).float()
         if guided:
             noise_pred = guide(noise_pred, cfg_scale)
         x0 = ((x - math.sqrt(1 - alpha_bar[i]) * noise_pred) / math.sqrt(alpha_bar[i])).clamp(-x0_bound, x0_bound)
@@ -1824,10 +1584,6 @@ def reverse_diffusion(head, z, token_dim, alphas_cumprod, cfg_scale=1.0, tempera
             return mean
         variance = betas[i] * (1 - alpha_bar_prev[i]) / (1 - alpha_bar[i])
         x = mean + temperature * math.sqrt(variance) * torch.randn(B, token_dim, device=z.device, generator=generator)
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
 
 
 class AdaLNBlock(nn.Module):
@@ -1842,27 +1598,30 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x, c):  # x, c (N, width)
         shift, scale, gate = self.modulation(c).chunk(3, dim=-1)    # (N, width) each
-        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
 
 
 class DiffusionHead(nn.Module):
-    """MAR's denoiser (SimpleMLPAdaLN): predicts the noise in a noisy token x_t, given the timestep t
-    and the transformer's output z at that position. Small: it runs once per token per diffusion
-    step, while the transformer runs once per token. As the GPT's readout (see CodeHead) it keeps
-    z as it is, trains by diffusion_loss and draws by reverse_diffusion."""
+    """MAR's denoiser (SimpleMLPAdaLN): predicts the noise in a noisy token x_t from the timestep t
+    and the transformer's output z there. Small (diffusion_depth blocks of diffusion_width): it runs
+    once per token per diffusion step, the transformer once per token. As the GPT's readout (see
+    CodeHead) it keeps z as it is, trains by diffusion_loss and draws by reverse_diffusion."""
 
-    draw_options = ("diffusion_steps",)
+    sampling_options = (SamplingOption("diffusion_steps", 100, "continuous tokens (MAR): reverse diffusion steps "
+                                       "per token", minimum=1),)
+    probabilities = None  # a density over vectors: no distribution over a finite set to check or rank by
 
-    def __init__(self, token_dim, z_dim, width, depth, repeats, frequency_dim=256):
+    def __init__(self, cfg: GPTConfig, frequency_dim=256):
         super().__init__()
-        self.token_dim, self.repeats, self.frequency_dim = token_dim, repeats, frequency_dim
-        self.input_proj = nn.Linear(token_dim, width)
+        width = cfg.diffusion_width
+        self.token_dim, self.repeats, self.frequency_dim = cfg.token_dim, cfg.diffusion_repeats, frequency_dim
+        self.input_proj = nn.Linear(cfg.token_dim, width)
         self.time_embed = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-        self.cond_embed = nn.Linear(z_dim, width)
-        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(depth))
+        self.cond_embed = nn.Linear(cfg.dim, width)
+        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(cfg.diffusion_depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.final_linear = nn.Linear(width, token_dim)
+        self.final_linear = nn.Linear(width, cfg.token_dim)
         # the noise schedule: a constant, kept in float64 on the CPU whatever the head's device and dtype
         self.alphas_cumprod = cosine_schedule()
         self.initialize()
@@ -1888,7 +1647,7 @@ class DiffusionHead(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.final_modulation(c).chunk(2, dim=-1)                               # (N, width) each
-        return self.final_linear(modulate(self.final_norm(h), shift, scale))
+        return self.final_linear(self.final_norm(h) * (1 + scale) + shift)
 
     def readout(self, h):  # the Llama's final hidden states are z, the head's condition
         return h
@@ -1897,58 +1656,45 @@ class DiffusionHead(nn.Module):
         return diffusion_loss(self, tokens.flatten(0, 1), z.flatten(0, 1),     # (B*T, D), (B*T, dim)
                               self.alphas_cumprod, self.repeats)
 
-    def draw(self, z, cfg_scale=1.0, temperature=1.0, generator=None, diffusion_steps=100):
-        """One token per row, (B, 1, D), by reverse diffusion: from z (B, dim), or from the CFG
-        batch (2B, dim) guided when cfg_scale is not 1."""
-        return reverse_diffusion(self, z, self.token_dim, self.alphas_cumprod, cfg_scale, temperature,
-                                 diffusion_steps, generator)[:, None]
+    def draw(self, z, cfg_scale, settings, generator=None):
+        """One token per row (B, 1, D) by reverse diffusion from z (B, dim), or the CFG batch (2B, dim)."""
+        return reverse_diffusion(self, z, self.token_dim, self.alphas_cumprod, cfg_scale, settings.temperature,
+                                 settings.diffusion_steps, generator)[:, None]
 
 
 class TokenProjection(nn.Linear):
-    """MAR's input layer: a linear projection of each vector (B, T, D) -> (B, T, dim). The tokens
-    drawn stay float32, so it reads them in its own dtype (bf16 too)."""
+    """MAR's input layer (VAR's too): a linear projection of each vector (B, T, token_dim) ->
+    (B, T, dim). The tokens drawn stay float32, so it reads them in its own dtype (bf16 too)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg.token_dim, cfg.dim)
 
     def forward(self, tokens):
         return super().forward(tokens.to(self.weight.dtype))
 
 
-def continuous_layers(cfg):
-    """MAR's tokens: a linear projection reads a vector in; the Llama's output is read out by the
-    diffusion head that draws the next one."""
-    return TokenProjection(cfg.token_dim, cfg.dim), DiffusionHead(cfg.token_dim, cfg.dim, cfg.diffusion_width,
-                                                                  cfg.diffusion_depth, cfg.diffusion_repeats)
-
-
 TOKENIZERS["continuous"] = KLModel
-TOKEN_LAYERS["continuous"] = continuous_layers
+# MAR's tokens: a linear projection reads a vector in; the diffusion head reads the Llama's output out
+TOKEN_LAYERS["continuous"] = (TokenProjection, DiffusionHead)
 
 
 # -----------------------------------------------------------------------------
-# 10. Masked generation in random order: MaskGIT over codes, MAR proper over continuous tokens
+# 9. Masked generation in random order: MaskGIT over codes, MAR proper over continuous tokens
 # MaskGIT ("Masked Generative Image Transformer", Chang, Zhang, Jiang, Liu, Freeman 2022; code
 # google-research/maskgit): FID 6.18 on ImageNet 256 in 8 steps, against 18.65 for the same
-# transformer in raster order over 256. MAR (Li et al. 2024, LTH14/mar, section 9's paper): its
+# transformer in raster order over 256. MAR (Li et al. 2024, LTH14/mar, section 8's paper): its
 # main model is this, over continuous tokens: FID 1.55 with the Diffusion Loss. On the same Llama,
-# "masked" is an order and an attention pattern, not a new architecture. What changes:
-#   input       a token that is not known yet is replaced by a learned mask vector;
-#   attention   bidirectional: every position sees every other;
-#   positions   each token keeps its own 2D RoPE position, so the order never touches positions;
-#   read out    the output at a position (not shifted) predicts that position's token;
-#   loss        only over the masked positions, with a random fraction of them masked per image;
-#   sampler     a few steps, each one full pass (no KV cache: a known token's keys change as more
-#               tokens become known) that decides a share of the masked tokens, on a cosine schedule.
-# MAR's own network is an MAE-style encoder over the known tokens and a decoder over all, with
-# "buffer" positions for the class; one Llama over all positions, the mask vector in place, keeps
-# the comparison with the raster rows to the order alone.
+# "masked" is an order and an attention pattern, not a new architecture (MaskedGPT says what
+# changes). MAR's own network is an MAE-style encoder over the known tokens and a decoder over all,
+# with "buffer" positions for the class; one Llama over all positions, the mask vector in place,
+# keeps the comparison with the raster rows to the order alone.
 
 
 def maskgit_fraction(batch_size, device):  # MaskGIT: cos(pi/2 r), r ~ U(0, 1): often most of the image
     return torch.cos(math.pi / 2 * torch.rand(batch_size, device=device))
 
 
-def mar_fraction(batch_size, device):
-    """MAR: a normal of mean 1 and std 0.25 truncated to [0.7, 1]: at least 70% of the tokens
-    masked, as at the start of sampling, where the diffusion head has the least to go on."""
+def mar_fraction(batch_size, device):  # MAR: N(1, 0.25) truncated to [0.7, 1], as hard as sampling's first steps
     return nn.init.trunc_normal_(torch.empty(batch_size, device=device), mean=1.0, std=0.25, a=0.7, b=1.0)
 
 
@@ -1971,12 +1717,22 @@ def random_ranks(scores):  # (B, T) scores -> each position's rank in its row: a
 
 
 class MaskedGPT(Llama):
-    """Masked generation on the Llama: [condition, image tokens with some replaced by the mask
-    vector] with bidirectional attention; the readout at each masked position predicts its token.
-    Over codes it is MaskGIT (cross-entropy; sampling keeps the most confident draws); over
-    continuous tokens it is MAR (Diffusion Loss; sampling in a random order)."""
+    """Masked generation on the Llama, MaskGIT over codes, MAR over continuous tokens. What changes
+    from raster order:
+      input       a token that is not known yet is replaced by a learned mask vector;
+      attention   bidirectional: every position sees every other;
+      positions   each token keeps its own 2D RoPE position, so the order never touches positions;
+      read out    the output at a position (not shifted) predicts that position's token;
+      loss        only over the masked positions, a random fraction of them per image;
+      sampler     a few steps, each one full pass (no KV cache: a known token's keys change as more
+                  tokens become known) that decides a share of the masked tokens on a cosine
+                  schedule: the most confident codes (MaskGIT), or the next of a random order (MAR)."""
 
-    sampling_options = ("num_iter", "choice_temperature")  # the second for codes only
+    sampling_options = Llama.sampling_options + (
+        SamplingOption("num_iter", 8, "masked order: steps, each a forward pass that decides a share of the tokens",
+                       minimum=1, maximum="block_size"),
+        SamplingOption("choice_temperature", 4.5, "masked order over codes: Gumbel noise on the confidence that picks "
+                       "the codes kept (MaskGIT; 0: the most likely first)", minimum=0, needs_probabilities=True))
 
     def __init__(self, cfg: GPTConfig):
         super().__init__(cfg)
@@ -1985,9 +1741,6 @@ class MaskedGPT(Llama):
         # mask vectors everywhere and only relative positions (RoPE), every position would see the
         # same thing at the same offsets and could not tell where in the image it is.
         self.pos_embedding = nn.Parameter(torch.randn(cfg.block_size, cfg.dim) * 0.02)
-        self.by_confidence = hasattr(self.output, "probabilities")    # codes; continuous: random order
-        if not self.by_confidence:
-            self.sampling_options = ("num_iter",)
 
     def attention_blocks(self, seq_len, device):  # one block: every position sees every other
         return torch.zeros(seq_len, dtype=torch.long, device=device)
@@ -2011,49 +1764,43 @@ class MaskedGPT(Llama):
         return self.output.loss(out[masked][None], tokens[masked][None])              # (1, masked, ..)
 
     @torch.no_grad()
-    def generate(self, cond, cond_mask=None, cfg_scale=1.0, temperature=1.0, generator=None, num_iter=8,
-                 choice_temperature=4.5, steps=None, **draw_options):
-        """Sample the block_size image tokens in num_iter steps (see GPT.generate for cond, the
-        tokens returned and steps). Each step is one pass over [condition, all tokens, the unknown
-        ones masked] and decides masked tokens until masked_after_step of them are left:
+    def generate(self, cond, cond_mask=None, generator=None, steps=None, **options):
+        """Sample the block_size image tokens in num_iter steps (see GPT.generate). Each step is one
+        pass over [condition, all tokens, the unknown ones masked] and decides masked tokens until
+        masked_after_step of them are left:
           codes (MaskGIT)    draw a code at every masked position; keep the most confident, by
                              log p(code) + Gumbel noise of temperature choice_temperature * (1 -
                              (step + 1) / num_iter) (a freer choice early on);
           continuous (MAR)   the next tokens of a random order, drawn by the diffusion head.
-        CFG as MAR: the scale grows with the share of tokens known after the step,
-        1 + (cfg_scale - 1) * known / block_size."""
-        cfg, B, guided = self.config, cond.shape[0], cfg_scale != 1.0
+        CFG as MAR: 1 + (cfg_scale - 1) * known / block_size, known after the step."""
+        o = self.sampling_settings(options)
+        cfg, B, guided = self.config, cond.shape[0], o.cfg_scale != 1.0
         T, device = cfg.block_size, cond.device
-        if not 1 <= num_iter <= T:
-            raise ValueError(f"num_iter {num_iter}: masked generation takes 1 to {T} steps for {T} tokens.")
-        shape, dtype = ((B, T), torch.long) if self.by_confidence else ((B, T, cfg.token_dim), torch.float)
+        by_confidence = self.output.probabilities is not None                      # codes; vectors: a random order
+        shape, dtype = ((B, T), torch.long) if by_confidence else ((B, T, cfg.token_dim), torch.float)
         tokens = torch.zeros(shape, dtype=dtype, device=device)   # what is masked is never read
         masked = torch.ones(B, T, dtype=torch.bool, device=device)
         decided = torch.zeros(B, T, dtype=torch.long, device=device)                 # the step of each token
         order = random_ranks(torch.rand(B, T, device=device, generator=generator))   # MAR's random order
-        with evaluating(self):
-            if guided:
-                cond, cond_mask = self.with_null_condition(cond, cond_mask)          # (2B, ...)
-            for step in range(num_iter):
-                remaining = masked_after_step(step, num_iter, T, int(masked[0].sum()))
-                scale = 1 + (cfg_scale - 1) * (T - remaining) / T
-                both = (torch.cat([tokens, tokens]), torch.cat([masked, masked])) if guided else (tokens, masked)
-                out = self(*both, cond, cond_mask)                                   # (B or 2B, T, ..)
-                if self.by_confidence:
+        with self.generation(cond, cond_mask, guided) as (cond, cond_mask, _):
+            for step in range(o.num_iter):
+                remaining = masked_after_step(step, o.num_iter, T, int(masked[0].sum()))
+                scale = 1 + (o.cfg_scale - 1) * (T - remaining) / T
+                out = self(cfg_batch(tokens, guided), cfg_batch(masked, guided), cond, cond_mask)  # (B or 2B, T, ..)
+                if by_confidence:
                     logits = guide(out, scale) if guided else out                    # (B, T, vocab)
-                    drawn = self.output.draw(logits.flatten(0, 1), 1.0, temperature, generator,
-                                             **draw_options).view(B, T)
+                    drawn = self.output.draw(logits.flatten(0, 1), 1.0, o, generator).view(B, T)
                     confidence = logits.log_softmax(dim=-1).gather(-1, drawn[..., None])[..., 0]  # (B, T)
                     gumbel = -torch.empty_like(confidence).exponential_(generator=generator).log()
-                    confidence = confidence + choice_temperature * (1 - (step + 1) / num_iter) * gumbel
+                    confidence = confidence + o.choice_temperature * (1 - (step + 1) / o.num_iter) * gumbel
                     confidence = confidence.masked_fill(~masked, float("inf"))      # known: never masked again
                     still_masked = random_ranks(confidence) < remaining              # the least confident
                     tokens = torch.where(masked & ~still_masked, drawn, tokens)
                 else:
                     still_masked = order >= T - remaining                            # the order's later ones
                     now = masked & ~still_masked                                     # (B, T), as many per row
-                    z = out[torch.cat([now, now])] if guided else out[now]           # (B or 2B * count, dim)
-                    tokens[now] = self.output.draw(z, scale, temperature, generator, **draw_options)[:, 0]
+                    z = out[cfg_batch(now, guided)]                                  # (B or 2B * count, dim)
+                    tokens[now] = self.output.draw(z, scale, o, generator)[:, 0]
                 decided[masked & ~still_masked] = step
                 masked = still_masked
         if steps is not None:
@@ -2065,15 +1812,13 @@ GENERATORS["masked"] = MaskedGPT
 
 
 # -----------------------------------------------------------------------------
-# 11. Next-scale prediction (VAR): the multi-scale residual quantizer, its tokenizer, and the
+# 10. Next-scale prediction (VAR): the multi-scale residual quantizer, its tokenizer, and the
 # generator that writes an image one scale per forward pass
 # VAR ("Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction", Tian,
 # Jiang, Yuan, Peng, Wang 2024, NeurIPS best paper; code FoundationVision/VAR): FID down to 1.73 on
-# ImageNet 256 in 10 passes, where raster order takes 256. It writes an image coarse to fine: a 1x1
-# map of codes, then 2x2, ..., up to the h x w grid, each scale quantizing what the earlier ones
-# left unexplained.
-# The quantizer below is exact to the official VectorQuantizer2 (its state-dict names; a fixture
-# test), with codes found by Euclidean distance (VAR's using_znorm=False).
+# ImageNet 256 in 10 passes, where raster order takes 256: coarse to fine, a 1x1 map of codes, 2x2,
+# ..., the h x w grid, each scale quantizing what the earlier ones left. The quantizer is exact to
+# the official VectorQuantizer2 (a fixture test), codes by Euclidean distance (using_znorm=False).
 
 
 class Phi(nn.Conv2d):
@@ -2088,9 +1833,8 @@ class Phi(nn.Conv2d):
 
 
 class SharedPhis(nn.Module):
-    """`count` convolutions shared by all the scales: scale k of S uses the one whose tick, `count`
-    points spread over [0, 1], is nearest to k / (S - 1), the first on a tie (VAR's rule; 4 of
-    them by default)."""
+    """`count` convolutions shared by the scales: scale k of S uses the one whose tick (`count` points
+    spread over [0, 1]) is nearest to k / (S - 1), the first on a tie (VAR's rule)."""
 
     def __init__(self, dim, count=4, ratio=0.5):
         super().__init__()
@@ -2120,9 +1864,8 @@ def without_autocast(method):
 class MultiScaleQuantizer(nn.Module):
     """Residual quantization over scales s_1 < ... < s_K = h (VAR's VectorQuantizer2). For each
     scale: area-downsample the residual to s_k x s_k, take each cell's nearest code, upsample the
-    codes' vectors back to h x h (bicubic; not at the last scale), refine them with phi, add them
-    to the reconstruction f_hat and subtract them from the residual. The codes of all scales,
-    coarse to fine, are the image's tokens: 1 + 4 + ... + h*h of them."""
+    codes' vectors back to h x h (bicubic), refine them with phi, add them to the reconstruction
+    f_hat and subtract them from the residual. The codes of all scales are the image's tokens."""
 
     def __init__(self, vocab_size, dim, scales, beta=0.25, phi_ratio=0.5, phi_count=4):
         super().__init__()
@@ -2187,11 +1930,10 @@ class MultiScaleQuantizer(nn.Module):
 
     @without_autocast
     def forward(self, f):
-        """Training: f (B, C, h, h) -> (the straight-through f_hat, the codes of every scale, the
-        VQ loss), in float32. The codes are found without gradients; f_hat is then rebuilt with
-        them, so that the loss reaches the codebook and phi. The loss is taken after every scale
-        and averaged: beta * ||sg[f_hat] - f||^2 (commitment, moves the encoder) +
-        ||f_hat - sg[f]||^2 (moves the codes and phi)."""
+        """Training: f (B, C, h, h) -> (the straight-through f_hat, the codes of every scale, the VQ
+        loss), in float32. The codes are found without gradients, then f_hat is rebuilt from them so
+        that the loss reaches the codebook and phi: after every scale, averaged, beta * ||sg[f_hat] -
+        f||^2 (commitment, moves the encoder) + ||f_hat - sg[f]||^2 (moves the codes and phi)."""
         f = f.float()
         codes, _ = self.quantize(f)
         f_hat, loss = 0.0, 0.0
@@ -2202,18 +1944,13 @@ class MultiScaleQuantizer(nn.Module):
 
 
 @dataclasses.dataclass
-class MultiScaleVQConfig:  # VQConfig's encoder and decoder around VAR's multi-scale residual quantizer
+class MultiScaleVQConfig(AutoencoderConfig):  # the same encoder and decoder around VAR's quantizer
     codebook_size: int = 4096        # VAR's vocabulary
     codebook_embed_dim: int = 32     # VAR's Cvae
     scales: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's patch_nums for 256 px; the last is the grid
     commit_loss_beta: float = 0.25
     phi_ratio: float = 0.5           # phi(h) = (1 - r) h + r conv3x3(h); 0: no refinement
     phi_count: int = 4               # convolutions shared by the scales
-    ch: int = 128
-    ch_mult: tuple = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 256
-    dropout: float = 0.0
 
 
 MULTISCALE_PRESETS = {
@@ -2235,13 +1972,13 @@ class MultiScaleVQModel(ImageTokenizer):
 
     config_class = MultiScaleVQConfig
     token_kind = "multiscale"
+    has_codebook = True
 
     def __init__(self, cfg: MultiScaleVQConfig):
         super().__init__(cfg)
         self.quantize = MultiScaleQuantizer(cfg.codebook_size, cfg.codebook_embed_dim, cfg.scales,
                                             cfg.commit_loss_beta, cfg.phi_ratio, cfg.phi_count)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+        self.add_bottleneck_convs(cfg.codebook_embed_dim, cfg.codebook_embed_dim)
 
     def forward(self, images):  # (B, 3, H, W) -> reconstruction, codes (B, s_1^2 + ...), loss terms
         f_hat, codes, vq_loss = self.quantize(self.quant_conv(self.encoder(images)))
@@ -2267,7 +2004,7 @@ class MultiScaleVQModel(ImageTokenizer):
 
     @classmethod
     def tokens_per_image(cls, cfg, image_size):  # every scale's codes; the last scale must be the grid
-        grid = image_size // 2 ** (len(cfg.ch_mult) - 1)
+        grid = image_size // cfg.downsample_factor
         if cfg.scales[-1] != grid:
             raise ValueError(f"the last scale is {cfg.scales[-1]} x {cfg.scales[-1]} but {image_size} px images make "
                              f"a {grid} x {grid} grid: end the scales at {grid}.")
@@ -2280,33 +2017,25 @@ class MultiScaleVQModel(ImageTokenizer):
                     for k, codes in enumerate(split_scales(tokens, self.cfg.scales)))
         return self.decode_f_hat(f_hat)
 
-    def token_stats(self, codes):  # codes (N, s_1^2 + ...) -> the fraction of the codebook each scale uses
-        per_scale = split_scales(codes, self.cfg.scales)
-        stats = {"usage": codes.unique().numel() / self.cfg.codebook_size}
-        for s, scale_codes in zip(self.cfg.scales, per_scale):
-            stats[f"{s}x{s}"] = scale_codes.unique().numel() / self.cfg.codebook_size
-        return stats
+    def token_stats(self, codes):  # codes (N, s_1^2 + ...) -> the fraction of the codebook in use, and per scale
+        shares = [c.unique().numel() / self.cfg.codebook_size for c in [codes] + split_scales(codes, self.cfg.scales)]
+        return dict(zip(["usage"] + [f"{s}x{s}" for s in self.cfg.scales], shares))
 
 
 TOKENIZERS["multiscale"] = MultiScaleVQModel
 
 
-def multiscale_layers(cfg):
-    """VAR's tokens: codes out, but what goes in is f_hat, the sum of the earlier scales' vectors,
-    area-downsampled to the next scale: a token_dim-wide vector per cell, read through a linear
-    map (VAR's word_embed)."""
-    return TokenProjection(cfg.token_dim, cfg.dim), CodeHead(cfg)
-
-
-TOKEN_LAYERS["multiscale"] = multiscale_layers
+# VAR's tokens: codes out, but what goes in is f_hat, the sum of the earlier scales' vectors,
+# area-downsampled to the next scale: a token_dim-wide vector per cell, read through a linear map
+# (VAR's word_embed)
+TOKEN_LAYERS["multiscale"] = (TokenProjection, CodeHead)
 CFG_SCHEDULES = ("ramp", "constant")
 
 
-def guidance_at_scale(k, num_scales, cfg_scale, cfg_schedule="ramp"):
+def guidance_at_scale(k, num_scales, cfg_scale, cfg_schedule):
     """The CFG scale at scale index k (0 = the 1x1 scale) of num_scales. VAR's ramp: the guided
-    logits are (1 + t) cond - t uncond with t = (cfg_scale - 1) k / (K - 1), guide()'s scale 1 + t:
-    no guidance at the first scale (the overall layout stays diverse), all of it at the last
-    (VAR's cfg is cfg_scale - 1); "constant": cfg_scale at every scale."""
+    logits are (1 + t) cond - t uncond, t = (cfg_scale - 1) k / (K - 1) (VAR's cfg is cfg_scale - 1):
+    none at the first scale (the layout stays diverse), all at the last; "constant": cfg_scale."""
     if cfg_schedule == "constant" or num_scales == 1:
         return cfg_scale
     return 1 + (cfg_scale - 1) * k / (num_scales - 1)
@@ -2326,13 +2055,14 @@ class ScaleGPT(Llama):
       loss        cross-entropy over all tokens of all scales, equally weighted (as VAR);
       sampler     one pass per scale through the KV cache (which holds the earlier scales); the
                   codes drawn update f_hat, which gives the next scale's input; CFG ramps up.
-    VAR conditions on the class through AdaLN and a start token, and gives positions by learned
-    absolute embeddings; this keeps LlamaGen's prefix condition and RoPE, so that the rows of the
-    comparison differ by the order alone (STAR, a text-to-image follow-up of VAR, moves to 2D RoPE
-    too). The GPT keeps a
-    frozen copy of the tokenizer's quantizer (codebook and phis) to build its own inputs."""
+    VAR conditions through AdaLN and a start token and gives positions by learned embeddings; this
+    keeps LlamaGen's prefix and RoPE, so that the rows of the comparison differ by the order alone
+    (STAR, a follow-up of VAR, moves to 2D RoPE too). A frozen copy of the tokenizer's quantizer
+    (codebook and phis) builds the inputs."""
 
-    sampling_options = ("cfg_schedule",)
+    sampling_options = Llama.sampling_options + (
+        SamplingOption("cfg_schedule", "ramp", "scales order (VAR): CFG from none at the 1x1 scale up to the full "
+                       "scale at the last (ramp), or the full scale throughout (constant)", choices=CFG_SCHEDULES),)
     token_kinds = ("multiscale",)
 
     def __init__(self, cfg: GPTConfig):
@@ -2392,41 +2122,309 @@ class ScaleGPT(Llama):
         return self.output.readout(h[:, self.config.cls_token_num - 1:])                     # (B, T, vocab)
 
     @torch.no_grad()
-    def generate(self, cond, cond_mask=None, cfg_scale=1.0, temperature=1.0, generator=None, cfg_schedule="ramp",
-                 steps=None, **draw_options):
+    def generate(self, cond, cond_mask=None, generator=None, steps=None, **options):
         """Sample the codes of every scale, coarse to fine, in one forward pass per scale -> codes
-        (B, block_size) (see GPT.generate for cond; steps receives each token's scale index). Pass k
-        feeds scale k's inputs (the condition for the first) through the KV cache and draws all
-        s_k^2 codes at once, each by temperature, top-k and top-p; CFG by guidance_at_scale."""
-        cfg, B, guided = self.config, cond.shape[0], cfg_scale != 1.0
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule {cfg_schedule!r}: choose one of {', '.join(CFG_SCHEDULES)}.")
+        (B, block_size) (see GPT.generate for cond and options; steps receives each token's scale
+        index). Pass k feeds scale k's inputs (the condition for the first) through the KV cache and
+        draws all s_k^2 codes at once, each by temperature, top-k and top-p; CFG by guidance_at_scale."""
+        o = self.sampling_settings(options)
+        cfg, B, guided = self.config, cond.shape[0], o.cfg_scale != 1.0
         scales, cls, device = cfg.scales, cfg.cls_token_num, cond.device
         seq_len = cls + cfg.block_size - 1  # the last scale is never fed back
-        with evaluating(self):
-            if guided:
-                cond, cond_mask = self.with_null_condition(cond, cond_mask)                # (2B, ...)
-            self.setup_caches(len(cond), seq_len, self.tok_embeddings.weight.dtype, device)
-            mask = attention_mask(self.attention_blocks(seq_len, device), cond_mask)
-            positions = torch.arange(seq_len, device=device).split([cls] + [s * s for s in scales[1:]])
-            f_hat = torch.zeros(B, cfg.token_dim, scales[-1], scales[-1], device=device)
-            codes = []
+        positions = torch.arange(seq_len, device=device).split([cls] + [s * s for s in scales[1:]])
+        f_hat = torch.zeros(B, cfg.token_dim, scales[-1], scales[-1], device=device)
+        codes = []
+        with self.generation(cond, cond_mask, guided, seq_len) as (cond, _, mask):
             with torch.inference_mode():
                 h = self.embed_condition(cond)                                             # (B or 2B, cls, dim)
                 for k, s in enumerate(scales):
                     out = self.forward_with_cache(h, positions[k], mask, outputs=s * s)    # (B or 2B, s*s, vocab)
-                    scale = guidance_at_scale(k, len(scales), cfg_scale, cfg_schedule)
+                    scale = guidance_at_scale(k, len(scales), o.cfg_scale, o.cfg_schedule)
                     logits = guide(out, scale) if scale != 1.0 else out[:B]                # (B, s*s, vocab)
-                    codes.append(self.output.draw(logits.flatten(0, 1), 1.0, temperature, generator,
-                                                  **draw_options).view(B, s * s))
-                    if k + 1 < len(scales):
+                    codes.append(self.output.draw(logits.flatten(0, 1), 1.0, o, generator).view(B, s * s))
+                    if k + 1 < len(scales):  # the null half goes on with the same codes
                         f_hat, next_input = self.quantizer.next_input(k, f_hat, codes[-1])   # (B, C, s', s')
                         h = self.embed_inputs(next_input.flatten(2).transpose(1, 2),
                                               self.input_scale[positions[k + 1] - cls])      # (B, s'^2, dim)
-                        h = torch.cat([h, h]) if guided else h    # the null half goes on with the same codes
-            if steps is not None:
-                steps.append(self.token_scale.to(device).expand(B, -1))
-            return torch.cat(codes, dim=1)                                                 # (B, block_size)
+                        h = cfg_batch(h, guided)
+        if steps is not None:
+            steps.append(self.token_scale.to(device).expand(B, -1))
+        return torch.cat(codes, dim=1)                                                     # (B, block_size)
 
 
 GENERATORS["scales"] = ScaleGPT
+
+# -----------------------------------------------------------------------------
+# Appendix A. Released weights: the official LlamaGen checkpoints and Hugging Face's T5, loaded with a plain
+# load_state_dict (each model's config is read off the shapes of its weights)
+
+
+class UnreadableFile(ValueError):
+    """A file torch.load cannot read: empty, cut short or damaged, or not a checkpoint at all."""
+
+    def __init__(self, path, reason, advice):
+        super().__init__(f"{path} is {reason}: {advice}.")
+        self.path, self.reason = path, reason
+
+
+def read_torch_file(path):
+    """torch.load(path) of tensors and plain values only (weights_only: nothing else is unpickled),
+    with one clear sentence for each way a file can be wrong."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; check the path.")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; pass the checkpoint file inside it.")
+    try:  # the official files carry their training script's settings as a Namespace: allow that one class
+        with torch.serialization.safe_globals([Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file can fail in torch.load in many ways
+        if "Unsupported global" in str(error):
+            raise ValueError(f"{path} holds Python objects besides weights, which are not loaded for safety; "
+                             "save its state dict alone (torch.save(model.state_dict(), path)).") from None
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        if os.path.getsize(path) == 0:
+            raise UnreadableFile(path, "empty", "copy it again, or retrain it") from None
+        if is_zip:
+            raise UnreadableFile(path, "truncated or damaged, so it cannot be read",
+                                 "copy it again, or retrain it") from None
+        raise UnreadableFile(path, "not a PyTorch checkpoint (torch.save writes a zip archive; this is not one)",
+                             "check the path") from None
+
+
+def read_state_dict(path_or_state_dict):
+    """A state dict from a checkpoint file or dict in any of the official containers."""
+    checkpoint = path_or_state_dict
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_torch_file(checkpoint)
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{path_or_state_dict} holds a {type(checkpoint).__name__}, not a state dict.")
+    for key in ("model", "ema", "module", "state_dict"):  # "model" first, as the official samplers
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def count_prefixed(state, pattern):  # how many i make pattern.format(i) a key of state
+    return next(i for i in itertools.count() if pattern.format(i) not in state)
+
+
+def load_weights(model, state, source, advice="copy it again, or retrain it"):
+    """model.load_state_dict(state) in eval mode, with one sentence when the weights do not fit the
+    model their file describes (a damaged, cut or hand-edited file)."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0].rstrip(":.")
+        raise ValueError(f"{source} holds weights that do not fit the model it describes ({first}): it is damaged; "
+                         f"{advice}.") from None
+    return model.eval()
+
+
+class NotAnOfficialCheckpoint(ValueError):
+    """One of this project's own checkpoints (appendix B) where an official one was expected."""
+
+
+def official_state(path_or_state_dict):
+    """(the name to report, the state dict) of an official checkpoint file or dict. Our own
+    checkpoints carry a "kind": said so, rather than failing on their shapes."""
+    source = path_or_state_dict if isinstance(path_or_state_dict, str) else "this state dict"
+    checkpoint = read_torch_file(source) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    if "kind" in checkpoint and "config" in checkpoint:
+        raise NotAnOfficialCheckpoint(f"{source} is one of this project's checkpoints, not an official LlamaGen file")
+    return source, dict(read_state_dict(checkpoint))
+
+
+def load_official_vq(path_or_state_dict):
+    """An official LlamaGen VQ tokenizer (vq_ds16_c2i.pt, vq_ds8_c2i.pt) -> VQModel in eval mode."""
+    source, state = official_state(path_or_state_dict)
+    if "encoder.conv_in.weight" not in state or "quantize.embedding.weight" not in state:
+        raise ValueError(f"{source} is not a LlamaGen VQ tokenizer checkpoint (no encoder / codebook "
+                         "weights); pass vq_ds16_c2i.pt or vq_ds8_c2i.pt.")
+    state.pop("quantize.codebook_used", None)  # the official usage record, not needed to run
+    ch = state["encoder.conv_in.weight"].shape[0]
+    levels = count_prefixed(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
+    if "encoder.conv_out.weight" not in state or levels == 0:
+        raise ValueError(f"{source} is an incomplete LlamaGen VQ tokenizer checkpoint: download it again.")
+    codebook_size, codebook_embed_dim = state["quantize.embedding.weight"].shape
+    ch_mult = tuple(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    cfg = VQConfig(codebook_size=codebook_size, codebook_embed_dim=codebook_embed_dim, ch=ch, ch_mult=ch_mult,
+                   num_res_blocks=count_prefixed(state, "encoder.conv_blocks.0.res.{}.conv1.weight"),
+                   z_channels=state["encoder.conv_out.weight"].shape[0])
+    return load_weights(VQModel(cfg), state, source, "download it again")
+
+
+def load_official_gpt(path_or_state_dict, block_size):
+    """An official LlamaGen GPT (c2i_B_256.pt ... c2i_3B_384.pt, t2i_XL_stage1_256.pt, ...) ->
+    GPT in eval mode. block_size = (image_size / downsampling) ** 2, e.g. 256 for 256 px and VQ-16.
+    The number of heads is not in the weights: it is the preset's of that width."""
+    source, state = official_state(path_or_state_dict)
+    if "tok_embeddings.weight" not in state or "layers.0.attention.wqkv.weight" not in state:
+        raise ValueError(f"{source} is not a LlamaGen GPT checkpoint (no tok_embeddings.weight or first layer); "
+                         "pass one of the c2i_*.pt or t2i_*.pt files.")
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    heads_by_dim = {p["dim"]: p["n_head"] for p in GPT_PRESETS.values()}
+    if dim not in heads_by_dim or state["layers.0.attention.wqkv.weight"].shape[0] != 3 * dim:
+        raise ValueError(f"{source} is a GPT of width {dim} that matches none of the LlamaGen presets "
+                         f"({', '.join(GPT_PRESETS)}); pass one of the released c2i_*.pt or t2i_*.pt files.")
+    cfg = dict(dim=dim, n_layer=count_prefixed(state, "layers.{}.attention_norm.weight"), n_head=heads_by_dim[dim],
+               vocab_size=vocab_size, block_size=block_size, token_dropout_p=0.0, resid_dropout_p=0.0,
+               ffn_dropout_p=0.0)
+    if "cls_embedding.uncond_embedding" in state:  # text: the null caption's (120, caption_dim) features
+        uncond = state["cls_embedding.uncond_embedding"]
+        cfg.update(model_type="t2i", cls_token_num=uncond.shape[0], caption_dim=uncond.shape[1])
+    elif "cls_embedding.embedding_table.weight" in state:
+        cfg.update(model_type="c2i", cls_token_num=1,
+                   num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1)
+    else:
+        raise ValueError(f"{source} is an incomplete LlamaGen GPT checkpoint (no condition embedding): download "
+                         "it again.")
+    return load_weights(GPT(GPTConfig(**cfg)), state, source, "download it again")
+
+
+HF_T5_NAMES = [  # Hugging Face T5 state-dict names -> ours; anything else (the decoder) is dropped
+    (r"^(shared|encoder\.embed_tokens)\.", "embed_tokens."),
+    (r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.", "relative_attention_bias."),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.", r"blocks.\1.attn."),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.attn_norm."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.", r"blocks.\1.ffn."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.ffn_norm."),
+    (r"^encoder\.final_layer_norm\.", "final_norm."),
+]
+
+
+def load_t5_encoder(hf_dir):
+    """A Hugging Face T5 / flan-T5 directory -> (T5Encoder in eval mode, TextTokenizer or None).
+    Reads config.json, model*.safetensors or pytorch_model*.bin (sharded or not), spiece.model."""
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{hf_dir} has no config.json: pass a Hugging Face T5 directory "
+                                "(for example a download of google/flan-t5-xl).")
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    if hf_config.get("model_type") != "t5":
+        raise ValueError(f"{hf_dir} holds a {hf_config.get('model_type')!r} model, not a T5 encoder.")
+    # a config.json has many more keys (the decoder's, the tokenizer's): take the encoder's
+    cfg = T5Config(**{f.name: hf_config[f.name] for f in dataclasses.fields(T5Config) if f.name in hf_config})
+    weight_files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if weight_files:
+        from safetensors.torch import load_file
+        hf_state = {k: v for path in weight_files for k, v in load_file(path).items()}
+    else:
+        weight_files = sorted(glob.glob(os.path.join(hf_dir, "pytorch_model*.bin")))
+        if not weight_files:
+            raise FileNotFoundError(f"{hf_dir} has no *.safetensors or pytorch_model*.bin weights.")
+        hf_state = {k: v for path in weight_files for k, v in read_torch_file(path).items()}
+    state = {}
+    for name, tensor in hf_state.items():
+        for pattern, replacement in HF_T5_NAMES:
+            if re.match(pattern, name):
+                state[re.sub(pattern, replacement, name)] = tensor.float()
+                break
+    encoder = load_weights(T5Encoder(cfg), state, hf_dir, "download it again")
+    spiece = os.path.join(hf_dir, "spiece.model")
+    text_tokenizer = None
+    if os.path.isfile(spiece):
+        with open(spiece, "rb") as f:
+            text_tokenizer = TextTokenizer(f.read())
+    return encoder, text_tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Appendix B. Our checkpoints: plain dicts (train.py writes them, sample.py reads them), with a format version
+
+CHECKPOINT_FORMAT = 2  # the layout of the dicts below; a file of another format is refused by name
+CHECKPOINT_KINDS = {"tokenizer": "tokenizer (tokenizer.pt)", "gpt": "GPT (gpt.pt)"}
+CHECKPOINT_FIELDS = {  # what loading and resuming read of each kind
+    "tokenizer": ("token_kind", "config", "model", "ema", "step", "args", "image_size"),
+    "gpt": ("config", "model", "tokenizer_fingerprint", "t5", "t5_config", "text_tokenizer", "class_names",
+            "prompts", "cfg_scale", "step", "args"),
+}
+
+
+class NotOurCheckpoint(ValueError):
+    """A file that is not one of these checkpoints (an official LlamaGen file, for example)."""
+
+
+def save_checkpoint(checkpoint, path):
+    """Write a plain dict atomically: a temporary file, flushed to disk, then renamed over the old
+    one, so an interruption at any moment leaves the old checkpoint or the new one."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, kind):
+    """One of our checkpoints ("tokenizer" or "gpt"), checked: of this kind, in this code's format."""
+    checkpoint = read_torch_file(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in CHECKPOINT_KINDS:
+        raise NotOurCheckpoint(f"{path} is not one of this project's checkpoints (an official LlamaGen file?)")
+    if checkpoint["kind"] != kind:
+        raise ValueError(f"{path} holds the {CHECKPOINT_KINDS[checkpoint['kind']]}, not the "
+                         f"{CHECKPOINT_KINDS[kind]}: were the two files swapped?")
+    version = checkpoint.get("format", 0)
+    if version != CHECKPOINT_FORMAT:
+        newer = version > CHECKPOINT_FORMAT
+        raise ValueError(f"{path} was written by {'a newer' if newer else 'an older'} version of this code (checkpoint "
+                         f"format {version}, this one reads {CHECKPOINT_FORMAT}): "
+                         + ("update this code." if newer else "retrain it, or use the version that wrote it."))
+    missing = [field for field in CHECKPOINT_FIELDS[kind] if field not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: it is damaged or was edited; copy it again, or "
+                         "retrain it.")
+    return checkpoint
+
+
+def config_from_dict(config_class, values, path):
+    """A config stored in one of our checkpoints; a setting this version does not know is refused."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} has no readable settings: it is damaged; copy it again, or retrain it.")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
+    if unknown:
+        raise ValueError(f"{path} has settings this version does not know ({', '.join(unknown)}): it was "
+                         "written by a newer version of this code; update it.")
+    return config_class(**values)
+
+
+def tokenizer_fingerprint(tokenizer):
+    """A short hash of the tokenizer's weights: gpt.pt stores the one it was trained on, so that it
+    is never paired with another tokenizer whose tokens mean something else."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_tokenizer(path):
+    """Our trained tokenizer of the kind its checkpoint names, in eval mode (EMA weights if any), and the checkpoint."""
+    checkpoint = load_checkpoint(path, "tokenizer")
+    if checkpoint["token_kind"] not in TOKENIZERS:
+        raise ValueError(f"{path} makes tokens of a kind this code does not know ({checkpoint['token_kind']!r}): "
+                         "it was written by another version of this code.")
+    tokenizer_class = TOKENIZERS[checkpoint["token_kind"]]
+    tokenizer = tokenizer_class(config_from_dict(tokenizer_class.config_class, checkpoint["config"], path))
+    return load_weights(tokenizer, checkpoint["ema"] or checkpoint["model"], path), checkpoint
+
+
+def load_gpt(path, tokenizer, tokenizer_path):
+    """Our trained GPT in eval mode, its TextEncoder (None for classes) and its checkpoint; refused
+    when it was trained on another tokenizer."""
+    checkpoint = load_checkpoint(path, "gpt")
+    cfg = config_from_dict(GPTConfig, checkpoint["config"], path)
+    if cfg.token_kind != tokenizer.token_kind:
+        raise ValueError(f"{path} models {cfg.token_kind} tokens but {tokenizer_path} makes {tokenizer.token_kind} "
+                         "ones: pair it with the tokenizer it was trained on.")
+    if checkpoint["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{path} was trained on another tokenizer than {tokenizer_path}, so it would sample "
+                         "tokens that mean something else: pair it with the tokenizer it was trained on, or "
+                         "retrain the GPT on this tokenizer.")
+    gpt = load_weights(make_gpt(cfg), checkpoint["model"], path)
+    text_encoder = None
+    if checkpoint["t5"] is not None:
+        t5 = load_weights(T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path)), checkpoint["t5"], path)
+        text_encoder = TextEncoder(TextTokenizer(checkpoint["text_tokenizer"]), t5)
+    return gpt, text_encoder, checkpoint

@@ -42,14 +42,11 @@ OFFICIAL_T2I_PROMPTS = [  # the official sample_t2i.py's
     "A photo of an astronaut riding a horse in the forest. There is a river in front of them with water lilies.",
     "A map of the United States made out of sushi. It is on a table next to a glass of red wine.",
 ]
-OFFICIAL_C2I_SAMPLING = dict(cfg_scale=4.0, top_k=2000)  # the official samplers' defaults
+# Where the models come from may set some sampling options (a Pipeline's sampling): the official
+# samplers' defaults, and what our checkpoints store. The rest take the library's defaults.
+OFFICIAL_C2I_SAMPLING = dict(cfg_scale=4.0, top_k=2000)
 OFFICIAL_T2I_SAMPLING = dict(cfg_scale=7.5, top_k=1000)
-# generate()'s keywords that the command line sets: those every generator takes, and those of one
-# generator or readout (gpt.generate_options says which a GPT takes). Each is taken from the command
-# line only when given, so that its default has one home: the library, or where the models come from
-# (a Pipeline).
-GENERATE_OPTIONS = ("cfg_scale", "temperature")
-OWN_OPTIONS = ("cfg_interval", "num_iter", "choice_temperature", "cfg_schedule", "top_k", "top_p", "diffusion_steps")
+CHECKPOINT_SAMPLING = ("cfg_scale",)  # train.py's --cfg-scale, kept in gpt.pt
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -212,10 +209,6 @@ class Pipeline:
         self.tokenizer, self.gpt, self.text_encoder = tokenizer, gpt, text_encoder
         self.class_names, self.prompts, self.sampling = class_names, prompts, sampling or {}
 
-    @property
-    def grid_size(self):
-        return math.isqrt(self.gpt.config.block_size)
-
 
 def load_ours(out_dir):
     tokenizer_path, gpt_path = os.path.join(out_dir, "tokenizer.pt"), os.path.join(out_dir, "gpt.pt")
@@ -229,7 +222,7 @@ def load_ours(out_dir):
     except L.NotOurCheckpoint as error:
         raise ValueError(f"{error}: pass official files with --official-vq and --official-gpt.") from None
     return Pipeline(tokenizer, gpt, text_encoder, checkpoint["class_names"], checkpoint["prompts"],
-                    dict(cfg_scale=checkpoint["cfg_scale"]))
+                    {name: checkpoint[name] for name in CHECKPOINT_SAMPLING})
 
 
 def t5_missing(model):  # the sentence for a text-conditional GPT without --t5
@@ -252,10 +245,10 @@ def load_official(args):
     vq_path, gpt_path, image_size = official_files(args)
     try:
         vq = L.load_official_vq(vq_path)
-        if image_size % vq.downsample_factor:
+        if image_size % vq.cfg.downsample_factor:
             raise ValueError(f"--image-size {image_size} is not a multiple of the tokenizer's "
-                             f"{vq.downsample_factor}x downsampling.")
-        gpt = L.load_official_gpt(gpt_path, block_size=(image_size // vq.downsample_factor) ** 2)
+                             f"{vq.cfg.downsample_factor}x downsampling.")
+        gpt = L.load_official_gpt(gpt_path, block_size=L.VQModel.tokens_per_image(vq.cfg, image_size))
     except ValueError as error:
         if args.official and isinstance(error, L.UnreadableFile):  # a download in the cache
             raise ValueError(f"{error.path}, a download in the cache, is {error.reason}: delete it, and the next "
@@ -316,25 +309,59 @@ def flag(name):  # a keyword's command-line flag: top_k -> --top-k
     return "--" + name.replace("_", "-")
 
 
-def sampling_options(args, generate_options, defaults, order="raster"):
-    """generate()'s keywords: the defaults of where the models come from, then what the command line
-    gives (None: not given). An option the GPT does not sample with (generate_options: --top-k is
-    not one for continuous tokens, --num-iter not one for raster order) is a mistake to report, not
-    to ignore."""
-    given = {name: getattr(args, name) for name in GENERATE_OPTIONS + OWN_OPTIONS
-             if getattr(args, name, None) is not None}
-    foreign = [name for name in OWN_OPTIONS if name in given and name not in generate_options]
+def all_sampling_options():
+    """Every sampling option that some generator reads over some kind of token, each once, in the
+    library's reading order."""
+    options = {}
+    for generator in L.GENERATORS.values():
+        for token_kind in generator.token_kinds:
+            for name, option in generator.options_for(token_kind).items():
+                options.setdefault(name, option)
+    return list(options.values())
+
+
+def add_sampling_flags(group, defaults=None, note=lambda option: f"(default: {option.default})"):
+    """A flag for every sampling option the library declares (all_sampling_options), with
+    its range and help, and --speculative. A flag is None when not given, unless `defaults` gives
+    this script's default for it: generate() then takes the default of where the models come
+    from, or the library's (`note` says which in --help)."""
+    defaults = defaults or {}
+    for option in all_sampling_options():
+        kind = type(option.default)
+        maximum = None if isinstance(option.maximum, str) else option.maximum  # a model's bound: sampling_options
+        parse = kind if option.choices else bounded(kind, option.minimum, maximum, option.above)
+        group.add_argument(flag(option.name), type=parse, choices=option.choices, default=defaults.get(option.name),
+                           help=option.help + ("" if option.name in defaults else f" {note(option)}"))
+    window = library_default(L.generate_speculative, "window")
+    group.add_argument("--speculative", nargs="?", type=bounded(int, 1), metavar="W", const=window,
+                       help=f"speculative Jacobi decoding: W draft tokens checked per pass (W: {window} if not "
+                            "given); the same distribution of images in fewer passes (raster order over codes)")
+
+
+def given_options(args, options, what):
+    """The sampling flags the command line gives, {name: value}; one that is not among `options`
+    (the model's: --top-k is not one for continuous tokens, --num-iter not one for raster order) is
+    a mistake to report, not to ignore."""
+    given = {option.name: getattr(args, option.name) for option in all_sampling_options()
+             if getattr(args, option.name, None) is not None}
+    foreign = [name for name in given if name not in options]
     if foreign:
-        raise ValueError(f"{flag(foreign[0])} does not apply to this GPT ({order} order), which samples with "
-                         f"{', '.join(map(flag, GENERATE_OPTIONS + tuple(generate_options)))}.")
-    return {**{name: value for name, value in defaults.items() if name in generate_options + GENERATE_OPTIONS},
-            **given}
+        raise ValueError(f"{flag(foreign[0])} does not apply to {what}, which samples with "
+                         f"{', '.join(map(flag, options))}: leave it out.")
+    return given
 
 
-def check_steps(gpt, options):  # --num-iter, refused before any sampling rather than by generate()
-    if options.get("num_iter", 1) > gpt.config.block_size:
-        raise ValueError(f"--num-iter {options['num_iter']}: an image has {gpt.config.block_size} tokens, so "
-                         f"at most {gpt.config.block_size} steps.")
+def sampling_options(args, gpt, defaults=None):
+    """generate()'s keywords for this GPT: the defaults of where the models come from, then what
+    the command line gives, each checked against the model before any sampling (--num-iter: at
+    most its tokens)."""
+    options = gpt.options_for(gpt.config.token_kind)
+    given = given_options(args, options, f"this GPT ({gpt.config.order} order)")
+    for name, value in given.items():
+        problem = options[name].problem(value, gpt.config)
+        if problem:
+            raise ValueError(f"{flag(name)} {value} is out of range: {problem}.")
+    return {**{name: value for name, value in (defaults or {}).items() if name in options}, **given}
 
 
 def condition_tensors(gpt, text_encoder, conditions, device):
@@ -352,30 +379,24 @@ def pick_sampler(gpt, args, passes):
     each image needed to `passes`. Those two report no steps: raster order decides token t at step t."""
     if getattr(args, "speculative", None):
         def speculative(cond, cond_mask=None, steps=None, **options):
-            tokens, needed = gpt.generate_speculative(cond, cond_mask, window=args.speculative, **options)
+            tokens, needed = L.generate_speculative(gpt, cond, cond_mask, window=args.speculative, **options)
             passes.extend(needed.tolist())
             return tokens
         return speculative
     if getattr(args, "no_kv_cache", False):
-        return lambda cond, cond_mask=None, steps=None, **options: gpt.generate_without_cache(cond, cond_mask, **options)
+        return lambda cond, cond_mask=None, steps=None, **options: L.generate_without_cache(gpt, cond, cond_mask, **options)
     return gpt.generate
 
 
-# the command-line switches that pick another loop of a raster-order GPT: each is a method of GPT
-RASTER_LOOPS = {"speculative": "generate_speculative", "no_kv_cache": "generate_without_cache",
-                "compile": "compile_decode_one_token"}
-
-
-def check_sampler(gpt, args, name="this GPT"):
-    """--speculative, --no-kv-cache and --compile, before any sampling: each needs a loop that this
-    GPT has (raster order), and --speculative needs each token's probability (codes)."""
-    for option, method in RASTER_LOOPS.items():
-        if getattr(args, option, None) and not hasattr(gpt, method):
-            raise ValueError(f"{flag(option)} is for raster order, and {name} generates in "
-                             f"{gpt.config.order} order: leave out {flag(option)}.")
-    if getattr(args, "speculative", None) and not hasattr(gpt.output, "probabilities"):
-        raise ValueError("--speculative needs each token's probability, which a GPT over codes gives; "
-                         f"{name} draws continuous tokens (MAR): leave out --speculative.")
+def check_sampler(gpt, args):
+    """--speculative, --no-kv-cache and --compile, before any sampling: each is a raster-order loop,
+    and --speculative needs each token's probability (codes)."""
+    for option in ("speculative", "no_kv_cache", "compile"):
+        if getattr(args, option, None):
+            try:
+                L.check_raster_loop(gpt, flag(option), speculative=option == "speculative")
+            except ValueError as error:
+                raise ValueError(f"{error}: leave out {flag(option)}.") from None
 
 
 def passes_report(passes, block_size, window):
@@ -485,7 +506,7 @@ def matmul_floor(gpt, rows, steps, device, dtype):
 
 
 @torch.no_grad()
-def time_parts(gpt, rows, batch, top_k, device, dtype):
+def time_parts(gpt, rows, batch, settings, device, dtype):
     """Seconds that attention, the RMSNorms and the sampler take on their own over one generation,
     each with the shapes and the amount of data it sees while decoding."""
     cfg = gpt.config
@@ -512,26 +533,35 @@ def time_parts(gpt, rows, batch, top_k, device, dtype):
 
     def sampling():
         for _ in range(cfg.block_size):
-            L.sample_code(logits, top_k=top_k, generator=generator)
+            L.sample_code(logits, settings.temperature, settings.top_k, settings.top_p, generator)
     return {name: time_it(part, device)[0] for name, part in
             [("attention", attention), ("RMSNorm", normalisation), ("sampling", sampling)]}
 
 
-def benchmark(args, options, device, dtype):
+def benchmark_gpt(args):
+    """The model --benchmark times: a random-weight GPT of --preset, class-conditional, over
+    VQ-16's codes of --image-size (256) px images, as the released models."""
     image_size = args.image_size or 256
+    if image_size % 16:
+        raise ValueError(f"--image-size {image_size} is not a multiple of 16 (VQ-16's downsampling).")
     cfg = L.GPTConfig(**L.GPT_PRESETS[args.preset], vocab_size=16384, block_size=(image_size // 16) ** 2,
                       num_classes=1000)
     torch.manual_seed(args.seed)
     gpt = L.GPT(cfg)
     torch.nn.init.normal_(gpt.output.weight, std=0.02)  # like the other layers: zeros would give uniform logits
+    return gpt
+
+
+def benchmark(args, gpt, options, device, dtype):
+    cfg, settings = gpt.config, gpt.sampling_settings(options)
     gpt = gpt.cast(device, dtype).eval()
     if args.compile:
         gpt.compile_decode_one_token()
     labels = torch.arange(args.batch_size, device=device) % cfg.num_classes
-    rows = args.batch_size * (2 if options["cfg_scale"] != 1 else 1)
+    rows = args.batch_size * (2 if settings.cfg_scale != 1 else 1)
     print(f"{args.preset} ({sum(p.numel() for p in gpt.parameters()) / 1e6:.0f}M parameters), class-conditional, "
-          f"{cfg.block_size} tokens ({image_size} px with VQ-16), batch {args.batch_size}, CFG {options['cfg_scale']} "
-          f"({rows} rows), top-k {options['top_k']}, {args.dtype} on {device}"
+          f"{cfg.block_size} tokens ({args.image_size or 256} px with VQ-16), batch {args.batch_size}, CFG "
+          f"{settings.cfg_scale} ({rows} rows), top-k {settings.top_k}, {args.dtype} on {device}"
           + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
 
     def run(generate):
@@ -544,7 +574,7 @@ def benchmark(args, options, device, dtype):
         floor = min(floor, matmul_floor(gpt, rows, cfg.block_size, device, dtype))
     report = [("KV cache", cached)]
     if args.no_kv_cache:
-        report.append(("no KV cache (full recompute)", run(gpt.generate_without_cache)[0]))
+        report.append(("no KV cache (full recompute)", run(pick_sampler(gpt, args, None))[0]))
     if args.speculative:
         passes = []
         speculative = pick_sampler(gpt, args, passes)
@@ -558,7 +588,7 @@ def benchmark(args, options, device, dtype):
     if args.speculative:
         print(f"  {passes_report(passes[-args.batch_size:], cfg.block_size, args.speculative)}")
     if not args.compile:  # the parts are timed eagerly: a compiled step fuses them
-        parts = time_parts(gpt, rows, args.batch_size, options["top_k"], device, dtype)
+        parts = time_parts(gpt, rows, args.batch_size, settings, device, dtype)
         rest = cached - floor - sum(parts.values())
         print("  where generation's time goes: " + ", ".join(
             f"{name} {seconds:.2f} s" for name, seconds in [("matrix products", floor), *parts.items(),
@@ -627,17 +657,14 @@ class ArgumentParser(argparse.ArgumentParser):
 def bounded(kind, minimum, maximum=None, above=False):
     """An argparse type: a number of `kind` (int or float) at least `minimum` (above it with
     above=True) and at most `maximum`. A value out of range gets one sentence from argparse."""
-    low = f"above {minimum}" if above else f"at least {minimum}"
-    allowed = low if maximum is None else f"{low} and at most {maximum}"
-
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not math.isfinite(value) or (value <= minimum if above else value < minimum) \
-                or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {allowed}")
+        problem = L.out_of_range(value, minimum, maximum, above)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {problem}")
         return value
     return parse
 
@@ -683,6 +710,16 @@ def check_output_file(path, option, extensions, example):
         raise ValueError(f"{option} {path} exists and cannot be overwritten: pass another file name.")
 
 
+def default_note(option):
+    """A sampling flag's default in --help: the library's, or where the models come from sets it."""
+    sources = [("ours", "the checkpoint's" if option.name in CHECKPOINT_SAMPLING else option.default)]
+    sources += [(f"official {kind}", sampling[option.name]) for kind, sampling in
+                [("c2i", OFFICIAL_C2I_SAMPLING), ("t2i", OFFICIAL_T2I_SAMPLING)] if option.name in sampling]
+    if len(sources) == 1:
+        return f"(default: {option.default})"
+    return "(default: " + ", ".join(f"{value} for {where}" for where, value in sources) + ")"
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description="Sample images from a trained LlamaGen (ours or official).")
     group = parser.add_argument_group("models")
@@ -701,47 +738,13 @@ def parse_args(argv=None):
     group.add_argument("--class-name", action="append", help="a class name stored in our checkpoint")
     group = parser.add_argument_group("sampling (defaults: the checkpoint's, the official sampler's, the library's)")
     group.add_argument("--num-samples", type=bounded(int, 1), default=4, help="images per prompt or class")
-    group.add_argument("--cfg-scale", type=bounded(float, 0), default=argparse.SUPPRESS,
-                       help="classifier-free guidance: 1 none, 0 the unconditional model, above 1 closer to the "
-                            "condition, less varied (default: the checkpoint's for ours, "
-                            f"{OFFICIAL_C2I_SAMPLING['cfg_scale']} official c2i, "
-                            f"{OFFICIAL_T2I_SAMPLING['cfg_scale']} t2i)")
-    group.add_argument("--cfg-interval", type=bounded(int, -1), default=argparse.SUPPRESS,
-                       help="guide only the first N + 2 tokens, -1: all "
-                            f"(default: {library_default(L.GPT.generate, 'cfg_interval')})")
-    group.add_argument("--temperature", type=bounded(float, 0), default=argparse.SUPPRESS,
-                       help="below 1: sharper, above 1: more varied, 0: always the most likely token "
-                            f"(default: {library_default(L.GPT.generate, 'temperature')})")
-    group.add_argument("--top-k", type=bounded(int, 0), default=argparse.SUPPRESS,
-                       help="codes: draw from the k most likely codes only, 0: all (default: "
-                            f"{library_default(L.CodeHead.draw, 'top_k')} ours, {OFFICIAL_C2I_SAMPLING['top_k']} "
-                            f"official c2i, {OFFICIAL_T2I_SAMPLING['top_k']} t2i)")
-    group.add_argument("--top-p", type=bounded(float, 0, 1, above=True), default=argparse.SUPPRESS,
-                       help="codes: draw from the most likely codes that make up this much probability, in (0, 1] "
-                            f"(default: {library_default(L.CodeHead.draw, 'top_p')})")
-    group.add_argument("--diffusion-steps", type=bounded(int, 1), default=argparse.SUPPRESS,
-                       help="continuous tokens (MAR): reverse diffusion steps per token "
-                            f"(default: {library_default(L.DiffusionHead.draw, 'diffusion_steps')})")
-    group.add_argument("--num-iter", type=bounded(int, 1), default=argparse.SUPPRESS,
-                       help="masked order: steps, each one forward pass that decides a share of the tokens "
-                            f"(default: {library_default(L.MaskedGPT.generate, 'num_iter')})")
-    group.add_argument("--choice-temperature", type=bounded(float, 0), default=argparse.SUPPRESS,
-                       help="masked order over codes: Gumbel noise on the confidence that picks the codes kept "
-                            "at each step (MaskGIT; 0: the most likely first, large: a random order) "
-                            f"(default: {library_default(L.MaskedGPT.generate, 'choice_temperature')})")
-    group.add_argument("--cfg-schedule", choices=L.CFG_SCHEDULES, default=argparse.SUPPRESS,
-                       help="scales order (VAR): CFG from none at the 1x1 scale up to --cfg-scale at the last "
-                            "(ramp), or --cfg-scale at every scale (constant) "
-                            f"(default: {library_default(L.ScaleGPT.generate, 'cfg_schedule')})")
+    add_sampling_flags(group, note=default_note)
     group.add_argument("--seed", type=int, default=0, help="same seed, same images")
     group.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the GPT and T5")
     group.add_argument("--compile", action="store_true", help="torch.compile the decode step (gpt-fast)")
     group.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images generated at once")
     group.add_argument("--no-kv-cache", action="store_true", help="recompute every step (slow; for teaching)")
-    group.add_argument("--speculative", nargs="?", type=bounded(int, 1), const=16, metavar="W",
-                       help="speculative Jacobi decoding: W draft tokens checked per pass (default W: 16); "
-                            "the same distribution of images in fewer passes (codes only)")
     group = parser.add_argument_group("outputs")
     group.add_argument("--output", default="samples.png", help="the grid, an image file (.png, .jpg, ...)")
     group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
@@ -775,10 +778,8 @@ def main(argv=None):
             raise ValueError(f"--speculative has its own loop: leave out "
                              f"{'--no-kv-cache' if args.no_kv_cache else '--compile'}.")
         if args.benchmark:
-            if args.image_size and args.image_size % 16:
-                raise ValueError(f"--image-size {args.image_size} is not a multiple of 16 (VQ-16's downsampling).")
-            options = sampling_options(args, L.GPT.sampling_options + L.CodeHead.draw_options,  # an official-size GPT
-                                       OFFICIAL_C2I_SAMPLING)
+            gpt = benchmark_gpt(args)
+            options = sampling_options(args, gpt, OFFICIAL_C2I_SAMPLING)
         elif args.list_official:
             return list_releases()
         else:
@@ -793,10 +794,8 @@ def main(argv=None):
             official = args.official or args.official_gpt
             pipeline = load_official(args) if official else load_ours(args.out_dir)
             rows = conditions(args, pipeline)
-            options = sampling_options(args, pipeline.gpt.generate_options, pipeline.sampling,
-                                       pipeline.gpt.config.order)
+            options = sampling_options(args, pipeline.gpt, pipeline.sampling)
             check_sampler(pipeline.gpt, args)
-            check_steps(pipeline.gpt, options)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # during a download, say: fetch_release removes its unfinished file
@@ -805,7 +804,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     try:
         if args.benchmark:
-            return benchmark(args, options, device, dtype)
+            return benchmark(args, gpt, options, device, dtype)
         pipeline.tokenizer.to(device)
         pipeline.gpt.cast(device, dtype)
         if pipeline.text_encoder is not None:
@@ -820,11 +819,13 @@ def main(argv=None):
         if passes:
             print(passes_report(passes, pipeline.gpt.config.block_size, args.speculative))
         columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
-        save_outputs(decode(pipeline.tokenizer, tokens), args, columns)
+        images = decode(pipeline.tokenizer, tokens)
+        save_outputs(images, args, columns)
         if args.gif:
             one_per_step = int(steps.max()) + 1 == steps.shape[1]  # raster order: a row of the grid per frame
+            row = images.shape[-1] // pipeline.tokenizer.cfg.downsample_factor
             frames = generation_frames(pipeline.tokenizer, tokens, steps,
-                                       args.gif_steps_per_frame or (pipeline.grid_size if one_per_step else 1))
+                                       args.gif_steps_per_frame or (row if one_per_step else 1))
             save_gif(frames, args.gif, columns)
             print(f"wrote {args.gif} ({len(frames)} frames)")
     except KeyboardInterrupt:

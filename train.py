@@ -3,9 +3,9 @@
     python train.py                          # the whole demo on built-in shapes: about 6 minutes on a 2-core CPU
     python train.py tokenizer --data DIR     # the tokenizer on your images
     python train.py gpt --data DIR --cond class
-    python train.py --tokens continuous      # MAR: continuous tokens and a diffusion loss (llamagen.py section 9)
-    python train.py --order masked           # MaskGIT: masked generation in a few passes (section 10)
-    python train.py --order scales           # VAR: a multi-scale tokenizer, one pass per scale (section 11)
+    python train.py --tokens continuous      # MAR: continuous tokens and a diffusion loss (llamagen.py section 8)
+    python train.py --order masked           # MaskGIT: masked generation in a few passes (section 9)
+    python train.py --order scales           # VAR: a multi-scale tokenizer, one pass per scale (section 10)
     python train.py --resume                 # continue an interrupted run (Ctrl-C saves one)
     torchrun --nproc_per_node=2 train.py     # data-parallel on 2 GPUs (or CPU processes)
 
@@ -483,8 +483,9 @@ def evaluate_tokenizer(tokenizer, images, device, batch_size=64):
             recon = S.to_uint8(tokenizer.decode(encoded).cpu())
             mse = (recon.float() - originals.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
             psnrs.append(10 * torch.log10(255.0 ** 2 / mse))
-            tokens.append(encoded.cpu())
-    return torch.cat(psnrs).mean().item(), tokenizer.token_stats(torch.cat(tokens))
+            if tokenizer.has_codebook:
+                tokens.append(encoded.cpu())
+    return torch.cat(psnrs).mean().item(), tokenizer.token_stats(torch.cat(tokens)) if tokens else {}
 
 
 def train_tokenizer(args, run, data, checkpoint=None):
@@ -552,9 +553,10 @@ def train_tokenizer(args, run, data, checkpoint=None):
             if ema:
                 ema.update_parameters(tokenizer)
             seen += len(images) * run.world
-            recent_tokens.append(tokens.detach())
+            if tokenizer.has_codebook:  # the codes used since the last log line
+                recent_tokens.append(tokens.detach())
             if done % args.log_every == 0 or done == args.tokenizer_steps:
-                stats = tokenizer.token_stats(torch.cat(recent_tokens))  # since the last line
+                stats = tokenizer.token_stats(torch.cat(recent_tokens)) if recent_tokens else {}
                 recent_tokens = []
                 terms = " | ".join(f"{name.removesuffix('_loss')} {value.item():.4f}" for name, value in logs.items())
                 run.log(f"tokenizer step {done}/{args.tokenizer_steps} | loss {loss.item():.4f} | {terms}"
@@ -679,7 +681,7 @@ def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device
     With --speculative, the forward passes each image needed are appended to `passes`."""
     cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
-    options = S.sampling_options(args, gpt.generate_options, {}, gpt.config.order)
+    options = S.sampling_options(args, gpt)
     generate = S.pick_sampler(gpt, args, passes)
     tokens = generate(cond, cond_mask, generator=generator, **options)
     gpt.free_caches()  # give the KV cache's memory back to training
@@ -710,7 +712,7 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
         else gpt_config(args, tokenizer, text_encoder, len(data.class_names or []))
     gpt = L.make_gpt(cfg)
     gpt.bind_tokenizer(tokenizer)
-    S.check_steps(gpt, S.sampling_options(args, gpt.generate_options, {}, cfg.order))  # before training
+    S.sampling_options(args, gpt)  # checked before training
     model = Conditioned(gpt, text_encoder.t5 if text_encoder else None, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([  # weight decay on matrices and embeddings only
@@ -1010,28 +1012,11 @@ def parse_args(argv=None):
                        help="continuous tokens: residual blocks of the diffusion head")
     group.add_argument("--diffusion-repeats", type=positive, default=L.GPTConfig.diffusion_repeats,
                        help="continuous tokens: timesteps drawn per token per training step")
-    group.add_argument("--diffusion-steps", type=positive,
-                       help="continuous tokens: reverse diffusion steps per token when sampling grids "
-                            f"(default: {S.library_default(L.DiffusionHead.draw, 'diffusion_steps')})")
-    group.add_argument("--num-iter", type=positive,
-                       help="masked order: sampling steps for the grids and the evaluation "
-                            f"(default: {S.library_default(L.MaskedGPT.generate, 'num_iter')})")
-    group.add_argument("--choice-temperature", type=S.bounded(float, 0),
-                       help="masked order over codes: Gumbel noise on the confidence that picks the codes kept "
-                            f"(default: {S.library_default(L.MaskedGPT.generate, 'choice_temperature')})")
-    group.add_argument("--cfg-schedule", choices=L.CFG_SCHEDULES,
-                       help="scales order: CFG from none at the 1x1 scale up to --cfg-scale at the last (ramp, "
-                            "VAR's), or --cfg-scale at every scale (constant) "
-                            f"(default: {S.library_default(L.ScaleGPT.generate, 'cfg_schedule')})")
-    group.add_argument("--temperature", type=S.bounded(float, 0),
-                       help="sampling temperature for the grids and the evaluation: below 1 sharper, 0 the most "
-                            f"likely token (default: {S.library_default(L.GPT.generate, 'temperature')})")
-    group.add_argument("--cfg-scale", type=S.bounded(float, 0), default=2.0,
-                       help="classifier-free guidance for the sample grids and the evaluation (1: none)")
     group.add_argument("--eval-per-class", type=S.bounded(int, 0), default=20,
                        help="samples per color/shape combination judged at the end of the shapes demo (0: none)")
-    group.add_argument("--speculative", nargs="?", type=positive, const=16, metavar="W",
-                       help="evaluate: sample with speculative Jacobi decoding, W drafts per pass (default W: 16)")
+    # 2 rather than the library's 1 (no guidance): the demo's grids and evaluation are guided
+    S.add_sampling_flags(parser.add_argument_group("sampling, for the grids and the evaluation"),
+                         defaults=dict(cfg_scale=2.0))
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", default="out", help="checkpoints, log.txt and sample grids go here")
     group.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out-dir")
@@ -1072,11 +1057,8 @@ def parse_args(argv=None):
 
 def check_args(args, data):
     """Errors a user can make with the data and the settings, found before any training starts."""
-    applies = L.generate_options(args.order, args.tokens)  # (evaluate checks them on the GPT it loads)
-    for name in ("num_iter", "choice_temperature", "diffusion_steps", "cfg_schedule"):  # train.py's sampling flags
-        if getattr(args, name) is not None and name not in applies:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to --order {args.order} with "
-                             f"--tokens {args.tokens}: leave it out.")
+    S.given_options(args, L.GENERATORS[args.order].options_for(args.tokens),  # (evaluate: on the GPT it loads)
+                    f"--order {args.order} with --tokens {args.tokens}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("tokenizer_batch_size", "gpt_batch_size"):
         if getattr(args, name) % world:
@@ -1089,7 +1071,7 @@ def check_args(args, data):
         raise ValueError(f"the images in {args.data} are not all in class subfolders ({args.data}/<class>/"
                          "image.png): sort them so, or use --cond text with captions.")
     if args.stage != "gpt":
-        downsampling = 2 ** (len(tokenizer_config(args).ch_mult) - 1)
+        downsampling = tokenizer_config(args).downsample_factor
         if args.image_size % downsampling:
             raise ValueError(f"--image-size {args.image_size} is not a multiple of {args.tokenizer_preset}'s "
                              f"{downsampling}x downsampling.")
@@ -1149,8 +1131,8 @@ def evaluate_run(args, run):
         raise ValueError(f"{gpt_path} was trained on {checkpoint['args']['data']}, not on the built-in shapes.")
     if args.eval_per_class == 0:
         raise ValueError("--eval-per-class 0 leaves nothing to evaluate.")
-    S.check_sampler(gpt, args, gpt_path)
-    S.check_steps(gpt, S.sampling_options(args, gpt.generate_options, {}, gpt.config.order))
+    S.check_sampler(gpt, args)
+    S.sampling_options(args, gpt)
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
     if text_encoder is not None:
         text_encoder.t5.to(run.device)
