@@ -340,8 +340,8 @@ def add_sampling_flags(group, defaults=None, note=lambda option: f"(default: {op
 
 def given_options(args, options, what):
     """The sampling flags the command line gives, {name: value}; one that is not among `options`
-    (the model's: --top-k is not one for continuous tokens, --num-iter not one for raster order) is
-    a mistake to report, not to ignore."""
+    (the model's: --top-k is not one for continuous tokens, a masked order's steps not one for raster
+    order) is a mistake to report, not to ignore."""
     given = {option.name: getattr(args, option.name) for option in all_sampling_options()
              if getattr(args, option.name, None) is not None}
     foreign = [name for name in given if name not in options]
@@ -353,8 +353,8 @@ def given_options(args, options, what):
 
 def sampling_options(args, gpt, defaults=None):
     """generate()'s keywords for this GPT: the defaults of where the models come from, then what
-    the command line gives, each checked against the model before any sampling (--num-iter: at
-    most its tokens)."""
+    the command line gives, each checked against the model before any sampling (a bound such as
+    "at most the image's tokens" is the model's)."""
     options = gpt.options_for(gpt.config.token_kind)
     given = given_options(args, options, f"this GPT ({gpt.config.order} order)")
     for name, value in given.items():
