@@ -14,17 +14,22 @@ The models are in llamagen.py; this file loads them, samples, writes pictures, a
 command-line plumbing that train.py shares (it imports this file, never the other way round).
 """
 import argparse
+import contextlib
 import dataclasses
+import glob
 import http.client
 import inspect
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -120,23 +125,61 @@ def release_url(name):
     return f"{base}/{RELEASES[name].repo}/resolve/main/{name}.pt"
 
 
+class Terminated(Exception):
+    """SIGTERM (a job scheduler, `timeout`, a closed terminal), raised where the program is, so that
+    what it has half-written is removed on the way out, as after Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale_partials(folder, name):
+    """The unfinished downloads of `name` that no running process owns any more (one killed by
+    SIGKILL, say): each partial file's name carries the process that writes it."""
+    for partial in glob.glob(os.path.join(folder, f"{name}.*.partial")):
+        owner = os.path.basename(partial)[len(name) + 1:].split(".")[0]
+        try:
+            os.kill(int(owner), 0)
+        except (ValueError, ProcessLookupError):  # no owner, or a dead one
+            os.remove(partial)
+        except PermissionError:  # another user's process: alive
+            pass
+
+
 def fetch_release(name):
     """The path of release file `name`, downloaded into the cache first if it is not there. The
-    download goes to a temporary file of its own and is renamed only once complete, so an
-    interrupted one never passes for the model."""
+    download goes to a temporary file of its own and takes the model's name only once it is a whole
+    checkpoint, so an interrupted one never passes for the model."""
     path = release_path(name)
     if os.path.exists(path):
         return path
     url, folder = release_url(name), os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        descriptor, partial = tempfile.mkstemp(dir=folder, prefix=f"{name}.", suffix=".partial")
+        remove_stale_partials(folder, name)
+        descriptor, partial = tempfile.mkstemp(dir=folder, prefix=f"{name}.{os.getpid()}.", suffix=".partial")
     except OSError as error:
         raise OSError(f"cannot write in {folder} ({error.strerror}): set TORCH_HOME to a folder you can write "
                       "to.") from None
     try:
-        with os.fdopen(descriptor, "wb") as f:
+        with sigterm_raises(), os.fdopen(descriptor, "wb") as f:
             download(url, f, path)
+        # a zip archive (what torch.save writes) ends with its directory: a cut one has none, which
+        # is how a download without a Content-Length is told from a whole one
+        if not zipfile.is_zipfile(partial):
+            raise download_error(url, path, "the connection closed early: what came is not a whole checkpoint")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -144,11 +187,15 @@ def fetch_release(name):
     return path
 
 
+def download_error(url, path, reason):
+    hint = f"is {BASE_URL_VARIABLE} right?" if os.environ.get(BASE_URL_VARIABLE) else "check the network"
+    return OSError(f"could not download {url} ({reason}): {hint} Or put the file there by hand: {path}")
+
+
 def download(url, f, path):
     """url into the open file f, with a progress bar; each way it can fail is one sentence."""
     def failed(reason):
-        hint = f"is {BASE_URL_VARIABLE} right?" if os.environ.get(BASE_URL_VARIABLE) else "check the network"
-        return OSError(f"could not download {url} ({reason}): {hint} Or put the file there by hand: {path}")
+        return download_error(url, path, reason)
     try:
         response = urllib.request.urlopen(url, timeout=60)
     except (OSError, http.client.HTTPException) as error:  # no network, or an HTTP error such as 404
@@ -801,6 +848,10 @@ def main(argv=None):
     except KeyboardInterrupt:  # during a download, say: fetch_release removes its unfinished file
         print("interrupted: no image was written (finished downloads stay in the cache).", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("stopped (SIGTERM): no image was written; the unfinished download was removed, finished ones stay "
+              "in the cache.", file=sys.stderr)
+        sys.exit(143)
     dtype = DTYPES[args.dtype]
     try:
         if args.benchmark:

@@ -2054,13 +2054,14 @@ def test_official_checkpoints_end_to_end(fx, tmp_path):
 
 class ReleaseServer:
     """A loopback HTTP server standing in for Hugging Face: it serves files under the release's
-    paths (<repo>/resolve/main/<name>.pt), counts the requests, and can cut a file short or leave
-    out its length."""
+    paths (<repo>/resolve/main/<name>.pt), counts the requests, and can cut a file short, leave out
+    its length, or stall halfway until go_on is set."""
 
     def __init__(self, files):
         import http.server
         import threading
-        self.files, self.requests, self.cut_short, self.no_length = files, [], set(), set()
+        self.files, self.requests, self.cut_short, self.no_length, self.stall = files, [], set(), set(), set()
+        self.go_on = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -2074,6 +2075,11 @@ class ReleaseServer:
                 if self.path not in server.no_length:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if self.path in server.stall:
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    server.go_on.wait(60)
+                    return
                 self.wfile.write(body[:len(body) // 2] if self.path in server.cut_short else body)
 
             def log_message(self, *args):
@@ -2099,6 +2105,7 @@ def release_server(monkeypatch, tmp_path):
         return server
     yield start
     for server in servers:
+        server.go_on.set()
         server.http.shutdown()
         server.http.server_close()
 
@@ -2160,6 +2167,52 @@ def test_released_models_by_name(fx, tmp_path, monkeypatch, capsys, release_serv
     _, message = fails(S.main, ["--official", "t2i_XL_stage1_256", "--output", str(tmp_path / "x.png")], capsys)
     assert "reads captions through flan-t5-xl (about 11 GB, not downloaded unasked)" in message
     assert len(server.requests) == requests                                      # said before any download
+
+
+@slow
+def test_a_download_cut_short_or_stopped_leaves_nothing_behind(fx, tmp_path, capsys, release_server):
+    """A server that gives no length and closes halfway: the file does not take the model's name
+    (what came is not a whole checkpoint). SIGTERM during a download: a non-zero exit, one
+    sentence, no partial file. A partial file that a killed process left is removed by the next
+    download of that file; one a running process writes is left alone."""
+    path = tmp_path / "state.pt"
+    torch.save({"model": fx["vq"]["state_dict"]}, path)
+    served = "/FoundationVision/LlamaGen/resolve/main/vq_ds8_c2i.pt"
+    server = release_server({served: path.read_bytes()})
+    server.no_length.add(served)
+    server.cut_short.add(served)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    with pytest.raises(OSError, match=r"\(the connection closed early: what came is not a whole checkpoint\)"):
+        S.fetch_release("vq_ds8_c2i")
+    assert os.listdir(cache) == []
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [cache / f"vq_ds8_c2i.{dead.pid}.x1.partial", cache / "vq_ds8_c2i.x2.partial"]
+    alive = cache / f"vq_ds8_c2i.{os.getpid()}.x3.partial"
+    for partial in stale + [alive]:
+        partial.write_bytes(b"half a file")
+    server.cut_short.clear()
+    server.no_length.clear()
+    assert S.fetch_release("vq_ds8_c2i") == str(cache / "vq_ds8_c2i.pt")
+    assert sorted(os.listdir(cache)) == sorted(["vq_ds8_c2i.pt", alive.name])
+    alive.unlink()
+    gpt = "/FoundationVision/LlamaGen/resolve/main/c2i_B_256.pt"
+    server.files[gpt] = path.read_bytes()
+    server.files["/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt"] = path.read_bytes()
+    server.stall.add(gpt)
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py"), "--official", "c2i_B_256", "--output",
+                                str(tmp_path / "x.png")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ))
+    deadline = time.time() + 60
+    while not any(name.startswith("c2i_B_256.") and (cache / name).stat().st_size for name in os.listdir(cache)):
+        assert time.time() < deadline and process.poll() is None, "the download never started"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("stopped (SIGTERM): no image was written; the unfinished download "
+                                                   "was removed")
+    assert sorted(os.listdir(cache)) == ["vq_ds16_c2i.pt", "vq_ds8_c2i.pt"]
 
 
 @slow
@@ -2244,6 +2297,20 @@ RUN_STEPS = ["--cond", "class", "--tokenizer-steps", "3", "--gpt-steps", "3", "-
      "tokenizer.pt makes multiscale tokens, not discrete ones: pass --tokens multiscale"),
     ("raster", ["gpt", "--order", "scales", "--tokenizer-preset", "MSVQ-mini", "--cond", "class", "--overwrite"],
      "tokenizer.pt makes discrete tokens, not multiscale ones: pass --tokens discrete"),
+    # the tokenizer's settings, which the gpt stage cannot change, are the trained tokenizer's
+    ("scales", ["gpt", "--order", "scales", "--tokenizer-preset", "MSVQ-mini", "--scales", "1,2,4,8", "--phi-ratio", "0",
+                "--cond", "class", "--overwrite"], "--scales 1,2,4,8: "),
+    ("scales", ["gpt", "--order", "scales", "--tokenizer-preset", "MSVQ-mini", "--phi-ratio", "0", "--cond", "class",
+                "--overwrite"], "tokenizer.pt was trained with --phi-ratio 0.5, which the gpt stage cannot change: "
+                                "leave the flag out (or pass that), or train a new tokenizer with it"),
+    ("raster", ["gpt", "--cond", "class", "--codebook-size", "64", "--overwrite"],
+     "--codebook-size 64: "),
+    ("raster", ["gpt", "--cond", "class", "--no-codebook-l2-norm", "--overwrite"],
+     "--no-codebook-l2-norm: "),
+    ("raster", ["gpt", "--cond", "class", "--tokenizer-preset", "VQ-tiny", "--overwrite"],
+     "--tokenizer-preset VQ-tiny: "),
+    ("continuous", ["gpt", "--tokens", "continuous", "--tokenizer-preset", "KL-mini", "--kl-weight", "0.5", "--cond",
+                    "class", "--overwrite"], "--kl-weight 0.5: "),
 ])
 def test_train_errors_on_a_finished_run(name, argv, expected, runs, capsys, tmp_path):
     """A copy of a finished run, and a command line that does not fit it: one sentence, nothing

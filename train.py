@@ -1037,6 +1037,8 @@ def parse_args(argv=None):
     if args.tokens is None:  # the tokens the order generates (--order scales: multiscale)
         args.tokens = L.GENERATORS[args.order or "raster"].token_kinds[0]
     kind = TOKEN_KINDS[args.tokens]
+    # the tokenizer's flags this command line gives: the gpt stage checks them against tokenizer.pt
+    args.tokenizer_flags = [name for name in ("tokenizer_preset", *kind["options"]) if getattr(args, name) is not None]
     for name, default in kind["defaults"].items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -1084,6 +1086,25 @@ def check_args(args, data):
             if not os.path.isfile(os.path.join(args.t5, name)):
                 raise FileNotFoundError(f"--t5 {args.t5} has no {name}: pass a Hugging Face T5 directory with "
                                         "its tokenizer (for example a download of google/flan-t5-base).")
+
+
+def tokenizer_flag(name, value):  # how the command line writes a tokenizer setting: --scales 1,2,4,8
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+    shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    return f"--{name.replace('_', '-')} {shown}"
+
+
+def check_tokenizer_flags(args, checkpoint, path):
+    """The gpt stage reads the tokenizer as it was trained: a tokenizer flag of this command line
+    that says otherwise is refused rather than ignored."""
+    trained = {"tokenizer_preset": checkpoint["args"].get("tokenizer_preset"), **checkpoint["config"]}
+    for name in args.tokenizer_flags:
+        value, was = getattr(args, name), trained.get(name)
+        if (tuple(was) if isinstance(was, list) else was) != value:
+            raise ValueError(f"{tokenizer_flag(name, value)}: {path} was trained with {tokenizer_flag(name, was)}, which "
+                             "the gpt stage cannot change: leave the flag out (or pass that), or train a new tokenizer "
+                             "with it (python train.py tokenizer, or both stages).")
 
 
 def checkpoints_to_resume(args):
@@ -1173,6 +1194,7 @@ def main(argv=None):
             if checkpoint["image_size"] != args.image_size:
                 raise ValueError(f"{tokenizer_path} was trained at {checkpoint['image_size']} px but --image-size "
                                  f"is {args.image_size}: pass --image-size {checkpoint['image_size']}.")
+            check_tokenizer_flags(args, checkpoint, tokenizer_path)
             tokenizer = tokenizer.to(run.device)
         run.log(f"{' '.join(sys.argv)}\n{len(data.images)} training images of {args.image_size} px on {run.device}"
                 + (f" x {run.world} processes" if run.world > 1 else ""))
