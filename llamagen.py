@@ -36,7 +36,7 @@ Then the files:
 One Llama, several generators: a kind of token is a tokenizer (TOKENIZERS: every one has
 encode(images) -> tokens and decode(tokens) -> images) and the two layers that read such tokens into
 the Llama and read its output out (TOKEN_LAYERS: every readout has initialize, readout, loss, draw,
-its sampling_options, and probabilities, the distribution it draws from, or None). An order is a
+its sampling_options, and probabilities, the distribution draw() draws from (MAR's: None)). An order is a
 generator (GENERATORS: the Llama subclass with its loss(tokens, cond), its generate(cond, **options)
 and its sampling_options). make_gpt builds the pair a config names, so one training loop and one
 sampling script serve every combination; each sampling keyword is a SamplingOption declared once,
@@ -165,8 +165,8 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of the encoder or decoder: residual blocks (with attention at the lowest), then a
-    down- or upsampling step."""
+    """One resolution of the encoder or decoder: residual blocks (with attention at the lowest
+    resolution), then a down- or upsampling step."""
 
     def __init__(self, in_channels, out_channels, num_blocks, attention, dropout,
                  downsample=False, upsample=False):
@@ -512,7 +512,7 @@ class GPTConfig:
     block_size: int = 256            # image tokens = (image_size / downsampling) ** 2 (VAR: all scales')
     rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise)
     token_kind: str = "discrete"     # what the image tokens are: a key of TOKEN_LAYERS
-    order: str = "raster"            # how they are generated: a key of GENERATORS (sections 5, 10, 11)
+    order: str = "raster"            # how they are generated: a key of GENERATORS (sections 5, 9, 10)
     vocab_size: int = 16384          # codes (discrete, multiscale): the tokenizer's codebook size
     token_dim: int = 16              # vectors: MAR's tokens (the KL's embed_dim), VAR's inputs (codebook_embed_dim)
     # the diffusion head that draws continuous tokens (MAR, section 8)
@@ -549,7 +549,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles_2d(rows, cols, head_dim, base):
-    """Rotation angles (N, head_dim // 2) of tokens at grid coordinates rows, cols (N,), maybe
+    """Rotation angles (N, head_dim // 2) of tokens at grid coordinates rows, cols (N,), possibly
     fractional: the first half of the channel pairs turns with the row, the second with the column."""
     freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))  # (head_dim/4,)
     return torch.cat([torch.outer(rows.float(), freqs), torch.outer(cols.float(), freqs)], dim=-1)
@@ -741,10 +741,10 @@ class CaptionEmbedder(nn.Module):
 # For LlamaGen's codes: an embedding table in, a linear map to logits out; next-code cross-entropy
 # trains it, and a code is drawn from the logits after classifier-free guidance, temperature, top-k
 # and top-p. Each sampling keyword is a SamplingOption of the class whose code reads it (a readout
-# here, a generator in section 5): generate() takes its default there, the scripts their flags.
+# here, a generator from section 5 on): generate() takes its default there, the scripts their flags.
 
 
-def out_of_range(value, minimum=None, maximum=None, above=False):  # what a number must be when it is not, else None
+def out_of_range(value, minimum=None, maximum=None, above=False):  # None if in range, else what it must be
     too_low = minimum is not None and (value <= minimum if above else value < minimum)
     if math.isfinite(value) and not too_low and (maximum is None or value <= maximum):
         return None
@@ -759,19 +759,19 @@ class SamplingOption:
     default: object
     help: str
     minimum: float = None
-    maximum: object = None             # a number, or the GPTConfig field that bounds it ("block_size")
+    maximum: float = None
+    per_token: bool = False            # at most one per token of an image (the model's block_size)
     above: bool = False                # the minimum itself is out of range
     choices: tuple = None
     needs_probabilities: bool = False  # only over tokens whose readout gives each one's probability (codes)
 
     def problem(self, value, cfg=None):
-        """Why value is refused, or None (a maximum named by a config field needs cfg)."""
+        """Why value is refused, or None; the bound per_token is checked only with the model's cfg."""
         if self.choices is not None:
             return None if value in self.choices else f"it must be one of {', '.join(self.choices)}"
-        by_model = isinstance(self.maximum, str)
-        maximum = getattr(cfg, self.maximum, None) if by_model else self.maximum
-        problem = out_of_range(value, self.minimum, maximum, self.above)
-        return problem and problem + (f", this model's {self.maximum}" if by_model and maximum is not None else "")
+        per_token = self.per_token and cfg is not None
+        problem = out_of_range(value, self.minimum, cfg.block_size if per_token else self.maximum, self.above)
+        return problem and problem + (", the tokens of this model's image" if per_token else "")
 
 
 def guide(out, cfg_scale):
@@ -841,7 +841,7 @@ class CodeHead(nn.Linear):
     """LlamaGen's readout: the Llama's output (.., dim) -> logits over the codes (.., vocab). What
     every readout offers the GPT (MAR's DiffusionHead too): initialize(), readout(h), loss(out,
     tokens), draw(out, cfg_scale, settings, generator) reading its sampling_options, and
-    probabilities(out, cfg_scale, settings), what draw() draws from (None if there is no such thing)."""
+    probabilities(out, cfg_scale, settings), what draw() draws from (a readout without: probabilities = None)."""
 
     sampling_options = (
         SamplingOption("top_k", 0, "codes: draw from the k most likely codes only, 0: all", minimum=0),
@@ -911,12 +911,12 @@ class Llama(nn.Module):
     """What every generator shares (makemore's shape: one Llama, several ways to feed it and read
     it out): the condition embedder, the layers in and out of TOKEN_LAYERS[config.token_kind], the
     transformer blocks, the RoPE table, and what every generate() starts with. A generator subclass
-    adds its order: its inputs, which positions each sees, its loss, its generate() and what it reads."""
+    adds its order: its inputs, which positions each sees, its loss, its generate() and its options."""
 
     sampling_options = (  # generate()'s keywords that every generator reads; a subclass adds its own
         SamplingOption("cfg_scale", 1.0, "classifier-free guidance: 1 none, 0 unconditional, above 1 closer to the "
                                          "condition, less varied", minimum=0),
-        SamplingOption("temperature", 1.0, "below 1: sharper, above 1: more varied, 0: the likeliest", minimum=0))
+        SamplingOption("temperature", 1.0, "below 1: sharper, above 1: more varied, 0: the likeliest token", minimum=0))
     token_kinds = ("discrete", "continuous")  # the tokens it generates (TOKEN_LAYERS keys)
 
     def __init__(self, cfg: GPTConfig):
@@ -954,7 +954,7 @@ class Llama(nn.Module):
         """What it takes of the tokenizer's weights when a run starts: nothing, but for VAR's."""
 
     def cast(self, device, dtype):
-        """Move and cast the weights; the RoPE table stays float32 (official), its angles exact in bf16."""
+        """Move and cast the weights; the RoPE table stays float32 (official), so its angles stay exact."""
         rope = self.rope.to(device)
         self.to(device, dtype)
         self.rope = rope
@@ -1060,8 +1060,8 @@ class GPT(Llama):
     token from the condition and the tokens before it, in raster order (causal attention); sampled
     one token per forward pass through a KV cache."""
 
-    sampling_options = Llama.sampling_options + (SamplingOption("cfg_interval", -1, "guide only the first N + 2 "
-                                                                "tokens, -1: all", minimum=-1),)
+    sampling_options = Llama.sampling_options + (SamplingOption("cfg_interval", -1, "raster order: guide only the "
+                                                                "first N + 2 tokens, -1: all", minimum=-1),)
 
     def forward(self, tokens, cond, cond_mask=None):
         """Teacher forcing: image tokens (B, T) codes or (B, T, D) vectors -> the readout (B, T, ..)
@@ -1171,8 +1171,8 @@ def verify_drafts(p, q, drafts, generator=None):
     """Speculative sampling's verdict on one pass, per row: p (B, W + 1, V) the targets at the
     window's positions, q (B, W, V) what the drafts (B, W) were drawn from. Left to right, draft d is
     kept with probability min(1, p(d) / q(d)); at the first rejection a code is drawn from max(0, p - q),
-    normalised, and if all W are kept one more from p_{n+W}: every committed code is distributed as p.
-    -> j (B,) drafts kept, the window's codes (B, W + 1) (the first j + 1 commit), a code from every p."""
+    normalised, and if all W are kept one more from p[:, W]: every committed code is distributed as p.
+    -> j (B,) drafts kept, the window's codes (B, W + 1) (the first j + 1 commit), jacobi (B, W + 1)."""
     B, W = drafts.shape
     rows = torch.arange(B, device=drafts.device)[:, None]                         # (B, 1)
     p_d, q_d = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p[:, :W], q))  # (B, W)
@@ -1730,7 +1730,7 @@ class MaskedGPT(Llama):
 
     sampling_options = Llama.sampling_options + (
         SamplingOption("num_iter", 8, "masked order: steps, each a forward pass that decides a share of the tokens",
-                       minimum=1, maximum="block_size"),
+                       minimum=1, per_token=True),
         SamplingOption("choice_temperature", 4.5, "masked order over codes: Gumbel noise on the confidence that picks "
                        "the codes kept (MaskGIT; 0: the most likely first)", minimum=0, needs_probabilities=True))
 
@@ -2061,8 +2061,8 @@ class ScaleGPT(Llama):
     (codebook and phis) builds the inputs."""
 
     sampling_options = Llama.sampling_options + (
-        SamplingOption("cfg_schedule", "ramp", "scales order (VAR): CFG from none at the 1x1 scale up to the full "
-                       "scale at the last (ramp), or the full scale throughout (constant)", choices=CFG_SCHEDULES),)
+        SamplingOption("cfg_schedule", "ramp", "scales order (VAR): CFG from none at the 1x1 scale up to cfg_scale "
+                       "at the last (ramp), or cfg_scale at every scale (constant)", choices=CFG_SCHEDULES),)
     token_kinds = ("multiscale",)
 
     def __init__(self, cfg: GPTConfig):

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -145,17 +146,30 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+def partial_prefix(name):  # an unfinished download's name: the machine and the process that write it
+    return f"{name}.{socket.gethostname().replace('.', '-')}.{os.getpid()}."
+
+
 def remove_stale_partials(folder, name):
-    """The unfinished downloads of `name` that no running process owns any more (one killed by
-    SIGKILL, say): each partial file's name carries the process that writes it."""
+    """The unfinished downloads of `name` that no running process of this machine owns any more (a
+    process killed by SIGKILL, say, or this one's namesake in an earlier container); those of other
+    machines sharing the cache are left alone."""
+    host = partial_prefix(name).split(".")[-3]
     for partial in glob.glob(os.path.join(folder, f"{name}.*.partial")):
-        owner = os.path.basename(partial)[len(name) + 1:].split(".")[0]
+        owner = os.path.basename(partial)[len(name) + 1:].split(".")
+        if len(owner) > 3 and owner[0] != host:
+            continue
         try:
-            os.kill(int(owner), 0)
-        except (ValueError, ProcessLookupError):  # no owner, or a dead one
-            os.remove(partial)
+            pid = int(owner[1] if len(owner) > 3 else owner[0])
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                continue  # alive
         except PermissionError:  # another user's process: alive
+            continue
+        except (ValueError, OverflowError, ProcessLookupError):  # no owner, or a dead one
             pass
+        with contextlib.suppress(FileNotFoundError):  # another download removed it first
+            os.remove(partial)
 
 
 def fetch_release(name):
@@ -169,17 +183,18 @@ def fetch_release(name):
     try:
         os.makedirs(folder, exist_ok=True)
         remove_stale_partials(folder, name)
-        descriptor, partial = tempfile.mkstemp(dir=folder, prefix=f"{name}.{os.getpid()}.", suffix=".partial")
+        descriptor, partial = tempfile.mkstemp(dir=folder, prefix=partial_prefix(name), suffix=".partial")
     except OSError as error:
         raise OSError(f"cannot write in {folder} ({error.strerror}): set TORCH_HOME to a folder you can write "
                       "to.") from None
     try:
         with sigterm_raises(), os.fdopen(descriptor, "wb") as f:
-            download(url, f, path)
+            size = download(url, f, path)
         # a zip archive (what torch.save writes) ends with its directory: a cut one has none, which
         # is how a download without a Content-Length is told from a whole one
         if not zipfile.is_zipfile(partial):
-            raise download_error(url, path, "the connection closed early: what came is not a whole checkpoint")
+            raise download_error(url, path, "the connection closed early: what came is not a whole checkpoint"
+                                 if size is None else "what came is not a PyTorch checkpoint")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -193,7 +208,8 @@ def download_error(url, path, reason):
 
 
 def download(url, f, path):
-    """url into the open file f, with a progress bar; each way it can fail is one sentence."""
+    """url into the open file f, with a progress bar -> the size announced (None: none); each way it
+    can fail is one sentence."""
     def failed(reason):
         return download_error(url, path, reason)
     try:
@@ -225,6 +241,7 @@ def download(url, f, path):
                 bar.update(len(chunk))
         if size and f.tell() != size:
             raise failed("the connection closed early")
+    return size
 
 
 def list_releases():
@@ -367,21 +384,20 @@ def all_sampling_options():
     return list(options.values())
 
 
-def add_sampling_flags(group, defaults=None, note=lambda option: f"(default: {option.default})"):
+def add_sampling_flags(group, defaults=None, note=lambda option: f"(default: {option.default})", speculative=""):
     """A flag for every sampling option the library declares (all_sampling_options), with
     its range and help, and --speculative. A flag is None when not given, unless `defaults` gives
     this script's default for it: generate() then takes the default of where the models come
-    from, or the library's (`note` says which in --help)."""
+    from, or the library's (`note` says which in --help). `speculative` begins --speculative's help."""
     defaults = defaults or {}
     for option in all_sampling_options():
         kind = type(option.default)
-        maximum = None if isinstance(option.maximum, str) else option.maximum  # a model's bound: sampling_options
-        parse = kind if option.choices else bounded(kind, option.minimum, maximum, option.above)
+        parse = kind if option.choices else bounded(kind, option.minimum, option.maximum, option.above)
         group.add_argument(flag(option.name), type=parse, choices=option.choices, default=defaults.get(option.name),
                            help=option.help + ("" if option.name in defaults else f" {note(option)}"))
     window = library_default(L.generate_speculative, "window")
     group.add_argument("--speculative", nargs="?", type=bounded(int, 1), metavar="W", const=window,
-                       help=f"speculative Jacobi decoding: W draft tokens checked per pass (W: {window} if not "
+                       help=f"{speculative}speculative Jacobi decoding: W draft tokens checked per pass (W: {window} if not "
                             "given); the same distribution of images in fewer passes (raster order over codes)")
 
 
@@ -398,14 +414,14 @@ def given_options(args, options, what):
     return given
 
 
-def sampling_options(args, gpt, defaults=None):
-    """generate()'s keywords for this GPT: the defaults of where the models come from, then what
-    the command line gives, each checked against the model before any sampling (a bound such as
-    "at most the image's tokens" is the model's)."""
-    options = gpt.options_for(gpt.config.token_kind)
-    given = given_options(args, options, f"this GPT ({gpt.config.order} order)")
+def sampling_options(args, cfg, defaults=None):
+    """generate()'s keywords for a GPT of config cfg (asked of its class: no model is built): the
+    defaults of where the models come from, then what the command line gives, each checked before
+    any sampling (a bound such as "at most the image's tokens" is the model's)."""
+    options = L.GENERATORS[cfg.order].options_for(cfg.token_kind)
+    given = given_options(args, options, f"this GPT ({cfg.order} order)")
     for name, value in given.items():
-        problem = options[name].problem(value, gpt.config)
+        problem = options[name].problem(value, cfg)
         if problem:
             raise ValueError(f"{flag(name)} {value} is out of range: {problem}.")
     return {**{name: value for name, value in (defaults or {}).items() if name in options}, **given}
@@ -585,14 +601,17 @@ def time_parts(gpt, rows, batch, settings, device, dtype):
             [("attention", attention), ("RMSNorm", normalisation), ("sampling", sampling)]}
 
 
-def benchmark_gpt(args):
-    """The model --benchmark times: a random-weight GPT of --preset, class-conditional, over
-    VQ-16's codes of --image-size (256) px images, as the released models."""
+def benchmark_config(args):
+    """The model --benchmark times: a GPT of --preset, class-conditional, over VQ-16's codes of
+    --image-size (256) px images, as the released models."""
     image_size = args.image_size or 256
     if image_size % 16:
         raise ValueError(f"--image-size {image_size} is not a multiple of 16 (VQ-16's downsampling).")
-    cfg = L.GPTConfig(**L.GPT_PRESETS[args.preset], vocab_size=16384, block_size=(image_size // 16) ** 2,
-                      num_classes=1000)
+    return L.GPTConfig(**L.GPT_PRESETS[args.preset], vocab_size=16384, block_size=(image_size // 16) ** 2,
+                       num_classes=1000)
+
+
+def benchmark_gpt(args, cfg):  # random weights, reproducible from --seed
     torch.manual_seed(args.seed)
     gpt = L.GPT(cfg)
     torch.nn.init.normal_(gpt.output.weight, std=0.02)  # like the other layers: zeros would give uniform logits
@@ -825,8 +844,9 @@ def main(argv=None):
             raise ValueError(f"--speculative has its own loop: leave out "
                              f"{'--no-kv-cache' if args.no_kv_cache else '--compile'}.")
         if args.benchmark:
-            gpt = benchmark_gpt(args)
-            options = sampling_options(args, gpt, OFFICIAL_C2I_SAMPLING)
+            cfg = benchmark_config(args)
+            options = sampling_options(args, cfg, OFFICIAL_C2I_SAMPLING)  # before the model is built
+            gpt = benchmark_gpt(args, cfg)
         elif args.list_official:
             return list_releases()
         else:
@@ -841,7 +861,7 @@ def main(argv=None):
             official = args.official or args.official_gpt
             pipeline = load_official(args) if official else load_ours(args.out_dir)
             rows = conditions(args, pipeline)
-            options = sampling_options(args, pipeline.gpt, pipeline.sampling)
+            options = sampling_options(args, pipeline.gpt.config, pipeline.sampling)
             check_sampler(pipeline.gpt, args)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")

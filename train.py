@@ -681,7 +681,7 @@ def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device
     With --speculative, the forward passes each image needed are appended to `passes`."""
     cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
-    options = S.sampling_options(args, gpt)
+    options = S.sampling_options(args, gpt.config)
     generate = S.pick_sampler(gpt, args, passes)
     tokens = generate(cond, cond_mask, generator=generator, **options)
     gpt.free_caches()  # give the KV cache's memory back to training
@@ -712,7 +712,7 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
         else gpt_config(args, tokenizer, text_encoder, len(data.class_names or []))
     gpt = L.make_gpt(cfg)
     gpt.bind_tokenizer(tokenizer)
-    S.sampling_options(args, gpt)  # checked before training
+    S.sampling_options(args, cfg)  # checked before training
     model = Conditioned(gpt, text_encoder.t5 if text_encoder else None, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([  # weight decay on matrices and embeddings only
@@ -1016,7 +1016,7 @@ def parse_args(argv=None):
                        help="samples per color/shape combination judged at the end of the shapes demo (0: none)")
     # 2 rather than the library's 1 (no guidance): the demo's grids and evaluation are guided
     S.add_sampling_flags(parser.add_argument_group("sampling, for the grids and the evaluation"),
-                         defaults=dict(cfg_scale=2.0))
+                         defaults=dict(cfg_scale=2.0), speculative="evaluate: ")
     group = parser.add_argument_group("run")
     group.add_argument("--out-dir", default="out", help="checkpoints, log.txt and sample grids go here")
     group.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out-dir")
@@ -1077,7 +1077,8 @@ def check_args(args, data):
         if args.image_size % downsampling:
             raise ValueError(f"--image-size {args.image_size} is not a multiple of {args.tokenizer_preset}'s "
                              f"{downsampling}x downsampling.")
-        L.TOKENIZERS[args.tokens].tokens_per_image(tokenizer_config(args), args.image_size)  # VAR: the scales
+        tokens = L.TOKENIZERS[args.tokens].tokens_per_image(tokenizer_config(args), args.image_size)  # VAR: the scales
+        S.sampling_options(args, L.GPTConfig(order=args.order, token_kind=args.tokens, block_size=tokens))
         if args.image_size < 32 and args.disc_start < args.tokenizer_steps:
             raise ValueError(f"the PatchGAN discriminator needs images of at least 32 px: use --image-size 32 "
                              f"or more, or --disc-start {args.tokenizer_steps} to train without it.")
@@ -1153,7 +1154,7 @@ def evaluate_run(args, run):
     if args.eval_per_class == 0:
         raise ValueError("--eval-per-class 0 leaves nothing to evaluate.")
     S.check_sampler(gpt, args)
-    S.sampling_options(args, gpt)
+    S.sampling_options(args, gpt.config)
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
     if text_encoder is not None:
         text_encoder.t5.to(run.device)
