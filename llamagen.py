@@ -988,9 +988,13 @@ class Llama(nn.Module):
         return {option.name: option for option in cls.sampling_options + readout.sampling_options
                 if readout.probabilities is not None or not option.needs_probabilities}
 
+    @classmethod
+    def sampling_defaults(cls, cfg):  # {name: default} of generate()'s keywords for a model of config cfg
+        return {name: option.default for name, option in cls.options_for(cfg.token_kind).items()}
+
     def sampling_settings(self, options):
-        """generate()'s keywords -> what it samples with (a namespace): the declared defaults, with
-        the options given over them; one it does not read, or a value out of range, is refused."""
+        """generate()'s keywords -> what it samples with (a namespace): the defaults, with the
+        options given over them; one it does not read, or a value out of range, is refused."""
         declared = self.options_for(self.config.token_kind)
         for name, value in options.items():
             if name not in declared:
@@ -999,7 +1003,7 @@ class Llama(nn.Module):
             problem = declared[name].problem(value, self.config)
             if problem:
                 raise ValueError(f"{name} {value!r} is out of range: {problem}.")
-        return types.SimpleNamespace(**{name: options.get(name, option.default) for name, option in declared.items()})
+        return types.SimpleNamespace(**{**self.sampling_defaults(self.config), **options})
 
     def with_null_condition(self, cond, cond_mask):
         """The CFG batch: the conditional rows, then the same rows with the null condition (2B, ...).
@@ -2049,21 +2053,25 @@ class ScaleGPT(Llama):
                   (VAR's lvl_embed); the last condition position predicts the 1x1 scale;
       attention   block-causal: a position sees the condition and every position of its own and
                   earlier scales, so all of scale k is predicted at once from scales < k;
-      positions   2D RoPE with each scale's cells at their centres on the final grid: the same
-                  place at another resolution is near;
+      positions   as VAR: a learned vector for every cell of every scale (pos_1LC), and no RoPE;
       read out    logits over the codes at every input position: those of its own scale;
       loss        cross-entropy over all tokens of all scales, equally weighted (as VAR);
       sampler     one pass per scale through the KV cache (which holds the earlier scales); the
-                  codes drawn update f_hat, which gives the next scale's input; CFG ramps up.
-    VAR conditions through AdaLN and a start token and gives positions by learned embeddings; this
-    keeps LlamaGen's prefix and RoPE, so that the rows of the comparison differ by the order alone
-    (STAR, a follow-up of VAR, moves to 2D RoPE too). A frozen copy of the tokenizer's quantizer
-    (codebook and phis) builds the inputs."""
+                  codes drawn update f_hat, which gives the next scale's input; CFG ramps up;
+                  VAR's top-k and top-p by default.
+    VAR conditions through AdaLN and a start token; this keeps LlamaGen's prefix condition, so that
+    the rows of the comparison differ by the order and its positions. A frozen copy of the
+    tokenizer's quantizer (codebook and phis) builds the inputs."""
 
     sampling_options = Llama.sampling_options + (
         SamplingOption("cfg_schedule", "ramp", "scales order (VAR): CFG from none at the 1x1 scale up to cfg_scale "
                        "at the last (ramp), or cfg_scale at every scale (constant)", choices=CFG_SCHEDULES),)
     token_kinds = ("multiscale",)
+
+    @classmethod
+    def sampling_defaults(cls, cfg):  # VAR's (its README): top-k 900 of its 4096 codes (that share here), top-p 0.96
+        top_k = max(1, round(cfg.vocab_size * 900 / 4096))
+        return {**super().sampling_defaults(cfg), "top_k": top_k, "top_p": 0.96}
 
     def __init__(self, cfg: GPTConfig):
         scales = tuple(cfg.scales)
@@ -2073,31 +2081,23 @@ class ScaleGPT(Llama):
         super().__init__(cfg)
         self.quantizer = MultiScaleQuantizer(cfg.vocab_size, cfg.token_dim, scales, phi_ratio=cfg.phi_ratio,
                                              phi_count=cfg.phi_count).requires_grad_(False)
-        # VAR's lvl_embed: row k is added to scale k's inputs; row 0, VAR's for its start token,
-        # stays unused, as the condition has its own embedding
+        # VAR's lvl_embed (row k is added to scale k's inputs; row 0, VAR's for its start token, stays
+        # unused, as the condition has its own embedding) and pos_1LC: a learned vector per cell of
+        # scales 2..K (the 1x1 scale is drawn at the condition's last position), both VAR's init
         self.scale_embedding = nn.Embedding(len(scales), cfg.dim)
-        nn.init.normal_(self.scale_embedding.weight, std=0.02)
+        self.pos_embedding = nn.Parameter(torch.empty(cfg.block_size - 1, cfg.dim))
+        for weight in (self.scale_embedding.weight, self.pos_embedding):
+            nn.init.trunc_normal_(weight, std=math.sqrt(1 / cfg.dim / 3))
         sizes = torch.tensor([s * s for s in scales])
         # the scale index of every input (scales 2..K) and of every token (scales 1..K)
         self.register_buffer("input_scale", torch.arange(1, len(scales)).repeat_interleave(sizes[1:]), persistent=False)
         self.register_buffer("token_scale", torch.arange(len(scales)).repeat_interleave(sizes), persistent=False)
 
     def make_rope(self, cfg):
-        """The inputs of scales 2..K at their cells' centres on the final h x h grid: cell i of
-        scale s at (i + 1/2) h / s - 1/2, so the 2x2 scale's cells sit at the centres of the
-        grid's quarters and the last scale on the grid's own positions."""
-        head_dim, h = cfg.dim // cfg.n_head, cfg.scales[-1]
-        if not cfg.rope_2d:  # 1D: by the position in the sequence
-            return rope_table(rope_angles_1d(torch.arange(cfg.block_size - 1), head_dim, cfg.rope_base),
-                              cfg.cls_token_num)
-        rows, cols = [], []
-        for s in cfg.scales[1:]:
-            centres = (torch.arange(s) + 0.5) * h / s - 0.5
-            rows.append(centres.repeat_interleave(s))
-            cols.append(centres.repeat(s))
-        angles = rope_angles_2d(torch.cat(rows + [torch.zeros(0)]), torch.cat(cols + [torch.zeros(0)]),  # (none: 1x1)
-                                head_dim, cfg.rope_base)
-        return rope_table(angles, cfg.cls_token_num)
+        """No rotation (angle 0) at any position: as in VAR, where a cell is comes from pos_embedding
+        alone (measured in the README: with 2D RoPE at the cells' centres as well, the shapes land
+        where the caption puts them far less often)."""
+        return rope_table(torch.zeros(cfg.block_size - 1, cfg.dim // cfg.n_head // 2), cfg.cls_token_num)
 
     def attention_blocks(self, seq_len, device):  # the condition causal, then one block per scale
         cls = self.config.cls_token_num
@@ -2111,14 +2111,15 @@ class ScaleGPT(Llama):
         self.quantizer.float()
         return self
 
-    def embed_inputs(self, inputs, scale):  # f_hat cells (B, n, token_dim) of scale indices (n,) -> (B, n, dim)
-        return self.tok_embeddings(inputs) + self.scale_embedding(scale)
+    def embed_inputs(self, inputs, index):  # f_hat cells (B, n, token_dim) at input indices (n,) -> (B, n, dim)
+        return self.tok_embeddings(inputs) + self.scale_embedding(self.input_scale[index]) + self.pos_embedding[index]
 
     def forward(self, tokens, cond, cond_mask=None):
         """Teacher forcing: the codes of every scale (B, T), coarse to fine -> logits (B, T, vocab),
         scale k's from the condition and the true codes of scales < k."""
         inputs = self.quantizer.teacher_forcing_input(split_scales(tokens, self.config.scales))  # (B, T - 1, C)
-        h = self.transformer(cond, self.embed_inputs(inputs, self.input_scale), cond_mask)   # (B, cls + T - 1, dim)
+        index = torch.arange(inputs.shape[1], device=inputs.device)
+        h = self.transformer(cond, self.embed_inputs(inputs, index), cond_mask)             # (B, cls + T - 1, dim)
         return self.output.readout(h[:, self.config.cls_token_num - 1:])                     # (B, T, vocab)
 
     @torch.no_grad()
@@ -2144,8 +2145,8 @@ class ScaleGPT(Llama):
                     codes.append(self.output.draw(logits.flatten(0, 1), 1.0, o, generator).view(B, s * s))
                     if k + 1 < len(scales):  # the null half goes on with the same codes
                         f_hat, next_input = self.quantizer.next_input(k, f_hat, codes[-1])   # (B, C, s', s')
-                        h = self.embed_inputs(next_input.flatten(2).transpose(1, 2),
-                                              self.input_scale[positions[k + 1] - cls])      # (B, s'^2, dim)
+                        index = positions[k + 1] - cls                                       # (s'^2,)
+                        h = self.embed_inputs(next_input.flatten(2).transpose(1, 2), index)  # (B, s'^2, dim)
                         h = cfg_batch(h, guided)
         if steps is not None:
             steps.append(self.token_scale.to(device).expand(B, -1))
@@ -2342,6 +2343,9 @@ CHECKPOINT_FIELDS = {  # what loading and resuming read of each kind
 }
 
 
+RETRAIN_GPT = "retrain the GPT on its tokenizer.pt (python train.py gpt, with the run's flags and --overwrite)"
+
+
 class NotOurCheckpoint(ValueError):
     """A file that is not one of these checkpoints (an official LlamaGen file, for example)."""
 
@@ -2399,6 +2403,15 @@ def tokenizer_fingerprint(tokenizer):
     return digest.hexdigest()[:16]
 
 
+def check_weights_present(model, state, path, advice="retrain it, or use the version that wrote it"):
+    """A checkpoint saved before this version's model gained a weight (ScaleGPT's positions) is
+    refused by the name of what it lacks rather than called damaged."""
+    missing = [name for name in model.state_dict() if isinstance(state, dict) and name not in state]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing[:3])}: it was saved by an older version of this code, "
+                         f"whose {type(model).__name__} had none; {advice}.")
+
+
 def load_tokenizer(path):
     """Our trained tokenizer of the kind its checkpoint names, in eval mode (EMA weights if any), and the checkpoint."""
     checkpoint = load_checkpoint(path, "tokenizer")
@@ -2407,6 +2420,7 @@ def load_tokenizer(path):
                          "it was written by another version of this code.")
     tokenizer_class = TOKENIZERS[checkpoint["token_kind"]]
     tokenizer = tokenizer_class(config_from_dict(tokenizer_class.config_class, checkpoint["config"], path))
+    check_weights_present(tokenizer, checkpoint["ema"] or checkpoint["model"], path)
     return load_weights(tokenizer, checkpoint["ema"] or checkpoint["model"], path), checkpoint
 
 
@@ -2422,7 +2436,9 @@ def load_gpt(path, tokenizer, tokenizer_path):
         raise ValueError(f"{path} was trained on another tokenizer than {tokenizer_path}, so it would sample "
                          "tokens that mean something else: pair it with the tokenizer it was trained on, or "
                          "retrain the GPT on this tokenizer.")
-    gpt = load_weights(make_gpt(cfg), checkpoint["model"], path)
+    gpt = make_gpt(cfg)
+    check_weights_present(gpt, checkpoint["model"], path, RETRAIN_GPT)
+    gpt = load_weights(gpt, checkpoint["model"], path)
     text_encoder = None
     if checkpoint["t5"] is not None:
         t5 = load_weights(T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path)), checkpoint["t5"], path)

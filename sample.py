@@ -384,7 +384,24 @@ def all_sampling_options():
     return list(options.values())
 
 
-def add_sampling_flags(group, defaults=None, note=lambda option: f"(default: {option.default})", speculative=""):
+def order_defaults(option):
+    """[(where, default)] of the generators whose default for `option` is their own (VAR's top-k:
+    a share of the codebook, said as one)."""
+    found = []
+    for order, generator in L.GENERATORS.items():
+        cfgs = [L.GPTConfig(order=order, token_kind=generator.token_kinds[0], vocab_size=n) for n in (4096, 8192)]
+        value, other = (generator.sampling_defaults(cfg).get(option.name) for cfg in cfgs)
+        if value not in (None, option.default):
+            found.append((f"{order} order", value if value == other else f"{round(value * 100 / 4096)}%% of the codes"))
+    return found
+
+
+def library_note(option):  # a sampling flag's default in --help: the library's, and a generator's own
+    return "(default: " + ", ".join([str(option.default)] + [f"{value} in {where}" for where, value in
+                                                              order_defaults(option)]) + ")"
+
+
+def add_sampling_flags(group, defaults=None, note=library_note, speculative=""):
     """A flag for every sampling option the library declares (all_sampling_options), with
     its range and help, and --speculative. A flag is None when not given, unless `defaults` gives
     this script's default for it: generate() then takes the default of where the models come
@@ -779,6 +796,7 @@ def check_output_file(path, option, extensions, example):
 def default_note(option):
     """A sampling flag's default in --help: the library's, or where the models come from sets it."""
     sources = [("ours", "the checkpoint's" if option.name in CHECKPOINT_SAMPLING else option.default)]
+    sources += [(f"ours in {where}", value) for where, value in order_defaults(option)]
     sources += [(f"official {kind}", sampling[option.name]) for kind, sampling in
                 [("c2i", OFFICIAL_C2I_SAMPLING), ("t2i", OFFICIAL_T2I_SAMPLING)] if option.name in sampling]
     if len(sources) == 1:

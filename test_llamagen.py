@@ -1372,6 +1372,43 @@ def test_scale_by_scale_sampling_equals_the_full_forward(model_type, monkeypatch
     assert (stepwise - full).abs().max() < 1e-4
 
 
+def test_next_scale_learned_positions_reach_every_cell_of_every_scale_on_both_paths(monkeypatch):
+    """VAR's pos_1LC: one learned vector per input cell (scales 2..K), VAR's initialisation; every
+    row trains, and the KV-cached passes, with strong positions, give the full forward's logits."""
+    gpt = tiny_gpt("scales", std=None)
+    assert gpt.pos_embedding.shape == (4 + 16, gpt.config.dim)
+    assert abs(gpt.pos_embedding.std().item() - (1 / gpt.config.dim / 3) ** 0.5) < 0.01
+    with torch.no_grad():
+        for p in gpt.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        gpt.pos_embedding.normal_(std=2.0)
+    cond, _ = tiny_condition(gpt)
+    recorder = DrawRecorder(gpt.output)
+    monkeypatch.setattr(gpt.output, "draw", recorder)
+    codes = gpt.generate(cond, generator=torch.Generator().manual_seed(0))
+    stepwise = torch.cat([logits.view(2, -1, 32) for logits in recorder.logits], dim=1)
+    assert (stepwise - gpt(codes, cond).detach()).abs().max() < 1e-4
+    gpt.loss(codes, cond).backward()
+    assert (gpt.pos_embedding.grad.abs().sum(dim=1) > 0).all()             # every cell of scales 2 and 4
+
+
+def test_next_scale_samples_with_vars_top_k_and_top_p_unless_told():
+    """VAR's defaults, declared by ScaleGPT: top-k 900 of 4096 codes as a share of the codebook
+    (7 of these 32) and top-p 0.96; every drawn code is then among the 7 likeliest, and a given
+    option overrides them."""
+    gpt = tiny_gpt("scales")
+    settings = gpt.sampling_settings({})
+    assert (settings.top_k, settings.top_p) == (7, 0.96) and gpt.sampling_settings({"top_k": 0}).top_k == 0
+    assert L.GPT.sampling_defaults(gpt.config)["top_k"] == 0
+    cond, _ = tiny_condition(gpt, batch=8)
+
+    def ranks(**options):  # each drawn code's rank in its teacher-forced logits
+        codes = gpt.generate(cond, generator=torch.Generator().manual_seed(0), **options)
+        logits = gpt(codes, cond).detach()
+        return (logits > logits.gather(-1, codes[..., None])).sum(dim=-1)
+    assert ranks().max() < 7 and ranks(top_k=0, top_p=1.0).max() >= 7
+
+
 @pytest.mark.parametrize("cfg_schedule", ["ramp", "constant"])
 def test_next_scale_cfg_follows_its_formula(cfg_schedule, monkeypatch):
     """At scale k of K the guided logits are (1 + t) cond - t uncond, t = (cfg_scale - 1) k / (K - 1)
@@ -1395,19 +1432,13 @@ def test_next_scale_cfg_follows_its_formula(cfg_schedule, monkeypatch):
         start += s * s
 
 
-def test_next_scale_rope_puts_each_cell_at_its_centre_on_the_final_grid():
-    """Cell i of scale s sits at (i + 1/2) h / s - 1/2 on the h x h grid: the 2x2 scale's cells at
-    the centres of the quarters; the last scale exactly where the raster GPT puts the grid."""
+def test_next_scale_has_no_rope_as_var():
+    """No rotation at any image position (cos 1, sin 0): where a cell is comes from pos_embedding
+    alone; the condition's positions keep the (0, 0) of every generator."""
     gpt = tiny_gpt("scales")
     head_dim = gpt.config.dim // gpt.config.n_head
-    rope = gpt.rope                                                         # (1 + 4 + 16, head_dim / 2, 2)
-    assert rope.shape == (1 + 4 + 16, head_dim // 2, 2) and (rope[0] == 0).all()
-    centres = torch.tensor([0.5, 2.5])                                      # (i + 1/2) * 4 / 2 - 1/2
-    angles = L.rope_angles_2d(centres.repeat_interleave(2), centres.repeat(2), head_dim, gpt.config.rope_base)
-    assert torch.allclose(rope[1:5], torch.stack([angles.cos(), angles.sin()], dim=-1))
-    assert torch.allclose(rope[5:], L.precompute_rope_2d(4, head_dim, gpt.config.rope_base, 0))
-    one_d = tiny_gpt("scales").make_rope(dataclasses.replace(gpt.config, rope_2d=False))
-    assert torch.allclose(one_d[1:], L.rope_table(L.rope_angles_1d(torch.arange(20), head_dim, 10000), 0))
+    assert gpt.rope.shape == (1 + 4 + 16, head_dim // 2, 2) and (gpt.rope[0] == 0).all()
+    assert (gpt.rope[1:, :, 0] == 1).all() and (gpt.rope[1:, :, 1] == 0).all()
 
 
 def test_next_scale_gpt_builds_its_inputs_with_the_tokenizers_quantizer():
@@ -1422,7 +1453,7 @@ def test_next_scale_gpt_builds_its_inputs_with_the_tokenizers_quantizer():
     assert torch.equal(gpt.quantizer.teacher_forcing_input(per_scale), vq.quantize.teacher_forcing_input(per_scale))
     gpt.loss(codes, torch.arange(4)).backward()
     assert all(p.grad is None and not p.requires_grad for p in gpt.quantizer.parameters())
-    assert gpt.tok_embeddings.weight.grad is not None and gpt.scale_embedding.weight.grad is not None
+    assert all(p.grad is not None for p in (gpt.tok_embeddings.weight, gpt.scale_embedding.weight, gpt.pos_embedding))
     gpt.cast("cpu", torch.bfloat16)
     assert gpt.quantizer.embedding.weight.dtype == torch.float32 and gpt.tok_embeddings.weight.dtype == torch.bfloat16
     assert gpt.generate(torch.tensor([0, 1]), cfg_scale=2.0).shape == (2, 85)
@@ -2271,6 +2302,8 @@ def fails(main, argv, capsys):
     (["--order", "masked", "--tokens", "continuous", "--choice-temperature", "1"],
      "--choice-temperature does not apply to --order masked with --tokens continuous"),
     (["--order", "scales", "--num-iter", "2"], "--num-iter does not apply to --order scales with --tokens multiscale"),
+    (["--order", "scales", "--rope", "1d"], "--rope 1d does not apply to --order scales, which places its cells by "
+                                            "learned positions and no RoPE, as VAR: leave it out."),
     (["--order", "masked", "--num-iter", "65", "--num-images", "8"], "--num-iter 65 is out of range"),  # before training
     (["--order", "sideways"], "--order: invalid choice: 'sideways'"),
     (["--tokens", "continuous", "--codebook-size", "64"], "--codebook-size is for discrete tokens, not continuous ones"),
@@ -2427,6 +2460,10 @@ def test_sample_checkpoint_errors(trained, runs, tmp_path, capsys):
     retrained = dict(vq["model"], **{"decoder.conv_out.bias": vq["model"]["decoder.conv_out.bias"] + 0.1})
     other_vq = dict(vq, model=retrained)  # the same codebook size, other weights
     checks.append(([folder("other_tokenizer", other_vq, gpt)], "was trained on another tokenizer than"))
+    scales_vq, scales_gpt = (torch.load(runs["scales"] / name, weights_only=True) for name in ("tokenizer.pt", "gpt.pt"))
+    no_positions = dict(scales_gpt, model={k: v for k, v in scales_gpt["model"].items() if k != "pos_embedding"})
+    checks.append(([folder("before_positions", scales_vq, no_positions)], "gpt.pt has no pos_embedding: it was saved "
+                   "by an older version of this code, whose ScaleGPT had none; retrain the GPT on its tokenizer.pt"))
     for name in ("continuous", "scales"):  # a VQ with a GPT over other tokens
         other_gpt = torch.load(runs[name] / "gpt.pt", weights_only=True)
         checks.append(([folder(f"mixed_{name}", vq, other_gpt)], f"gpt.pt models {other_gpt['config']['token_kind']} "

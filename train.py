@@ -724,6 +724,7 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
         if checkpoint["tokenizer_fingerprint"] != fingerprint:
             raise ValueError(f"{path} was trained on another tokenizer than the one in {args.out_dir}: start "
                              "the GPT anew with --overwrite.")
+        L.check_weights_present(gpt, checkpoint["model"], path, L.RETRAIN_GPT)
         gpt.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start = checkpoint["step"]
@@ -993,7 +994,8 @@ def parse_args(argv=None):
     group.add_argument("--class-dropout", type=fraction, default=L.GPTConfig.class_dropout_prob,
                        help="how often the condition is replaced by the null one while training, so that CFG works")
     group.add_argument("--rope", choices=["2d", "1d"], default="2d",
-                       help="rotary positions by (row, column) of the token grid, or by raster position")
+                       help="rotary positions by (row, column) of the token grid, or by raster position "
+                            "(raster and masked orders; next-scale has none, as VAR)")
     group.add_argument("--order", choices=list(L.GENERATORS),
                        help="raster: one token per pass, causal (LlamaGen; MAR's causal variant); masked: a few "
                             "passes, each deciding a share of the tokens, bidirectional (MaskGIT for codes, MAR "
@@ -1061,6 +1063,9 @@ def check_args(args, data):
     """Errors a user can make with the data and the settings, found before any training starts."""
     S.given_options(args, L.GENERATORS[args.order].options_for(args.tokens),  # (evaluate: on the GPT it loads)
                     f"--order {args.order} with --tokens {args.tokens}")
+    if args.order == "scales" and args.rope != "2d":
+        raise ValueError(f"--rope {args.rope} does not apply to --order scales, which places its cells by learned "
+                         "positions and no RoPE, as VAR: leave it out.")
     world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("tokenizer_batch_size", "gpt_batch_size"):
         if getattr(args, name) % world:
