@@ -1139,7 +1139,9 @@ def make_gpt(cfg: GPTConfig):  # the generator a config names
 # Decoding" (Teng et al. 2024; code tyshiwo1/Accelerating-T2I-AR-with-SJD): about 2x fewer steps on
 # LlamaGen and Lumina-mGPT, no retraining. Each pass checks a window of drafts, the model's own
 # earlier guesses (Jacobi iteration), by speculative sampling (Leviathan et al. 2023), so the images
-# follow GPT.generate's distribution exactly. Beside it, the raster loop without the KV cache.
+# follow GPT.generate's distribution exactly. MC-SJD ("Maximal Coupling Speculative Jacobi Decoding",
+# So et al. 2025) couples each guess with the one before at its position, so a right guess stays.
+# Beside it, the raster loop without the KV cache.
 
 
 def check_raster_loop(gpt, loop, speculative=False):
@@ -1176,45 +1178,69 @@ def verify_drafts(p, q, drafts, generator=None):
     window's positions, q (B, W, V) what the drafts (B, W) were drawn from. Left to right, draft d is
     kept with probability min(1, p(d) / q(d)); at the first rejection a code is drawn from max(0, p - q),
     normalised, and if all W are kept one more from p[:, W]: every committed code is distributed as p.
-    -> j (B,) drafts kept, the window's codes (B, W + 1) (the first j + 1 commit), jacobi (B, W + 1)."""
+    -> j (B,) drafts kept, and the window's codes (B, W + 1), of which the first j + 1 commit."""
     B, W = drafts.shape
     rows = torch.arange(B, device=drafts.device)[:, None]                         # (B, 1)
     p_d, q_d = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p[:, :W], q))  # (B, W)
     kept = torch.rand(B, W, device=drafts.device, generator=generator) * q_d < p_d  # u q(d) < p(d)
     j = kept.long().cumprod(dim=-1).sum(dim=-1)                                  # drafts kept before a rejection
-    jacobi = draw_code(p.flatten(0, 1), generator).view(B, W + 1)                # a code at every position
     # the code after the kept drafts: from the residual where a draft was rejected, else p_{n+W}
     at_j = j.clamp(max=W - 1)[:, None]
-    residual = (p[rows, at_j] - q[rows, at_j]).clamp(min=0)[:, 0]                # (B, V)
-    # (all zero only if p = q but for rounding, where a rejection is a rounding error)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, at_j][:, 0])
-    last = torch.where((j < W)[:, None], residual, p[:, W])
+    last = torch.where((j < W)[:, None], residual(p[rows, at_j][:, 0], q[rows, at_j][:, 0]), p[:, W])
     codes = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, j[:, None], draw_code(last, generator))
-    return j, codes, jacobi
+    return j, codes
 
 
-def next_drafts(p, jacobi, j, generator=None):
-    """The next pass's W drafts after the j + 1 codes (B,) just committed, and what each was drawn
-    from (B, W, V): this pass's codes jacobi (B, W + 1) drawn from p (B, W + 1, V) at the later
-    positions (Jacobi iteration: right if the context they saw turns out right), then random codes."""
-    B, W, V = p.shape[0], p.shape[1] - 1, p.shape[2]
+def residual(p, q):  # normalised max(0, p - q) (.., V): what a code is drawn from when q's draw is refused
+    # (all zero only if p = q but for rounding, where a refusal is a rounding error: then p itself)
+    left = (p - q).clamp(min=0)
+    return torch.where(left.sum(-1, keepdim=True) > 0, left, p)
+
+
+def coupled_draw(previous, q_old, q_new, generator=None):
+    """MC-SJD's maximal coupling (So et al. 2025): a code drawn from q_new (.., V) that is the
+    previous draw (..) from q_old as often as two such draws can agree. Keep the previous code d with
+    probability min(1, q_new(d) / q_old(d)), else draw from max(0, q_new - q_old), normalised. Its
+    distribution is q_new, whatever q_old: P(d) = min(q_old, q_new)(d) + max(0, q_new - q_old)(d)."""
+    old_d, new_d = (dist.gather(-1, previous[..., None])[..., 0] for dist in (q_old, q_new))
+    kept = torch.rand(previous.shape, device=previous.device, generator=generator) * old_d < new_d
+    fresh = draw_code(residual(q_new, q_old).flatten(0, -2), generator).view(previous.shape)
+    return torch.where(kept, previous, fresh)
+
+
+def next_drafts(p, drafts, q, j, generator=None, coupled=True):
+    """The next pass's W drafts, after the j + 1 codes (B,) just committed, and what each is drawn
+    from (B, W, V): at the positions this pass read, a code from its target p (B, W + 1, V) (Jacobi
+    iteration: right if the context it saw turns out right), beyond them a random code. Coupled, the
+    draw at a position is maximally coupled with the draft that position had in this pass (drafts
+    (B, W), drawn from q (B, W, V); a random code where it had none), so that a draft that was right
+    stays; else it is drawn afresh."""
+    B, W, V = q.shape
     rows = torch.arange(B, device=p.device)[:, None]                              # (B, 1)
     after = j[:, None] + 1 + torch.arange(W, device=p.device)                     # (B, W), up to 2W
-    ours = after <= W                                                            # drawn by this pass
-    random = torch.randint(V, (B, W), device=p.device, generator=generator)
-    drafts = torch.where(ours, jacobi.gather(1, after.clamp(max=W)), random.gather(1, (after - W - 1).clamp(min=0)))
-    q = torch.where(ours[..., None], p[rows, after.clamp(max=W)], 1.0 / V)       # (B, W, V)
-    return drafts, q
+    uniform = q.new_full((B, W, V), 1.0 / V)
+    targets = torch.cat([p, uniform], dim=1)[rows, after]                         # (B, W, V)
+    if not coupled:
+        return draw_code(targets.flatten(0, 1), generator).view(B, W), targets
+    previous = torch.cat([drafts, torch.randint(V, (B, W + 1), device=p.device, generator=generator)], dim=1)
+    q_previous = torch.cat([q, uniform, uniform[:, :1]], dim=1)                   # (B, 2W + 1, V)
+    return coupled_draw(previous.gather(1, after), q_previous[rows, after], targets, generator), targets
 
 
 @torch.no_grad()
-def generate_speculative(gpt, cond, cond_mask=None, generator=None, window=16, **options):
+def generate_speculative(gpt, cond, cond_mask=None, generator=None, window=16, coupled=True, **options):
     """GPT.generate's distribution in fewer forward passes -> codes (B, block_size) and the passes
     each row needed (B,) (the batch makes as many as its slowest row). Each pass feeds, after a
     row's n committed codes, its last code and `window` drafts d_n .. d_{n+W-1}, reads the targets
     p_n .. p_{n+W} (guided and filtered as in generate) in one go, and commits 1 to W + 1 codes
     (verify_drafts); rows advance independently. Rejected drafts left in a row's cache are hidden
-    by the causal mask from every position before them, and rewritten before any is read."""
+    by the causal mask from every position before them, and rewritten before any is read.
+    coupled: each draft is maximally coupled with its position's draft of the pass before
+    (next_drafts), as MC-SJD; else drawn independently, as SJD. Both stay exact, because the test of
+    a draft at position i needs only that, given everything at positions before i, the draft is
+    distributed as the q it is tested with: its draws at i in earlier passes were never tested (every
+    draft left is past the last rejection) and shape nothing before i, and a coupled draw from
+    q_new is distributed as q_new whatever it is coupled with."""
     check_raster_loop(gpt, "speculative decoding", speculative=True)
     if window < 1:
         raise ValueError(f"window {window}: speculative decoding checks at least one draft per pass.")
@@ -1241,13 +1267,13 @@ def generate_speculative(gpt, cond, cond_mask=None, generator=None, window=16, *
                     predicted = n[:, None] + torch.arange(W + 1, device=device)           # (B, W + 1)
                     scale = torch.where(predicted <= o.cfg_interval + 1, o.cfg_scale, 1.0)[..., None]
                 p = gpt.output.probabilities(out, scale, o)                               # (B, W + 1, V)
-                j, window_codes, jacobi = verify_drafts(p, q, drafts, generator)
+                j, window_codes = verify_drafts(p, q, drafts, generator)
                 codes[rows, n[:, None] + torch.arange(W + 1, device=device)] = window_codes  # j + 1 of them count
                 n = (n + j + 1).clamp(max=T)
                 needed += n < T
                 if bool((n == T).all()):
                     break
-                drafts, q = next_drafts(p, jacobi, j, generator)
+                drafts, q = next_drafts(p, drafts, q, j, generator, coupled)
                 last_code = codes[rows, n[:, None] - 1]                                   # (B, 1)
                 positions = cls + n[:, None] - 1 + torch.arange(W + 1, device=device)     # (B, W + 1)
                 positions = positions[0] if B == 1 else cfg_batch(positions, guided)  # one row: the cheaper (S,)

@@ -458,14 +458,63 @@ def pick_sampler(gpt, args, passes):
     the KV cache (--no-kv-cache) or speculative (--speculative W), which appends the forward passes
     each image needed to `passes`. Those two report no steps: raster order decides token t at step t."""
     if getattr(args, "speculative", None):
-        def speculative(cond, cond_mask=None, steps=None, **options):
-            tokens, needed = L.generate_speculative(gpt, cond, cond_mask, window=args.speculative, **options)
-            passes.extend(needed.tolist())
-            return tokens
-        return speculative
+        return SpeculativeOrPlain(gpt, args.speculative, passes)
     if getattr(args, "no_kv_cache", False):
         return lambda cond, cond_mask=None, steps=None, **options: L.generate_without_cache(gpt, cond, cond_mask, **options)
     return gpt.generate
+
+
+class SpeculativeOrPlain:
+    """--speculative W: for each batch, speculative decoding or plain decoding, whichever should be
+    faster; the images follow the same distribution either way. What a pass over W + 1 positions
+    costs in decode steps is measured once, on the first batch's rows, and said in one line; a batch
+    is expected to need as many passes as the speculative batches before it did on average (the
+    first: a third of its tokens, about what the demo model needs). The passes each image needed
+    are appended to `passes` (plain decoding: one per token)."""
+
+    def __init__(self, gpt, window, passes):
+        self.gpt, self.window, self.passes, self.cost, self.needed = gpt, window, passes, None, []
+
+    def __call__(self, cond, cond_mask=None, generator=None, steps=None, **options):
+        T = self.gpt.config.block_size
+        if self.cost is None:
+            rows = len(cond) * (1 if self.gpt.sampling_settings(options).cfg_scale == 1.0 else 2)
+            self.cost = pass_cost(self.gpt, rows, self.window, cond.device)
+            print(f"speculative decoding (window {self.window}): a pass costs {self.cost:.1f} decode steps here "
+                  f"({rows} rows), so a batch decodes speculatively while it is expected to need fewer than "
+                  f"{T / self.cost:.0f} passes for its {T} tokens, else plainly (the same distribution)")
+        expected = sum(self.needed) / len(self.needed) if self.needed else T / 3
+        if expected * self.cost >= T:
+            self.passes.extend([T] * len(cond))
+            return self.gpt.generate(cond, cond_mask, generator=generator, **options)
+        tokens, needed = L.generate_speculative(self.gpt, cond, cond_mask, generator, self.window, **options)
+        self.passes.extend(needed.tolist())
+        self.needed.append(int(needed.max()))  # the batch makes as many passes as its slowest row
+        return tokens
+
+
+@torch.no_grad()
+def pass_cost(gpt, rows, window, device):
+    """What a forward pass over window + 1 new positions costs, in passes over one (a decode step):
+    `rows` rows, the KV cache half full; the best of three steps, then one wide pass (at batch 128 a
+    wide pass costs several steps, and the measurement must not eat what it saves)."""
+    cfg = gpt.config
+    length = cfg.cls_token_num + cfg.block_size + window
+    gpt.setup_caches(rows, length, gpt.tok_embeddings.weight.dtype, device)
+    mask = L.attention_mask(gpt.attention_blocks(length, device))
+    start = cfg.cls_token_num + cfg.block_size // 2
+
+    def seconds(width, per_row, runs):  # positions per row, as speculative decoding feeds more than one image
+        positions = torch.arange(start, start + width, device=device)
+        positions = positions.expand(rows, -1) if per_row else positions
+        h = gpt.tok_embeddings(torch.zeros(rows, width, dtype=torch.long, device=device))
+        return min(time_it(lambda: gpt.forward_with_cache(h, positions, mask, outputs=width), device)[0]
+                   for _ in range(runs))
+    with L.evaluating(gpt):
+        step = seconds(1, False, 3)  # the first of them warms up
+        window_pass = seconds(window + 1, rows > 2, 1)
+    gpt.free_caches()
+    return window_pass / step
 
 
 def check_sampler(gpt, args):
@@ -658,18 +707,25 @@ def benchmark(args, gpt, options, device, dtype):
     report = [("KV cache", cached)]
     if args.no_kv_cache:
         report.append(("no KV cache (full recompute)", run(pick_sampler(gpt, args, None))[0]))
-    if args.speculative:
-        passes = []
-        speculative = pick_sampler(gpt, args, passes)
+    passes = {}
+    for coupled, name in [(False, "independent drafts (SJD)"), (True, "coupled drafts (MC-SJD)")] * bool(args.speculative):
+        def speculative(cond, generator, **options):  # always speculative, whichever --speculative would choose
+            tokens, passes[name] = L.generate_speculative(gpt, cond, None, generator, args.speculative, coupled, **options)
+            return tokens
         seconds = min(run(speculative)[0] for _ in range(args.repeat))
-        report.append((f"speculative, window {args.speculative}", seconds))
+        report.append((f"speculative, {name}", seconds))
     report.append(("matrix products alone (floor)", floor))
     for name, seconds in report:
-        print(f"  {name:32s} {seconds:7.2f} s  {args.batch_size * cfg.block_size / seconds:8.0f} tokens/s  "
+        print(f"  {name:38s} {seconds:7.2f} s  {args.batch_size * cfg.block_size / seconds:8.0f} tokens/s  "
               f"{args.batch_size / seconds:7.3f} images/s")
     print(f"  generation / floor: {cached / floor:.2f}x")
+    for name, needed in passes.items():
+        print(f"  {name}: {passes_report(needed.tolist(), cfg.block_size, args.speculative)}")
     if args.speculative:
-        print(f"  {passes_report(passes[-args.batch_size:], cfg.block_size, args.speculative)}")
+        cost = pass_cost(gpt, rows, args.speculative, device)
+        print(f"  a pass over {args.speculative + 1} positions costs {cost:.1f} decode steps: --speculative decodes "
+              f"batches of {args.batch_size} " + ("speculatively" if passes["coupled drafts (MC-SJD)"].max() * cost
+                                                  < cfg.block_size else "plainly") + " here")
     if not args.compile:  # the parts are timed eagerly: a compiled step fuses them
         parts = time_parts(gpt, rows, args.batch_size, settings, device, dtype)
         rest = cached - floor - sum(parts.values())

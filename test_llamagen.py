@@ -735,25 +735,28 @@ def assert_follows(samples, sequences, exact):
     assert z < 4, f"chi-square {chi2:.0f} on {k} degrees of freedom (z = {z:.1f})"
 
 
-SPECULATIVE_CASES = [  # window, temperature, top-k, top-p, CFG scale, CFG interval, samples per class
-    (6, 2.0, 2, 0.9, 3.0, -1, 4000)] + [pytest.param(*case, 10_000, marks=slow) for case in [  # the full suite
-        (1, 1.0, 0, 1.0, 1.0, -1), (2, 1.0, 0, 1.0, 3.0, -1), (6, 1.0, 0, 1.0, 1.0, -1), (2, 0.5, 0, 1.0, 3.0, -1),
-        (6, 2.0, 0, 1.0, 3.0, -1), (2, 1.0, 2, 1.0, 1.0, -1), (6, 1.0, 1, 1.0, 3.0, -1), (3, 1.0, 0, 0.7, 3.0, -1),
-        (6, 2.0, 2, 0.9, 3.0, -1), (2, 1.0, 0, 1.0, 3.0, 0)]]
+SPECULATIVE_CASES = [  # window, temperature, top-k, top-p, CFG scale, CFG interval, coupled drafts, samples per class
+    (6, 2.0, 2, 0.9, 3.0, -1, True, 4000)] + [pytest.param(*case, 10_000, marks=slow) for case in [  # the full suite
+        (1, 1.0, 0, 1.0, 1.0, -1, True), (2, 1.0, 0, 1.0, 3.0, -1, True), (6, 1.0, 0, 1.0, 1.0, -1, True),
+        (2, 0.5, 0, 1.0, 3.0, -1, True), (6, 2.0, 0, 1.0, 3.0, -1, True), (2, 1.0, 2, 1.0, 1.0, -1, True),
+        (6, 1.0, 1, 1.0, 3.0, -1, True), (3, 1.0, 0, 0.7, 3.0, -1, True), (6, 2.0, 2, 0.9, 3.0, -1, True),
+        (2, 1.0, 0, 1.0, 3.0, 0, True), (6, 0.5, 0, 0.8, 3.0, 1, True), (6, 1.0, 0, 1.0, 3.0, -1, False),
+        (2, 2.0, 2, 0.9, 3.0, 0, False)]]
 
 
-@pytest.mark.parametrize("window, temperature, top_k, top_p, cfg_scale, cfg_interval, per_class", SPECULATIVE_CASES)
+@pytest.mark.parametrize("window, temperature, top_k, top_p, cfg_scale, cfg_interval, coupled, per_class",
+                         SPECULATIVE_CASES)
 def test_speculative_decoding_draws_exactly_generates_distribution(window, temperature, top_k, top_p, cfg_scale,
-                                                                   cfg_interval, per_class):
+                                                                   cfg_interval, coupled, per_class):
     """Speculative decoding's whole point: the same distribution over images as generate(), in
-    fewer passes. Up to 20,000 sequences, rows of two classes in one batch (rows advance by different
-    amounts), each class against its own exact distribution; generate() against the same as a
-    check of the test itself."""
+    fewer passes, with coupled drafts (MC-SJD) and independent ones (SJD). Up to 20,000 sequences,
+    rows of two classes in one batch (rows advance by different amounts), each class against its
+    own exact distribution; generate() against the same as a check of the test itself."""
     gpt = tiny_enumerable_gpt()
     options = dict(cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
     labels = torch.tensor([0, 2]).repeat_interleave(per_class)
-    samples, passes = L.generate_speculative(gpt, labels, window=window, generator=torch.Generator().manual_seed(0),
-                                               **options)
+    samples, passes = L.generate_speculative(gpt, labels, window=window, coupled=coupled,
+                                               generator=torch.Generator().manual_seed(0), **options)
     assert passes.max() <= gpt.config.block_size and passes.min() >= 1
     reference = gpt.generate(labels, generator=torch.Generator().manual_seed(1), **options)
     for label in (0, 2):
@@ -761,6 +764,22 @@ def test_speculative_decoding_draws_exactly_generates_distribution(window, tempe
         assert torch.allclose(exact.sum(), torch.tensor(1.0, dtype=torch.float64))
         assert_follows(samples[labels == label], sequences, exact)
         assert_follows(reference[labels == label], sequences, exact)
+
+
+def test_coupled_draw_is_distributed_as_q_new_and_agrees_with_the_previous_draw_as_often_as_possible():
+    """MC-SJD's coupling step alone: 40,000 draws, each coupled with a previous code drawn from
+    q_old. Their distribution is q_new (a chi-square), whatever q_old, even where q_old has no mass;
+    they repeat the previous code with probability sum min(q_old, q_new), the most any coupling can
+    (1 - the total variation distance); and when q_new = q_old they always do."""
+    g = torch.Generator().manual_seed(0)
+    q_old, q_new = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0]), torch.tensor([0.1, 0.3, 0.25, 0.35, 0.0])
+    n = 40_000
+    previous = L.draw_code(q_old.expand(n, -1), g)[:, 0]
+    drawn = L.coupled_draw(previous, q_old.expand(n, -1), q_new.expand(n, -1), g)
+    assert_follows(drawn[:, None], torch.arange(5)[:, None], q_new.double())
+    agree, expected = (drawn == previous).double().mean().item(), torch.minimum(q_old, q_new).sum().item()
+    assert abs(agree - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+    assert torch.equal(L.coupled_draw(previous, q_old.expand(n, -1), q_old.expand(n, -1), g), previous)
 
 
 @slow
@@ -2011,6 +2030,29 @@ def test_same_seed_same_images(trained, tmp_path):
     assert np.array_equal(images(1, "a.png"), images(1, "b.png"))
     assert not np.array_equal(images(1, "a.png"), images(2, "c.png"))
     assert np.array_equal(images(1, "a.png"), images(1, "d.png", "--no-kv-cache"))
+
+
+def test_speculative_or_plain_decodes_each_batch_with_the_faster_loop(capsys):
+    """--speculative's per-batch choice: where a pass costs more than it saves, a batch is decoded
+    plainly and its codes are generate()'s exactly, from the same generator; where it saves, they
+    are generate_speculative's. The cost is measured once, said in one line, and is a real ratio."""
+    gpt = tiny_gpt(model_type="t2i")
+    cond, cond_mask = tiny_condition(gpt)
+    options = dict(cfg_scale=2.0, top_k=8)
+    passes = []
+    choose = S.SpeculativeOrPlain(gpt, 4, passes)
+    first = choose(cond, cond_mask, generator=torch.Generator().manual_seed(0), **options)
+    assert capsys.readouterr().out.count("a pass costs") == 1 and 0 < choose.cost < 50
+    expected = L.generate_speculative(gpt, cond, cond_mask, torch.Generator().manual_seed(0), 4, **options)
+    if choose.needed:  # the first batch went speculative (a pass over 5 positions costs under 3 steps)
+        assert torch.equal(first, expected[0]) and passes == expected[1].tolist()
+    choose.cost = gpt.config.block_size  # a pass as dear as a whole plain generation: plain decoding
+    assert torch.equal(choose(cond, cond_mask, generator=torch.Generator().manual_seed(1), **options),
+                       gpt.generate(cond, cond_mask, generator=torch.Generator().manual_seed(1), **options))
+    assert passes[-2:] == [gpt.config.block_size] * 2 and capsys.readouterr().out == ""
+    choose.cost, choose.needed = 1e-3, []  # passes nearly free: speculative decoding
+    assert torch.equal(choose(cond, cond_mask, generator=torch.Generator().manual_seed(2), **options),
+                       L.generate_speculative(gpt, cond, cond_mask, torch.Generator().manual_seed(2), 4, **options)[0])
 
 
 @slow

@@ -419,7 +419,8 @@ QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", 
 # simple shapes most codes die without it. A continuous GPT step also trains the diffusion head on
 # 4 noisings of every token and takes about twice as long: 600 steps give it the training time of
 # the discrete demo's 1400. A multi-scale GPT step reads 130 tokens per image rather than 64 and takes
-# twice as long: 700 steps.
+# twice as long, but VAR needs the discrete demo's 1400 steps all the same: at 700 its layouts are
+# still wrong a quarter of the time.
 TOKEN_KINDS = {
     "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS,
                      defaults=dict(tokenizer_preset="VQ-mini", gpt_steps=1400, entropy_loss_ratio=0.1, order="raster")),
@@ -427,7 +428,7 @@ TOKEN_KINDS = {
                        defaults=dict(tokenizer_preset="KL-mini", gpt_steps=600, order="raster")),
     "multiscale": dict(presets=L.MULTISCALE_PRESETS,
                        options=("codebook_size", "codebook_embed_dim", "commit_loss_beta", "scales", "phi_ratio"),
-                       defaults=dict(tokenizer_preset="MSVQ-mini", gpt_steps=700, order="scales")),
+                       defaults=dict(tokenizer_preset="MSVQ-mini", gpt_steps=1400, order="scales")),
 }
 
 
@@ -676,13 +677,13 @@ def gpt_config(args, tokenizer, text_encoder, num_classes):
 
 
 @torch.no_grad()
-def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device, passes=None):
-    """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1].
-    With --speculative, the forward passes each image needed are appended to `passes`."""
+def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device, generate=None):
+    """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1], with
+    `generate` (a sampler of sample.py's pick_sampler, kept over batches) or the one args ask for."""
     cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
     options = S.sampling_options(args, gpt.config)
-    generate = S.pick_sampler(gpt, args, passes)
+    generate = generate or S.pick_sampler(gpt, args, [])
     tokens = generate(cond, cond_mask, generator=generator, **options)
     gpt.free_caches()  # give the KV cache's memory back to training
     return tokenizer.decode(tokens)
@@ -867,11 +868,12 @@ def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch
             size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
             requests.append((name, size, position, random_caption(rng, color, shape, size, position)))
     judged, images = [], []
+    generate = S.pick_sampler(gpt, args, [] if passes is None else passes)  # --speculative measures once
     for start in range(0, len(requests), batch_size):
         batch = requests[start:start + batch_size]
         conditions = [r[3] for r in batch] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in batch]
         images.append(generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device,
-                                      passes).cpu())
+                                      generate).cpu())
         judged += [judge_shape(image) for image in images[-1]]
     images = torch.cat(images)
     results = {}
