@@ -305,7 +305,8 @@ class ImageTokenizer(nn.Module):
       token_config()         what a GPT must know of the tokens: GPTConfig fields
       has_codebook           whether its tokens are codes of a codebook, and if so
       token_stats(codes)     the fractions of the codebook they use, for the training log
-      tokens_per_image, decode_known, encode_posterior, draw_from_posterior, calibrate: below"""
+      tokens_per_image, known_cells, known_tokens, decode_known, encode_posterior, draw_from_posterior,
+      calibrate: below"""
 
     has_codebook = False
 
@@ -325,6 +326,14 @@ class ImageTokenizer(nn.Module):
     @classmethod
     def tokens_per_image(cls, cfg, image_size):  # a token per cell of the grid
         return (image_size // cfg.downsample_factor) ** 2
+
+    def known_cells(self, keep):
+        """Editing: the pixels kept (B, H, W) bool -> the grid's cells known (B, H / f, W / f) bool:
+        a cell is known when all of its pixels are (none hidden in its f x f patch)."""
+        return F.max_pool2d((~keep)[:, None].float(), self.cfg.downsample_factor)[:, 0] == 0
+
+    def known_tokens(self, keep):  # the pixels kept (B, H, W) -> the tokens known (B, T): the cells, row by row
+        return self.known_cells(keep).flatten(1)
 
     @torch.no_grad()
     def decode_known(self, tokens, known):
@@ -901,6 +910,16 @@ def cfg_batch(x, guided):  # both halves of the CFG batch read the same tokens: 
     return torch.cat([x, x]) if guided else x
 
 
+def keep_known(drawn, edit, index):
+    """Editing: tokens drawn at token indices `index` (B, n, ..) with an edit's known tokens in
+    their place; edit = (the image's tokens (B, T, ..), known (B, T) bool), or None: all as drawn."""
+    if edit is None:
+        return drawn
+    tokens, known = edit
+    known = known[:, index].view(*drawn.shape[:2], *[1] * (drawn.dim() - 2))       # (B, n, 1 ..)
+    return torch.where(known, tokens[:, index].to(drawn.dtype), drawn)
+
+
 def guidance_at(t, cfg_scale, cfg_interval):
     """The CFG scale for image token t: cfg_scale, and 1 (none) after the first cfg_interval + 2
     tokens when cfg_interval >= 0 (the official convention)."""
@@ -1095,12 +1114,16 @@ class GPT(Llama):
         self.decode_one_token = torch.compile(self.decode_one_token, mode="reduce-overhead", fullgraph=True)
 
     @torch.no_grad()
-    def generate(self, cond, cond_mask=None, generator=None, steps=None, **options):
+    def generate(self, cond, cond_mask=None, generator=None, steps=None, edit=None, **options):
         """Sample block_size image tokens in raster order for cond: class ids (B,) or text features
         (B, L, caption_dim) with cond_mask (B, L) -> codes (B, block_size), or MAR's vectors
         (B, block_size, D); options: the generator's and the readout's sampling_options. steps, a
         list when given, receives the step that decided each token (B, block_size), as every
-        generator's generate() does (for pictures of the generation): here token t at step t."""
+        generator's generate() does (for pictures of the generation): here token t at step t.
+        edit, as every generator's: (an image's tokens (B, T, ..), known (B, T) bool): the known
+        tokens are kept and the others generated given them. Here a known token is fed back in its
+        turn as if drawn (teacher forcing through the KV cache), so a token sees the known ones
+        before it but not those after it: a hole above or left of what is kept is drawn blind to it."""
         o = self.sampling_settings(options)
         B, T, guided = cond.shape[0], self.config.block_size, o.cfg_scale != 1.0
         cache_len = self.config.cls_token_num + T - 1  # the last token is never fed back
@@ -1115,6 +1138,7 @@ class GPT(Llama):
                 for t in range(T):
                     scale = guidance_at(t, o.cfg_scale, o.cfg_interval)
                     token = self.output.draw(out if scale != 1.0 else out[:B], scale, o, generator)  # (B, 1, ..)
+                    token = keep_known(token, edit, slice(t, t + 1))
                     tokens.append(token)
                     if t + 1 < T:  # both halves of the CFG batch go on with the same token
                         out = self.decode_one_token(cfg_batch(token, guided), positions[t:t + 1], mask)
@@ -1155,7 +1179,7 @@ def check_raster_loop(gpt, loop, speculative=False):
 
 
 @torch.no_grad()
-def generate_without_cache(gpt, cond, cond_mask=None, generator=None, **options):
+def generate_without_cache(gpt, cond, cond_mask=None, generator=None, edit=None, **options):
     """GPT.generate without the KV cache, as a contrast: every new token reruns the whole sequence
     so far, O(T^2) token passes per image instead of O(T); the same draws, the same tokens."""
     check_raster_loop(gpt, "generation without the KV cache")
@@ -1167,7 +1191,8 @@ def generate_without_cache(gpt, cond, cond_mask=None, generator=None, **options)
         for t in range(gpt.config.block_size):
             out = gpt.predict(cond, inputs, cond_mask)[:, t]                    # the whole sequence again
             scale = guidance_at(t, o.cfg_scale, o.cfg_interval)
-            token = gpt.output.draw(out if scale != 1.0 else out[:B], scale, o, generator)
+            token = keep_known(gpt.output.draw(out if scale != 1.0 else out[:B], scale, o, generator), edit,
+                               slice(t, t + 1))
             tokens.append(token)
             inputs = torch.cat([inputs, gpt.tok_embeddings(cfg_batch(token, guided))], dim=1)
     return torch.cat(tokens, dim=1)
@@ -1227,8 +1252,31 @@ def next_drafts(p, drafts, q, j, generator=None, coupled=True):
     return coupled_draw(previous.gather(1, after), q_previous[rows, after], targets, generator), targets
 
 
+def known_at(edit, positions):
+    """Editing: at token positions (B, n), past the image too -> whether the edit knows the code
+    there (B, n) bool (never past the image), and that code (B, n)."""
+    tokens, known = edit
+    inside = positions.clamp(max=tokens.shape[1] - 1)
+    return known.gather(1, inside) & (positions < tokens.shape[1]), tokens.gather(1, inside)
+
+
+def certain(dists, known, codes):  # distributions (B, n, V), one-hot at the known codes (B, n)
+    return torch.where(known[..., None], F.one_hot(codes, dists.shape[-1]).to(dists.dtype), dists)
+
+
+def drafts_with_known(drafts, q, edit, positions):
+    """Drafts (B, W) at token positions (B, W) and what they are drawn from (B, W, V), with an
+    edit's known codes as drafts drawn from one-hot distributions: the target there is one-hot too
+    (certain() in the loop), so they are always accepted: an edit commits its known codes unchanged
+    and the rest by speculative sampling of the edit's own distribution, exactly."""
+    if edit is None:
+        return drafts, q
+    known, codes = known_at(edit, positions)
+    return torch.where(known, codes, drafts), certain(q, known, codes)
+
+
 @torch.no_grad()
-def generate_speculative(gpt, cond, cond_mask=None, generator=None, window=16, coupled=True, **options):
+def generate_speculative(gpt, cond, cond_mask=None, generator=None, window=16, coupled=True, edit=None, **options):
     """GPT.generate's distribution in fewer forward passes -> codes (B, block_size) and the passes
     each row needed (B,) (the batch makes as many as its slowest row). Each pass feeds, after a
     row's n committed codes, its last code and `window` drafts d_n .. d_{n+W-1}, reads the targets
@@ -1240,7 +1288,7 @@ def generate_speculative(gpt, cond, cond_mask=None, generator=None, window=16, c
     a draft at position i needs only that, given everything at positions before i, the draft is
     distributed as the q it is tested with: its draws at i in earlier passes were never tested (every
     draft left is past the last rejection) and shape nothing before i, and a coupled draw from
-    q_new is distributed as q_new whatever it is coupled with."""
+    q_new is distributed as q_new whatever it is coupled with. edit: as GPT.generate's."""
     check_raster_loop(gpt, "speculative decoding", speculative=True)
     if window < 1:
         raise ValueError(f"window {window}: speculative decoding checks at least one draft per pass.")
@@ -1257,25 +1305,30 @@ def generate_speculative(gpt, cond, cond_mask=None, generator=None, window=16, c
         needed = torch.zeros(B, dtype=torch.long, device=device)                # passes until a row was done
         drafts = torch.randint(V, (B, W), device=device, generator=generator)     # (B, W), drawn from q
         q = torch.full((B, W, V), 1.0 / V, device=device)                       # (B, W, V)
+        ahead = torch.arange(W + 1, device=device)                               # a window's offsets
+        drafts, q = drafts_with_known(drafts, q, edit, ahead[:W].expand(B, -1))
         with torch.inference_mode():
             # The first pass: the condition, then the drafts for codes 0 .. W-1
             h = torch.cat([gpt.embed_condition(cond), gpt.tok_embeddings(cfg_batch(drafts, guided))], dim=1)
             out = gpt.forward_with_cache(h, torch.arange(cls + W, device=device), mask, outputs=W + 1)
             while True:
+                predicted = n[:, None] + ahead                                            # (B, W + 1)
                 scale = o.cfg_scale
                 if guided and o.cfg_interval >= 0:  # guidance_at for the code each output predicts
-                    predicted = n[:, None] + torch.arange(W + 1, device=device)           # (B, W + 1)
                     scale = torch.where(predicted <= o.cfg_interval + 1, o.cfg_scale, 1.0)[..., None]
                 p = gpt.output.probabilities(out, scale, o)                               # (B, W + 1, V)
+                if edit is not None:
+                    p = certain(p, *known_at(edit, predicted))
                 j, window_codes = verify_drafts(p, q, drafts, generator)
-                codes[rows, n[:, None] + torch.arange(W + 1, device=device)] = window_codes  # j + 1 of them count
+                codes[rows, predicted] = window_codes                                     # j + 1 of them count
                 n = (n + j + 1).clamp(max=T)
                 needed += n < T
                 if bool((n == T).all()):
                     break
                 drafts, q = next_drafts(p, drafts, q, j, generator, coupled)
+                drafts, q = drafts_with_known(drafts, q, edit, n[:, None] + ahead[:W])
                 last_code = codes[rows, n[:, None] - 1]                                   # (B, 1)
-                positions = cls + n[:, None] - 1 + torch.arange(W + 1, device=device)     # (B, W + 1)
+                positions = cls + n[:, None] - 1 + ahead                                  # (B, W + 1)
                 positions = positions[0] if B == 1 else cfg_batch(positions, guided)  # one row: the cheaper (S,)
                 h = gpt.tok_embeddings(cfg_batch(torch.cat([last_code, drafts], dim=1), guided))
                 out = gpt.forward_with_cache(h, positions, mask, outputs=W + 1)
@@ -1794,8 +1847,10 @@ class MaskedGPT(Llama):
         return self.output.loss(out[masked][None], tokens[masked][None])              # (1, masked, ..)
 
     @torch.no_grad()
-    def generate(self, cond, cond_mask=None, generator=None, steps=None, **options):
-        """Sample the block_size image tokens in num_iter steps (see GPT.generate). Each step is one
+    def generate(self, cond, cond_mask=None, generator=None, steps=None, edit=None, **options):
+        """Sample the block_size image tokens in num_iter steps (see GPT.generate). An edit's known
+        tokens are in place, unmasked, from the start, and the schedule runs over the others (every
+        row of an edit hides as many); each step sees them all, wherever they are. Each step is one
         pass over [condition, all tokens, the unknown ones masked] and decides masked tokens until
         masked_after_step of them are left:
           codes (MaskGIT)    draw a code at every masked position; keep the most confident, by
@@ -1810,11 +1865,17 @@ class MaskedGPT(Llama):
         shape, dtype = ((B, T), torch.long) if by_confidence else ((B, T, cfg.token_dim), torch.float)
         tokens = torch.zeros(shape, dtype=dtype, device=device)   # what is masked is never read
         masked = torch.ones(B, T, dtype=torch.bool, device=device)
+        if edit is not None:
+            tokens, masked = edit[0].to(dtype).clone(), ~edit[1]
+        hidden = masked.sum(dim=1)                                                   # (B,) tokens to generate
+        if bool((hidden != hidden[0]).any()):
+            raise ValueError("the rows of an edit hide different numbers of tokens; give every row the same mask.")
         decided = torch.zeros(B, T, dtype=torch.long, device=device)                 # the step of each token
-        order = random_ranks(torch.rand(B, T, device=device, generator=generator))   # MAR's random order
+        # MAR's random order, over the hidden tokens: the known ones rank first, as if decided already
+        order = random_ranks(torch.rand(B, T, device=device, generator=generator).masked_fill(~masked, -1.0))
         with self.generation(cond, cond_mask, guided) as (cond, cond_mask, _):
-            for step in range(o.num_iter):
-                remaining = masked_after_step(step, o.num_iter, T, int(masked[0].sum()))
+            for step in range(o.num_iter if int(hidden[0]) else 0):  # nothing hidden: nothing to do
+                remaining = masked_after_step(step, o.num_iter, int(hidden[0]), int(masked[0].sum()))
                 scale = 1 + (o.cfg_scale - 1) * (T - remaining) / T
                 out = self(cfg_batch(tokens, guided), cfg_batch(masked, guided), cond, cond_mask)  # (B or 2B, T, ..)
                 if by_confidence:
@@ -2040,6 +2101,14 @@ class MultiScaleVQModel(ImageTokenizer):
                              f"a {grid} x {grid} grid: end the scales at {grid}.")
         return sum(s * s for s in cfg.scales)
 
+    def known_tokens(self, keep):
+        """Editing over scales: the grid's known cells (as every tokenizer's) at the last scale; a
+        cell of a coarser scale is known when more than half of its area is (VAR's zero-shot editing
+        resizes the mask to each scale and keeps what is above 0.5)."""
+        cells = self.known_cells(keep)[:, None].float()                                # (B, 1, h, h)
+        return torch.cat([F.interpolate(cells, size=(s, s), mode="area").flatten(1) > 0.5 for s in self.cfg.scales],
+                         dim=1)                                                        # (B, s_1^2 + ... + s_K^2)
+
     @torch.no_grad()
     def decode_known(self, tokens, known):  # the scales decided so far summed into f_hat: sharpening by scale
         scale_known = [k.all(dim=1).float()[:, None, None, None] for k in split_scales(known, self.cfg.scales)]
@@ -2149,16 +2218,19 @@ class ScaleGPT(Llama):
         return self.output.readout(h[:, self.config.cls_token_num - 1:])                     # (B, T, vocab)
 
     @torch.no_grad()
-    def generate(self, cond, cond_mask=None, generator=None, steps=None, **options):
+    def generate(self, cond, cond_mask=None, generator=None, steps=None, edit=None, **options):
         """Sample the codes of every scale, coarse to fine, in one forward pass per scale -> codes
-        (B, block_size) (see GPT.generate for cond and options; steps receives each token's scale
+        (B, block_size) (see GPT.generate for cond, options and edit; steps receives each token's scale
         index). Pass k feeds scale k's inputs (the condition for the first) through the KV cache and
-        draws all s_k^2 codes at once, each by temperature, top-k and top-p; CFG by guidance_at_scale."""
+        draws all s_k^2 codes at once, each by temperature, top-k and top-p; CFG by guidance_at_scale.
+        An edit's known cells take the image's own codes at every scale (VAR's zero-shot editing), so
+        the running f_hat, and every later scale's input, carries the known content."""
         o = self.sampling_settings(options)
         cfg, B, guided = self.config, cond.shape[0], o.cfg_scale != 1.0
         scales, cls, device = cfg.scales, cfg.cls_token_num, cond.device
         seq_len = cls + cfg.block_size - 1  # the last scale is never fed back
         positions = torch.arange(seq_len, device=device).split([cls] + [s * s for s in scales[1:]])
+        token_index = torch.arange(cfg.block_size, device=device).split([s * s for s in scales])
         f_hat = torch.zeros(B, cfg.token_dim, scales[-1], scales[-1], device=device)
         codes = []
         with self.generation(cond, cond_mask, guided, seq_len) as (cond, _, mask):
@@ -2168,7 +2240,8 @@ class ScaleGPT(Llama):
                     out = self.forward_with_cache(h, positions[k], mask, outputs=s * s)    # (B or 2B, s*s, vocab)
                     scale = guidance_at_scale(k, len(scales), o.cfg_scale, o.cfg_schedule)
                     logits = guide(out, scale) if scale != 1.0 else out[:B]                # (B, s*s, vocab)
-                    codes.append(self.output.draw(logits.flatten(0, 1), 1.0, o, generator).view(B, s * s))
+                    drawn = self.output.draw(logits.flatten(0, 1), 1.0, o, generator).view(B, s * s)
+                    codes.append(keep_known(drawn, edit, token_index[k]))
                     if k + 1 < len(scales):  # the null half goes on with the same codes
                         f_hat, next_input = self.quantizer.next_input(k, f_hat, codes[-1])   # (B, C, s', s')
                         index = positions[k + 1] - cls                                       # (s'^2,)

@@ -4,6 +4,7 @@
     python sample.py --prompt "a small red circle at the top" --num-samples 8
     python sample.py --class-name "red circle" --gif generation.gif
     python sample.py --out-dir out-scales --gif generation-scales.gif   # any trained order: VAR sharpens by scale
+    python sample.py --out-dir out-masked --edit shape.png --fill center --prompt "a large red circle in the center"
     python sample.py --official c2i_B_256 --class-id 207      # a released model, downloaded once by name
     python sample.py --list-official                         # the release: names, sizes, what is downloaded
     python sample.py --official t2i_XL_stage1_256 --t5 flan-t5-xl --prompt "a red fox in the snow"
@@ -21,6 +22,7 @@ import http.client
 import inspect
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -58,6 +60,26 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # -----------------------------------------------------------------------------
 # Pictures
+
+
+def to_rgb(image):
+    """Any Pillow image -> 8-bit RGB: 16-bit grayscale rescaled, transparency put over white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16") or pixels.max() > 255:
+            pixels = pixels / 257.0  # 0..65535 -> 0..255
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def center_crop_resize(image, size, resample=Image.LANCZOS):
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), resample)
 
 
 def to_uint8(images):  # (N, 3, H, W) in [-1, 1] -> uint8
@@ -265,12 +287,12 @@ def list_releases():
 
 
 class Pipeline:
-    """What sampling needs, whatever the kind of tokens: the image tokenizer, the GPT, its text
-    encoder (None for classes), the class names or prompts shown by default, and the sampling
-    settings that go with where the models come from (generate()'s keywords)."""
+    """What sampling needs, whatever the kind of tokens: the image tokenizer, the GPT, the image size
+    they make, its text encoder (None for classes), the class names or prompts shown by default,
+    and the sampling settings that go with where the models come from (generate()'s keywords)."""
 
-    def __init__(self, tokenizer, gpt, text_encoder=None, class_names=None, prompts=None, sampling=None):
-        self.tokenizer, self.gpt, self.text_encoder = tokenizer, gpt, text_encoder
+    def __init__(self, tokenizer, gpt, image_size, text_encoder=None, class_names=None, prompts=None, sampling=None):
+        self.tokenizer, self.gpt, self.image_size, self.text_encoder = tokenizer, gpt, image_size, text_encoder
         self.class_names, self.prompts, self.sampling = class_names, prompts, sampling or {}
 
 
@@ -281,11 +303,12 @@ def load_ours(out_dir):
             raise FileNotFoundError(f"{path} does not exist: run python train.py first "
                                     "(or pass --out-dir, or --official-vq and --official-gpt).")
     try:
-        tokenizer, _ = L.load_tokenizer(tokenizer_path)
+        tokenizer, tokenizer_checkpoint = L.load_tokenizer(tokenizer_path)
         gpt, text_encoder, checkpoint = L.load_gpt(gpt_path, tokenizer, tokenizer_path)
     except L.NotOurCheckpoint as error:
         raise ValueError(f"{error}: pass official files with --official-vq and --official-gpt.") from None
-    return Pipeline(tokenizer, gpt, text_encoder, checkpoint["class_names"], checkpoint["prompts"],
+    return Pipeline(tokenizer, gpt, tokenizer_checkpoint["image_size"], text_encoder, checkpoint["class_names"],
+                    checkpoint["prompts"],
                     {name: checkpoint[name] for name in CHECKPOINT_SAMPLING})
 
 
@@ -327,7 +350,7 @@ def load_official(args):
         raise ValueError(f"{gpt_path} predicts {gpt.config.vocab_size} codes but {vq_path} "
                          f"has {vq.cfg.codebook_size}: pass the tokenizer the GPT was trained with.")
     if gpt.config.model_type == "c2i":
-        return Pipeline(vq, gpt, sampling=OFFICIAL_C2I_SAMPLING)
+        return Pipeline(vq, gpt, image_size, sampling=OFFICIAL_C2I_SAMPLING)
     if not args.t5:
         raise t5_missing(gpt_path)
     t5, text_tokenizer = L.load_t5_encoder(args.t5)
@@ -336,7 +359,7 @@ def load_official(args):
     if t5.config.d_model != gpt.config.caption_dim:
         raise ValueError(f"{args.t5} gives {t5.config.d_model}-wide features but {gpt_path} reads "
                          f"{gpt.config.caption_dim}: pass the T5 it was trained with (flan-t5-xl).")
-    return Pipeline(vq, gpt, L.TextEncoder(text_tokenizer, t5), prompts=OFFICIAL_T2I_PROMPTS,
+    return Pipeline(vq, gpt, image_size, L.TextEncoder(text_tokenizer, t5), prompts=OFFICIAL_T2I_PROMPTS,
                     sampling=OFFICIAL_T2I_SAMPLING)
 
 
@@ -475,7 +498,7 @@ class SpeculativeOrPlain:
     def __init__(self, gpt, window, passes):
         self.gpt, self.window, self.passes, self.cost, self.needed = gpt, window, passes, None, []
 
-    def __call__(self, cond, cond_mask=None, generator=None, steps=None, **options):
+    def __call__(self, cond, cond_mask=None, generator=None, steps=None, edit=None, **options):
         T = self.gpt.config.block_size
         if self.cost is None:
             rows = len(cond) * (1 if self.gpt.sampling_settings(options).cfg_scale == 1.0 else 2)
@@ -486,8 +509,8 @@ class SpeculativeOrPlain:
         expected = sum(self.needed) / len(self.needed) if self.needed else T / 3
         if expected * self.cost >= T:
             self.passes.extend([T] * len(cond))
-            return self.gpt.generate(cond, cond_mask, generator=generator, **options)
-        tokens, needed = L.generate_speculative(self.gpt, cond, cond_mask, generator, self.window, **options)
+            return self.gpt.generate(cond, cond_mask, generator=generator, edit=edit, **options)
+        tokens, needed = L.generate_speculative(self.gpt, cond, cond_mask, generator, self.window, edit=edit, **options)
         self.passes.extend(needed.tolist())
         self.needed.append(int(needed.max()))  # the batch makes as many passes as its slowest row
         return tokens
@@ -535,9 +558,10 @@ def passes_report(passes, block_size, window):
 
 
 @torch.no_grad()
-def generate_tokens(pipeline, rows, args, options, device, passes=None):
+def generate_tokens(pipeline, rows, args, options, device, passes=None, edit=None):
     """Tokens (N, block_size, ..) for every row repeated num_samples times, in batches, and the step
-    that decided each token (N, block_size)."""
+    that decided each token (N, block_size); edit: one image's (tokens (1, T, ..), known (1, T)),
+    the same for every row (edit_request)."""
     requests = [row for row in rows for _ in range(args.num_samples)]
     generator = torch.Generator(device).manual_seed(args.seed)
     generate = pick_sampler(pipeline.gpt, args, passes)
@@ -546,7 +570,8 @@ def generate_tokens(pipeline, rows, args, options, device, passes=None):
                       disable=len(requests) <= args.batch_size):
         cond, cond_mask = condition_tensors(pipeline.gpt, pipeline.text_encoder,
                                             requests[start:start + args.batch_size], device)
-        tokens.append(generate(cond, cond_mask, generator=generator, steps=steps, **options))
+        batch_edit = None if edit is None else tuple(x.expand(len(cond), *x.shape[1:]) for x in edit)
+        tokens.append(generate(cond, cond_mask, generator=generator, steps=steps, edit=batch_edit, **options))
     tokens = torch.cat(tokens)
     if not steps:  # a raster loop that reports none
         steps = [torch.arange(tokens.shape[1], device=tokens.device).expand(len(tokens), -1)]
@@ -580,8 +605,14 @@ def save_gif(frames, path, columns):
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
 
-def save_outputs(images, args, columns):
-    grid_image(images, columns).save(args.output)
+def save_outputs(images, args, columns, beside=None):
+    """The grid, and with --save-dir a PNG per image and samples.npz. beside (k, 3, H, W): pictures
+    at the start of every row of num_samples images (an edit's image and what of it is kept)."""
+    if beside is not None:
+        grid_image(torch.cat([torch.cat([beside, row]) for row in images.split(args.num_samples)]),
+                   args.num_samples + len(beside)).save(args.output)
+    else:
+        grid_image(images, columns).save(args.output)
     print(f"wrote {args.output} ({len(images)} images)")
     if args.num_samples > 1:  # images come in runs of num_samples per condition
         rows = images.split(args.num_samples)
@@ -593,6 +624,91 @@ def save_outputs(images, args, columns):
             Image.fromarray(picture).save(os.path.join(args.save_dir, f"{i:05d}.png"))
         np.savez(os.path.join(args.save_dir, "samples.npz"), arr_0=pixels)  # what FID tools read
         print(f"wrote {len(pixels)} PNGs and samples.npz {pixels.shape} to {args.save_dir}")
+
+
+# -----------------------------------------------------------------------------
+# Editing: an image's tokens where a mask keeps it, the rest generated under the condition
+
+REGIONS = {  # the boxes a region can be named by: (left, top, right, bottom), fractions of the image's sides
+    "left": (0, 0, 0.5, 1), "right": (0.5, 0, 1, 1), "top": (0, 0, 1, 0.5), "bottom": (0, 0.5, 1, 1),
+    "center": (0.25, 0.25, 0.75, 0.75), "top-left": (0, 0, 0.5, 0.5), "top-right": (0.5, 0, 1, 0.5),
+    "bottom-left": (0, 0.5, 0.5, 1), "bottom-right": (0.5, 0.5, 1, 1)}
+REGION_HELP = ("a region: left, right, top or bottom (halves), center (the middle half of each side), top-left, "
+               "top-right, bottom-left or bottom-right (quarters), a box x0,y0,x1,y1 in pixels, or a black-and-white "
+               "PNG of the image's size (white: the region)")
+
+
+def read_image(path, option):  # -> an RGB Pillow image, or one sentence
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option} {path} does not exist.") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise ValueError(f"{option} {path} is not an image Pillow can read (corrupt, truncated, or another kind "
+                         "of file): pass a PNG or JPEG.") from None
+
+
+def region_mask(text, size, option):
+    """A region as --keep, --fill or train.py evaluate --edit name it (REGION_HELP), on an image of
+    size (width, height) -> (height, width) bool, True inside it."""
+    width, height = size
+    if text in REGIONS:
+        x0, y0, x1, y1 = (round(f * side) for f, side in zip(REGIONS[text], (width, height, width, height)))
+    elif re.fullmatch(r"\d+,\d+,\d+,\d+", text):
+        x0, y0, x1, y1 = map(int, text.split(","))
+        if not (x0 < x1 <= width and y0 < y1 <= height):
+            raise ValueError(f"{option} {text} is not a box inside the {width}x{height} image: give x0,y0,x1,y1 in "
+                             f"pixels with x0 < x1 <= {width} and y0 < y1 <= {height}.")
+    elif os.path.exists(text) or os.path.splitext(text)[1]:
+        mask = read_image(text, option)
+        if mask.size != size:
+            raise ValueError(f"{option} {text} is {mask.size[0]}x{mask.size[1]} but the image is {width}x{height}: "
+                             "draw the mask at the image's size.")
+        return np.asarray(mask.convert("L")) >= 128
+    else:
+        raise ValueError(f"{option} {text} is neither a region ({', '.join(REGIONS)}), a box x0,y0,x1,y1 nor an image "
+                         "file.")
+    inside = np.zeros((height, width), dtype=bool)
+    inside[y0:y1, x0:x1] = True
+    return inside
+
+
+@torch.no_grad()
+def edit_request(args, pipeline, device):
+    """--edit IMAGE with --keep or --fill: the image at the model's size (center-cropped and
+    resized, as its mask), its tokens and the tokens kept -> (image (1, 3, S, S) in [-1, 1], the
+    pixels kept (1, S, S), edit = (tokens (1, T, ..), known (1, T))); edit is None when no cell is
+    kept (plain sampling, said). A cell is kept when all of its pixels are."""
+    option = "--keep" if args.keep else "--fill"
+    photo = read_image(args.edit, "--edit")
+    region = region_mask(args.keep or args.fill, photo.size, option)
+    kept = region if args.keep else ~region
+    size, tokenizer = pipeline.image_size, pipeline.tokenizer
+    image = np.asarray(center_crop_resize(photo, size))
+    kept = np.asarray(center_crop_resize(Image.fromarray(kept.astype(np.uint8) * 255), size, Image.NEAREST)) >= 128
+    image = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].to(device).float() / 127.5 - 1  # (1, 3, S, S)
+    kept = torch.from_numpy(kept.copy())[None].to(device)                                        # (1, S, S)
+    cells = tokenizer.known_cells(kept)
+    grid = f"{cells.shape[1]}x{cells.shape[2]} grid of {tokenizer.cfg.downsample_factor} px cells"
+    if bool(cells.all()):
+        raise ValueError(f"{option} {args.keep or args.fill} keeps every cell of the {grid}: nothing is left to "
+                         "generate; keep less (a cell is generated when any of its pixels is not kept).")
+    resized = "" if photo.size == (size, size) else f", center-cropped and resized to {size} px"
+    if not bool(cells.any()):
+        print(f"editing {args.edit}{resized}: {option} {args.keep or args.fill} keeps no whole cell of the {grid}, "
+              "so nothing of the image is kept: this is plain sampling")
+        return image, kept, None
+    print(f"editing {args.edit}{resized}: {int(cells.sum())} of {cells[0].numel()} cells of the {grid} kept, "
+          f"the others generated")
+    return image, kept, (tokenizer.encode(image), tokenizer.known_tokens(kept))
+
+
+def kept_view(image, tokenizer, kept):  # what an edit keeps: the image (1, 3, S, S), its cells not kept gray
+    f = tokenizer.cfg.downsample_factor
+    cells = tokenizer.known_cells(kept)[:, None].repeat_interleave(f, 2).repeat_interleave(f, 3)  # (1, 1, S, S)
+    return image.masked_fill(~cells, 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -885,6 +1001,16 @@ def parse_args(argv=None):
     group.add_argument("--compile", action="store_true", help="torch.compile the decode step (gpt-fast)")
     group.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images generated at once")
     group.add_argument("--no-kv-cache", action="store_true", help="recompute every step (slow; for teaching)")
+    group = parser.add_argument_group(
+        "editing (inpainting, outpainting)",
+        "The image's tokens are kept in every cell whose pixels the mask all keeps; the rest are generated under the "
+        "condition. Masked and next-scale orders see all that is kept; raster order sees only what comes before a "
+        "token in reading order, so a hole above or left of kept content is drawn blind to it (it suits outpainting "
+        "to the right or down).")
+    group.add_argument("--edit", metavar="IMAGE", help="the image to edit (center-cropped and resized to the model's size)")
+    keep = group.add_mutually_exclusive_group()
+    keep.add_argument("--keep", metavar="MASK", help=f"what stays: {REGION_HELP}")
+    keep.add_argument("--fill", metavar="MASK", help="what is generated, the rest stays (--fill center: inpainting)")
     group = parser.add_argument_group("outputs")
     group.add_argument("--output", default="samples.png", help="the grid, an image file (.png, .jpg, ...)")
     group.add_argument("--save-dir", help="also write one PNG per image and samples.npz (N, H, W, 3) uint8")
@@ -917,6 +1043,13 @@ def main(argv=None):
         if args.speculative and (args.no_kv_cache or args.compile):
             raise ValueError(f"--speculative has its own loop: leave out "
                              f"{'--no-kv-cache' if args.no_kv_cache else '--compile'}.")
+        if args.edit and not (args.keep or args.fill):
+            raise ValueError("--edit needs --keep MASK (what of the image stays) or --fill MASK (what is generated).")
+        if (args.keep or args.fill) and not args.edit:
+            raise ValueError(f"{'--keep' if args.keep else '--fill'} says what of an image stays: pass the image with "
+                             "--edit IMAGE.")
+        if args.benchmark and args.edit:
+            raise ValueError("--benchmark times the sampling of a random-weight model: leave out --edit.")
         if args.benchmark:
             cfg = benchmark_config(args)
             options = sampling_options(args, cfg, OFFICIAL_C2I_SAMPLING)  # before the model is built
@@ -937,6 +1070,7 @@ def main(argv=None):
             rows = conditions(args, pipeline)
             options = sampling_options(args, pipeline.gpt.config, pipeline.sampling)
             check_sampler(pipeline.gpt, args)
+            image, kept, edit = edit_request(args, pipeline, "cpu") if args.edit else (None, None, None)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # during a download, say: fetch_release removes its unfinished file
@@ -957,7 +1091,8 @@ def main(argv=None):
         if args.compile:
             pipeline.gpt.compile_decode_one_token()
         passes = []
-        seconds, (tokens, steps) = time_it(lambda: generate_tokens(pipeline, rows, args, options, device, passes),
+        edit = None if edit is None else tuple(x.to(device) for x in edit)
+        seconds, (tokens, steps) = time_it(lambda: generate_tokens(pipeline, rows, args, options, device, passes, edit),
                                            device)
         print(f"generated {len(tokens)} images in {seconds:.1f} s ({1000 * seconds / len(tokens):.0f} ms per image, "
               f"batch {min(args.batch_size, len(tokens))})")
@@ -965,9 +1100,13 @@ def main(argv=None):
             print(passes_report(passes, pipeline.gpt.config.block_size, args.speculative))
         columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
         images = decode(pipeline.tokenizer, tokens)
-        save_outputs(images, args, columns)
+        # an edit's rows begin with the image and what of it is kept
+        beside = None if image is None else torch.cat([image, kept_view(image, pipeline.tokenizer, kept)]).to(device)
+        save_outputs(images, args, columns, beside)
         if args.gif:
             one_per_step = int(steps.max()) + 1 == steps.shape[1]  # raster order: a row of the grid per frame
+            if edit is not None:  # the kept tokens are there from the first frame
+                steps = steps.masked_fill(edit[1].expand_as(steps), -1)
             row = images.shape[-1] // pipeline.tokenizer.cfg.downsample_factor
             frames = generation_frames(pipeline.tokenizer, tokens, steps,
                                        args.gif_steps_per_frame or (row if one_per_step else 1))

@@ -184,6 +184,32 @@ def test_every_tokenizer_shares_the_autoencoder():
     assert L.VQConfig(**L.VQ_PRESETS["VQ-16"]).downsample_factor == 16
 
 
+@pytest.mark.parametrize("factor, size", [(4, 32), (16, 64)])
+def test_pixels_kept_map_to_the_cells_they_cover_whole(factor, size):
+    """Editing: a cell is known when all of its pixels are kept, at downsampling 4 and 16; the
+    regions sample.py names (REGIONS, boxes in pixels) land on the cells they cover."""
+    tokenizer = L.VQModel(L.VQConfig(**{**L.VQ_PRESETS["VQ-tiny"], "ch_mult": (1,) * (1 + int(math.log2(factor)))}))
+    assert tokenizer.cfg.downsample_factor == factor
+    grid = size // factor
+    hidden = np.zeros((size, size), dtype=bool)
+    hidden[factor + 1, 2 * factor] = True                  # one pixel hides its cell, (row 1, column 2)
+    hidden[-1, -1] = True                                  # and the last cell
+    cells = tokenizer.known_cells(torch.from_numpy(~hidden)[None])[0]        # (grid, grid)
+    expected = torch.ones(grid, grid, dtype=torch.bool)
+    expected[1, 2] = expected[-1, -1] = False
+    assert torch.equal(cells, expected)
+    assert torch.equal(tokenizer.known_tokens(torch.from_numpy(~hidden)[None])[0], expected.flatten())
+    for region, (rows, columns) in {"right": (slice(None), slice(grid // 2, None)),
+                                    "center": (slice(grid // 4, 3 * grid // 4),) * 2,
+                                    "top-left": (slice(None, grid // 2),) * 2,
+                                    # a box in pixels that ends inside a cell hides all of that cell
+                                    f"{factor},0,{2 * factor + 1},{factor}": (slice(0, 1), slice(1, 3))}.items():
+        kept = torch.from_numpy(~S.region_mask(region, (size, size), "--fill"))[None]
+        expected = torch.ones(grid, grid, dtype=torch.bool)
+        expected[rows, columns] = False
+        assert torch.equal(tokenizer.known_cells(kept)[0], expected), region
+
+
 @slow
 @pytest.mark.parametrize("token_kind", list(L.TOKENIZERS))
 def test_every_tokenizer_overfits_one_batch(token_kind):
@@ -572,6 +598,38 @@ def test_every_kind_of_token_goes_through_the_same_calls(order, token_kind):
     assert draws.shape[1:] == encoded.shape and (draws.mean(0) - encoded.float()).abs().max() < 0.5
 
 
+@pytest.mark.parametrize("order, token_kind", GENERATOR_KINDS)
+def test_every_generator_edits_keeping_the_known_tokens(order, token_kind):
+    """Editing with every generator and every mask of the README's table: the tokens of the kept
+    cells come out as the image's own (VAR: at every scale, as many as known_tokens knows), the
+    hidden ones are generated; keeping everything returns the image's tokens, keeping nothing is
+    plain generation, draw for draw."""
+    tokenizer = tiny_tokenizer(token_kind).eval()
+    images = blob_images(2)                                                 # (2, 3, 16, 16)
+    encoded = tokenizer.encode(images)
+    gpt = L.make_gpt(L.GPTConfig(**L.GPT_PRESETS["GPT-tiny"], **tokenizer.token_config(), num_classes=3,
+                                 block_size=tokenizer.tokens_per_image(tokenizer.cfg, 16), diffusion_width=32,
+                                 diffusion_depth=1, order=order))
+    gpt.bind_tokenizer(tokenizer)
+    for p in gpt.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    labels, options = torch.tensor([0, 2]), {"diffusion_steps": 2} if token_kind == "continuous" else {}
+
+    def edit(known, seed=0):
+        return gpt.eval().generate(labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(seed),
+                                   edit=None if known is None else (encoded, known), **options)
+    for region in ("center", "right", "bottom", "top-left"):
+        known = tokenizer.known_tokens(torch.from_numpy(~S.region_mask(region, (16, 16), "--fill"))[None].expand(2, -1, -1))
+        if token_kind == "multiscale":  # some cells known at a coarser scale than the grid's
+            assert known[:, :-64].any() and not known[:, :-64].all()
+        generated = edit(known)
+        assert generated.shape == encoded.shape
+        assert torch.equal(generated[known], encoded[known]), region
+        assert not torch.equal(generated[~known], encoded[~known])
+    assert torch.equal(edit(torch.ones_like(known)), encoded)
+    assert torch.equal(edit(torch.zeros_like(known), seed=3), edit(None, seed=3))
+
+
 OVERFITS = {  # (order, kind of token): learning rate, steps, the fall of the loss asked for
     ("raster", "discrete"): (3e-3, 150, 10), ("raster", "continuous"): (3e-3, 300, 3),
     ("masked", "discrete"): (1e-2, 500, 3), ("masked", "continuous"): (3e-3, 400, 3),
@@ -696,9 +754,11 @@ def tiny_enumerable_gpt(model_type="c2i"):
                     block_size=4, num_classes=3)
 
 
-def exact_distribution(gpt, cond, cond_mask, cfg_scale, temperature, top_k, top_p, cfg_interval=-1):
+def exact_distribution(gpt, cond, cond_mask, cfg_scale, temperature, top_k, top_p, cfg_interval=-1, edit=None):
     """The probability of each of the V**T code sequences (V**T, T) under generate's rules, from
-    teacher-forced logits: the product over positions of the guided, filtered conditionals."""
+    teacher-forced logits: the product over positions of the guided, filtered conditionals. With
+    edit = (codes (T,), known (T,)): over the sequences that hold the known codes, the product over
+    the other positions only (raster editing: each is drawn given the codes before it)."""
     cfg = gpt.config
     sequences = torch.cartesian_prod(*[torch.arange(cfg.vocab_size)] * cfg.block_size)     # (V**T, T)
     n = len(sequences)
@@ -711,7 +771,12 @@ def exact_distribution(gpt, cond, cond_mask, cfg_scale, temperature, top_k, top_
     if cfg_interval >= 0:  # unguided after the first cfg_interval + 2 codes
         plain = gpt.output.probabilities(logits[:n], 1.0, settings(temperature, top_k, top_p))
         probs[:, cfg_interval + 2:] = plain[:, cfg_interval + 2:]
-    return sequences, probs.gather(-1, sequences[..., None])[..., 0].double().prod(dim=-1)
+    probs = probs.gather(-1, sequences[..., None])[..., 0].double()                          # (V**T, T)
+    if edit is None:
+        return sequences, probs.prod(dim=-1)
+    codes, known = edit
+    holds = (sequences[:, known] == codes[known]).all(dim=1)
+    return sequences, torch.where(holds, probs[:, ~known].prod(dim=-1), 0.0)
 
 
 def assert_follows(samples, sequences, exact):
@@ -764,6 +829,32 @@ def test_speculative_decoding_draws_exactly_generates_distribution(window, tempe
         assert torch.allclose(exact.sum(), torch.tensor(1.0, dtype=torch.float64))
         assert_follows(samples[labels == label], sequences, exact)
         assert_follows(reference[labels == label], sequences, exact)
+
+
+@pytest.mark.parametrize("loop", ["generate", "speculative", "no cache"])
+def test_a_raster_edit_draws_each_hidden_code_given_the_known_codes_before_it(loop):
+    """Raster editing, in each of its loops (speculative decoding: the known codes are drafts that are
+    always accepted): of 4 codes, the second and third are known, so the first is drawn blind to
+    them and the last given all three. 8,000 sequences, two classes, against the exact
+    distribution of the teacher-forced conditionals (chi-square)."""
+    gpt = tiny_enumerable_gpt()
+    options = dict(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1.0)
+    codes, known = torch.tensor([0, 2, 1, 0]), torch.tensor([False, True, True, False])
+    labels = torch.tensor([0, 2]).repeat_interleave(4000 if loop != "no cache" else 10)
+    edit, generator = (codes.expand(len(labels), -1), known.expand(len(labels), -1)), torch.Generator().manual_seed(0)
+    if loop == "speculative":
+        samples, _ = L.generate_speculative(gpt, labels, window=2, generator=generator, edit=edit, **options)
+    elif loop == "no cache":  # the same draws as generate's, so the same codes
+        samples = L.generate_without_cache(gpt, labels, generator=generator, edit=edit, **options)
+        assert torch.equal(samples, gpt.generate(labels, generator=torch.Generator().manual_seed(0), edit=edit, **options))
+        assert (samples[:, known] == codes[known]).all()
+        return
+    else:
+        samples = gpt.generate(labels, generator=generator, edit=edit, **options)
+    for label in (0, 2):
+        sequences, exact = exact_distribution(gpt, torch.tensor([label]), None, **options, edit=(codes, known))
+        assert torch.allclose(exact.sum(), torch.tensor(1.0, dtype=torch.float64))
+        assert_follows(samples[labels == label], sequences, exact)
 
 
 def test_coupled_draw_is_distributed_as_q_new_and_agrees_with_the_previous_draw_as_often_as_possible():
@@ -1511,6 +1602,23 @@ def test_multiscale_decode_known_sums_the_scales_so_far():
                                    + vq.quantize.scale_contribution(1, per_scale[1]))
         assert torch.allclose(vq.decode_known(codes, known), expected, atol=1e-6)
         assert torch.allclose(vq.decode_known(codes, torch.ones_like(known)), vq.decode(codes), atol=1e-6)
+
+
+def test_next_scale_edits_know_a_coarse_cell_when_more_than_half_of_it_is_known():
+    """VAR's zero-shot editing rule on every scale of 1, 2, 4, 8: keeping the left half of the 8 x 8
+    grid knows no 1x1 cell (half is not more than half), the left column at 2x2 and 4x4, the left
+    half at 8x8; keeping all but the top-right 2 x 2 cells knows 3 of the 2x2 scale's 4 cells."""
+    vq = tiny_tokenizer("multiscale")
+    kept = torch.zeros(1, 16, 16, dtype=torch.bool)
+    kept[..., :8] = True                                                    # the left half of the pixels
+    scales = [k[0].view(s, s) for k, s in zip(L.split_scales(vq.known_tokens(kept), vq.cfg.scales), vq.cfg.scales)]
+    assert not scales[0].any()
+    for known, s in zip(scales[1:], vq.cfg.scales[1:]):
+        assert known[:, :s // 2].all() and not known[:, s // 2:].any()
+    kept = torch.ones(1, 16, 16, dtype=torch.bool)
+    kept[:, :4, 12:] = False                                                # the top-right 2 x 2 cells
+    scales = [k[0].view(s, s) for k, s in zip(L.split_scales(vq.known_tokens(kept), vq.cfg.scales), vq.cfg.scales)]
+    assert scales[0].all() and scales[1].sum() == 4 and scales[2].sum() == 15 and scales[3].sum() == 60
 
 
 # -----------------------------------------------------------------------------

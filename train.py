@@ -42,26 +42,6 @@ import sample as S
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def to_rgb(image):
-    """Any Pillow image -> 8-bit RGB: 16-bit grayscale rescaled, transparency put over white."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        pixels = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16") or pixels.max() > 255:
-            pixels = pixels / 257.0  # 0..65535 -> 0..255
-        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    return image.convert("RGB")
-
-
-def center_crop_resize(image, size):
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-
-
 def read_metadata_captions(root):
     """{image path relative to root: caption} from root/metadata.jsonl, one {"file_name", "text"} per line."""
     path = os.path.join(root, "metadata.jsonl")
@@ -102,7 +82,7 @@ class ImageFolderDataset:
                     image.load()
                     if min(image.size) < image_size:
                         upscaled.append(path)
-                    pixels = np.asarray(center_crop_resize(to_rgb(image), image_size))
+                    pixels = np.asarray(S.center_crop_resize(S.to_rgb(image), image_size))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 unreadable.append(path)  # not an image, truncated, or corrupt
                 continue
@@ -677,14 +657,15 @@ def gpt_config(args, tokenizer, text_encoder, num_classes):
 
 
 @torch.no_grad()
-def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device, generate=None):
+def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device, generate=None, edit=None):
     """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1], with
-    `generate` (a sampler of sample.py's pick_sampler, kept over batches) or the one args ask for."""
+    `generate` (a sampler of sample.py's pick_sampler, kept over batches) or the one args ask for;
+    edit: (tokens, known) of one image per condition, kept where known."""
     cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
     options = S.sampling_options(args, gpt.config)
     generate = generate or S.pick_sampler(gpt, args, [])
-    tokens = generate(cond, cond_mask, generator=generator, **options)
+    tokens = generate(cond, cond_mask, generator=generator, edit=edit, **options)
     gpt.free_caches()  # give the KV cache's memory back to training
     return tokenizer.decode(tokens)
 
@@ -853,33 +834,55 @@ def judge_shape(image):
     return dict(color=list(COLORS)[color_index], shape=shape, size=size, position=position)
 
 
+def shape_requests(args, per_class):
+    """What is judged: for every (color, shape) `per_class` requests (3x that for held-out ones),
+    each (class name, size, position, a prompt in the training captions' varied wording)."""
+    rng = random.Random(args.seed + 2)
+    holdout = parse_holdout(args.holdout)
+    requests = []
+    for name in SHAPE_CLASSES:
+        color, shape = name.split()
+        for _ in range(per_class * (3 if name in holdout else 1)):
+            size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
+            requests.append((name, size, position, random_caption(rng, color, shape, size, position)))
+    return requests
+
+
+def render_request(request, image_size, seed):  # an image (3, S, S) uint8 that shows a request of shape_requests
+    name, size, position, _ = request
+    color, shape = name.split()
+    pixels = render_shape(shape, color, size, position, image_size, random.Random(seed))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def request_conditions(requests, args):  # the GPT's conditions of shape_requests: prompts or class ids
+    return [r[3] for r in requests] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in requests]
+
+
+def asked_color_and_shape(request, judged):
+    return judged is not None and f"{judged['color']} {judged['shape']}" == request[0]
+
+
 @torch.no_grad()
 def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128, passes=None):
     """Generate for every (color, shape) `per_class` samples (3x that for held-out ones), with
     prompts in the training captions' varied wording, and judge every image. Returns, per group,
     the fraction that shows the asked color and shape (and size and position, asked for in text),
     and the diversity of the samples of one color and shape (llamagen.diversity)."""
-    rng = random.Random(args.seed + 2)
     holdout = parse_holdout(args.holdout)
-    requests = []  # (class name, size, position, prompt)
-    for name in SHAPE_CLASSES:
-        color, shape = name.split()
-        for _ in range(per_class * (3 if name in holdout else 1)):
-            size, position = rng.choice(list(SIZES)), rng.choice(POSITIONS)
-            requests.append((name, size, position, random_caption(rng, color, shape, size, position)))
+    requests = shape_requests(args, per_class)
     judged, images = [], []
     generate = S.pick_sampler(gpt, args, [] if passes is None else passes)  # --speculative measures once
     for start in range(0, len(requests), batch_size):
         batch = requests[start:start + batch_size]
-        conditions = [r[3] for r in batch] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in batch]
-        images.append(generate_images(gpt, tokenizer, text_encoder, conditions, args, args.seed + start, device,
-                                      generate).cpu())
+        images.append(generate_images(gpt, tokenizer, text_encoder, request_conditions(batch, args), args,
+                                      args.seed + start, device, generate).cpu())
         judged += [judge_shape(image) for image in images[-1]]
     images = torch.cat(images)
     results = {}
     for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
         pairs = [(r, j) for r, j in zip(requests, judged) if r[0] in names]
-        right = [j is not None and f"{j['color']} {j['shape']}" == r[0] for r, j in pairs]
+        right = [asked_color_and_shape(r, j) for r, j in pairs]
         spread = [S.diversity(images[[i for i, r in enumerate(requests) if r[0] == name]]) for name in names]
         results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs),
                               diversity=sum(spread) / len(spread))
@@ -887,6 +890,49 @@ def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch
             results[group]["size"] = sum(j is not None and j["size"] == r[1] for r, j in pairs) / len(pairs)
             results[group]["position"] = sum(j is not None and j["position"] == r[2] for r, j in pairs) / len(pairs)
     return results
+
+
+def kept_psnr(images, originals, kept):
+    """PSNR (dB) of 8-bit images (N, 3, H, W) against originals (N, 3, H, W) uint8 over the kept
+    pixels (H, W) only, per image, averaged."""
+    error = (S.to_uint8(images).float() - originals.float()).pow(2)[:, :, kept]       # (N, 3, kept pixels)
+    return (10 * torch.log10(255.0 ** 2 / error.flatten(1).mean(1).clamp(min=1e-10))).mean().item()
+
+
+@torch.no_grad()
+def evaluate_edit(gpt, tokenizer, text_encoder, args, device, region, per_class, batch_size=128):
+    """Editing judged: for every request of shape_requests, the data generator draws an image that
+    shows it, `region` (sample.py's REGION_HELP) is hidden, and the GPT fills it under the same
+    condition. -> (the fraction of edits judged to show the asked color and shape, the PSNR of the
+    kept cells against the input, that of the tokenizer's reconstruction there, the count)."""
+    size = args.image_size
+    kept = torch.from_numpy(~S.region_mask(region, (size, size), "--edit")).to(device)[None]   # (1, S, S)
+    cells = tokenizer.known_cells(kept)
+    grid = f"{cells.shape[1]}x{cells.shape[2]} grid"
+    if bool(cells.all()):
+        raise ValueError(f"--edit {region} hides no whole cell of the {grid}, so there is nothing to generate: hide more.")
+    if not bool(cells.any()):
+        raise ValueError(f"--edit {region} hides every cell of the {grid}: that is plain sampling, which evaluate "
+                         "without --edit judges; hide less.")
+    known = tokenizer.known_tokens(kept)                                                    # (1, T)
+    f = tokenizer.cfg.downsample_factor
+    kept_pixels = cells[0].repeat_interleave(f, 0).repeat_interleave(f, 1).cpu()            # (S, S)
+    requests = shape_requests(args, per_class)
+    generate = S.pick_sampler(gpt, args, [])
+    right, edit_psnr, reconstruction_psnr = 0, 0.0, 0.0
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        originals = torch.stack([render_request(r, size, args.seed * 7919 + start + i)
+                                 for i, r in enumerate(batch)])                             # (B, 3, S, S) uint8
+        tokens = tokenizer.encode(to_float(originals).to(device))
+        edit = (tokens, known.expand(len(batch), -1))
+        edited = generate_images(gpt, tokenizer, text_encoder, request_conditions(batch, args), args,
+                                 args.seed + start, device, generate, edit).cpu()
+        right += sum(asked_color_and_shape(r, judge_shape(image)) for r, image in zip(batch, edited))
+        edit_psnr += kept_psnr(edited, originals, kept_pixels) * len(batch)
+        reconstruction_psnr += kept_psnr(tokenizer.decode(tokens).cpu(), originals, kept_pixels) * len(batch)
+    n = len(requests)
+    return right / n, edit_psnr / n, reconstruction_psnr / n, n
 
 
 def report_shapes(metrics, run, cfg_scale):
@@ -1018,6 +1064,9 @@ def parse_args(argv=None):
                        help="continuous tokens: timesteps drawn per token per training step")
     group.add_argument("--eval-per-class", type=S.bounded(int, 0), default=20,
                        help="samples per color/shape combination judged at the end of the shapes demo (0: none)")
+    group.add_argument("--edit", metavar="REGION", action="append",
+                       help="evaluate: judge edits instead: images of the judged captions with REGION hidden, filled by "
+                            "the GPT (center, right, bottom, top-left, ..., or x0,y0,x1,y1 in pixels; repeat for several)")
     # 2 rather than the library's 1 (no guidance): the demo's grids and evaluation are guided
     S.add_sampling_flags(parser.add_argument_group("sampling, for the grids and the evaluation"),
                          defaults=dict(cfg_scale=2.0), speculative="evaluate: ")
@@ -1163,8 +1212,19 @@ def evaluate_run(args, run):
     S.check_sampler(gpt, args)
     S.sampling_options(args, gpt.config)
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
+    args.image_size = checkpoint["args"]["image_size"]
     if text_encoder is not None:
         text_encoder.t5.to(run.device)
+    timer, passes = time.time(), []
+    for region in args.edit or []:
+        accuracy, psnr, reconstruction, samples = evaluate_edit(gpt.to(run.device), tokenizer.to(run.device),
+                                                                text_encoder, args, run.device, region,
+                                                                args.eval_per_class)
+        run.log(f"edited ({region}): {accuracy:.1%} of {samples} samples show the asked color and shape, kept region "
+                f"{psnr:.1f} dB against the input (the tokenizer's reconstruction: {reconstruction:.1f} dB)")
+    if args.edit:
+        run.log(f"edits generated and judged in {time.time() - timer:.1f} s")
+        return
     timer, passes = time.time(), []
     metrics = evaluate_shapes(gpt.to(run.device), tokenizer.to(run.device), text_encoder, args, run.device,
                               args.eval_per_class, passes=passes)
@@ -1181,6 +1241,9 @@ def main(argv=None):
     run = None
     try:
         S.check_output_dir(args.out_dir, "--out-dir")
+        if args.edit and args.stage != "evaluate":
+            raise ValueError("--edit is for python train.py evaluate, which judges edits of the shapes; sample.py "
+                             "edits an image of yours (--edit IMAGE --keep MASK).")
         if args.speculative and args.stage != "evaluate":
             raise ValueError("--speculative is for sampling: use it with python train.py evaluate (or sample.py).")
         run = Run(args)
