@@ -2128,6 +2128,87 @@ def test_every_run_samples_end_to_end(name, runs, tmp_path):
 
 
 @slow
+@pytest.mark.parametrize("name", list(E2E))
+def test_every_run_edits_an_image_keeping_what_the_mask_keeps(name, runs, tmp_path):
+    """sample.py --edit with whatever train.py trained, for every mask of the README's table: the
+    tokens of the kept cells are the image's own (VAR: at every scale), the images have the model's
+    size; the grid shows the photo (center-cropped, resized) and what is kept before the edits, and
+    the GIF starts with the kept cells in place."""
+    _, fast, _ = E2E[name]
+    photo = tmp_path / "photo.png"
+    write_image(str(photo), Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)))
+    pipeline = S.load_ours(str(runs[name]))
+    for mask in ("center", "right", "bottom", "top-left"):
+        args = S.parse_args(["--out-dir", str(runs[name]), "--edit", str(photo), "--fill", mask, "--num-samples", "2",
+                             "--class-name", "red circle", *fast])
+        image, kept, (encoded, known) = S.edit_request(args, pipeline, "cpu")
+        assert image.shape == (1, 3, 32, 32) and known.any() and not known.all()
+        options = S.sampling_options(args, pipeline.gpt.config, pipeline.sampling)
+        tokens, _ = S.generate_tokens(pipeline, S.conditions(args, pipeline), args, options, "cpu", edit=(encoded, known))
+        assert torch.equal(tokens[known.expand(2, -1)], encoded[known].repeat(2, *[1] * (encoded.dim() - 2))), mask
+        assert S.decode(pipeline.tokenizer, tokens).shape == (2, 3, 32, 32)
+    out = tmp_path / "out"
+    S.main(["--out-dir", str(runs[name]), "--edit", str(photo), "--keep", "left", "--class-name", "red circle",
+            "--num-samples", "2", *fast, "--output", str(out / "edit.png"), "--gif", str(out / "edit.gif")])
+    grid = read_rgb(out / "edit.png")
+    assert grid.shape == (2 + 34, 2 + 4 * 34, 3)
+    assert np.abs(grid[2:34, 2:34].astype(int) - np.asarray(S.center_crop_resize(Image.open(photo), 32))).max() <= 1
+    assert (grid[2:34, 36 + 16:68] == 128).all() and not (grid[2:34, 36:36 + 16] == 128).all()  # the right half gray
+    with Image.open(out / "edit.gif") as gif:
+        first = np.asarray(gif.convert("RGB")).astype(int)
+    if name != "scales":  # VAR's frames sum whole scales: the kept cells show as the scales come
+        cells = first[2:34, 2:18].reshape(8, 4, 4, 4, 3)                     # the kept half's cells of 4 x 4 px
+        assert not (cells == 128).all(axis=(1, 3, 4)).any()                  # none blank, as undecided ones are
+
+
+@slow
+def test_edit_errors(trained, tmp_path, capsys, monkeypatch):
+    """Each mistake with --edit gets one sentence and nothing is written; a mask that keeps no whole
+    cell is plain sampling, said; evaluate --edit prints its line per region."""
+    text, _ = trained
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 40), (200, 30, 30)).save("photo.png")
+    Image.new("L", (20, 20), 255).save("small-mask.png")
+    Image.new("L", (32, 32), 0).save("black.png")
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    for argv, expected in [
+        (["--edit", "missing.png", "--keep", "left"], "--edit missing.png does not exist."),
+        (["--edit", "broken.png", "--keep", "left"], "--edit broken.png is not an image Pillow can read"),
+        (["--edit", "photo.png", "--keep", "broken.png"], "--keep broken.png is not an image Pillow can read"),
+        (["--edit", "photo.png", "--keep", "small-mask.png"], "--keep small-mask.png is 20x20 but the image is 40x40: "
+                                                              "draw the mask at the image's size."),
+        (["--edit", "photo.png", "--keep", "middle"], "--keep middle is neither a region (left, right, top, bottom, "
+                                                      "center, top-left"),
+        (["--edit", "photo.png", "--fill", "0,0,50,10"], "--fill 0,0,50,10 is not a box inside the 40x40 image"),
+        (["--edit", "photo.png", "--keep", "0,0,40,40"], "keeps every cell of the 8x8 grid of 4 px cells: nothing is "
+                                                         "left to generate"),
+        (["--edit", "photo.png"], "--edit needs --keep MASK (what of the image stays) or --fill MASK"),
+        (["--fill", "center"], "--fill says what of an image stays: pass the image with --edit IMAGE."),
+        (["--edit", "photo.png", "--keep", "left", "--benchmark"], "--benchmark times the sampling of a random-weight "
+                                                                   "model: leave out --edit."),
+    ]:
+        before = set(os.listdir(tmp_path))
+        _, message = fails(S.main, ["--out-dir", str(text), *argv], capsys)
+        assert expected in message, message
+        assert set(os.listdir(tmp_path)) == before
+    S.main(["--out-dir", str(text), "--edit", "photo.png", "--keep", "1,1,4,4", "--num-samples", "1"])
+    assert "keeps no whole cell of the 8x8 grid of 4 px cells, so nothing of the image is kept: this is plain " \
+           "sampling" in capsys.readouterr().out
+    for argv, expected in [(["evaluate", "--eval-per-class", "1", "--edit", "black.png"], "--edit black.png hides no pixel of the 32x32 "
+                                                                                      "image, so there is nothing to generate"),
+                           (["evaluate", "--eval-per-class", "1", "--edit", "0,0,32,32"], "--edit 0,0,32,32 hides every cell of the 8x8 grid: "
+                                                                 "that is plain sampling"),
+                           (["--edit", "center"], "--edit is for python train.py evaluate")]:
+        _, message = fails(T.main, tiny_run(text, *argv), capsys)
+        assert expected in message, message
+    T.main(tiny_run(text, "evaluate", "--eval-per-class", "1", "--edit", "center", "--edit", "top-left"))
+    log = open(text / "log.txt").read()
+    for region in ("center", "top-left"):
+        assert re.search(rf"edited \({region}\): \d+\.\d% of 20 samples show the asked color and shape, kept region "
+                         r"\d+\.\d dB against the input \(the tokenizer's reconstruction: \d+\.\d dB\)", log), log[-600:]
+
+
+@slow
 def test_same_seed_same_images(trained, tmp_path):
     _, classes = trained
 
@@ -2221,6 +2302,16 @@ def test_official_checkpoints_end_to_end(fx, tmp_path):
     with pytest.raises(SystemExit, match="text-conditional and reads captions through flan-t5-xl .about 11 GB, not downloaded unasked.: download google/flan-t5-xl"):
         S.main(["--official-vq", str(tmp_path / "vq_ds8.pt"), "--official-gpt", str(tmp_path / "t2i.pt"),
                 "--image-size", "16"])
+    # an edit with the official models, at their size: a 40 x 30 photo, center-cropped and resized to 16 px
+    write_image(str(tmp_path / "photo.png"), Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3),
+                                                                                               dtype=np.uint8)))
+    S.main(["--official-vq", str(tmp_path / "vq_ds8.pt"), "--official-gpt", str(tmp_path / "c2i.pt"), "--image-size", "16",
+            "--class-id", "3", "--num-samples", "2", "--edit", str(tmp_path / "photo.png"), "--fill", "right",
+            "--output", str(tmp_path / "edit.png")])
+    grid = read_rgb(tmp_path / "edit.png")
+    assert grid.shape == (2 + 18, 2 + 4 * 18, 3)  # the photo, what is kept, two edits
+    photo = S.center_crop_resize(Image.open(tmp_path / "photo.png"), 16)
+    assert np.abs(grid[2:18, 2:18].astype(int) - np.asarray(photo)).max() <= 1
     transformers = pytest.importorskip("transformers")
     tokenizer = L.TextTokenizer.train(CAPTIONS, vocab_size=40)
     hf = transformers.T5EncoderModel(transformers.T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8,

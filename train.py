@@ -910,7 +910,8 @@ def evaluate_edit(gpt, tokenizer, text_encoder, args, device, region, per_class,
     cells = tokenizer.known_cells(kept)
     grid = f"{cells.shape[1]}x{cells.shape[2]} grid"
     if bool(cells.all()):
-        raise ValueError(f"--edit {region} hides no whole cell of the {grid}, so there is nothing to generate: hide more.")
+        raise ValueError(f"--edit {region} hides no pixel of the {size}x{size} image, so there is nothing to generate: "
+                         "hide more (white in a mask is hidden).")
     if not bool(cells.any()):
         raise ValueError(f"--edit {region} hides every cell of the {grid}: that is plain sampling, which evaluate "
                          "without --edit judges; hide less.")
