@@ -2933,6 +2933,7 @@ def sandbox(fx, tmp_path, monkeypatch, release_server):
         name = ("cats", "dogs")[i % 2]
         write_image(str(tmp_path / "my_images" / name / f"{i}.png"), Image.new("RGB", (64, 64), (10 * i, 80, 200)))
         (tmp_path / "my_images" / name / f"{i}.txt").write_text(f"a {name[:-1]} number {i}")
+    shutil.copytree(os.path.join(os.path.dirname(README), "assets"), tmp_path / "assets")  # the README's edit input
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
