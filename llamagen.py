@@ -532,6 +532,12 @@ class GPTConfig:
     scales: tuple = ()
     phi_ratio: float = 0.5
     phi_count: int = 4
+    # early fusion (section 11): one vocabulary of the caption tokenizer's ids, the specials, a token
+    # per grid height and width, and the codes; Chameleon's two stabilisers
+    text_vocab_size: int = 0         # the caption tokenizer's ids, first in the vocabulary
+    grid_shapes: tuple = ()          # the (rows, columns) grids of codes the model knows
+    qk_norm: bool = False            # Chameleon: queries and keys layer-normalised per head (off: LlamaGen's)
+    z_loss: float = 0.0              # Chameleon: weight of log(Z)^2, Z the softmax's normaliser (1e-5 there)
 
 
 GPT_PRESETS = {  # the official sizes (gpt.py), a CPU demo size and a tiny one for tests
@@ -641,6 +647,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim // cfg.n_head
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # q, k, v in one matrix (official layout)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # Chameleon's QK-norm: bounded attention logits, which kept its mixed-modal training stable
+            self.q_norm, self.k_norm = nn.LayerNorm(self.head_dim), nn.LayerNorm(self.head_dim)
+        self.qk_norm = cfg.qk_norm
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
         self.kv_cache = None  # a KVCache while generating (Llama.setup_caches)
@@ -651,8 +660,10 @@ class Attention(nn.Module):
         attention runs over the cache, so mask is (B or 1, 1, S, max_seq_len)."""
         B, S, C = x.shape
         q, k, v = self.wqkv(x).split(C, dim=-1)                             # 3 x (B, S, dim)
-        q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)      # (B, S, nh, hs)
-        k = apply_rope(k.view(B, S, self.n_head, self.head_dim), rope)      # (B, S, nh, hs)
+        q, k = q.view(B, S, self.n_head, self.head_dim), k.view(B, S, self.n_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)                     # (B, S, nh, hs)
         v = v.view(B, S, self.n_head, self.head_dim)                        # (B, S, nh, hs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, S, hs)
         if input_pos is not None:
@@ -945,8 +956,8 @@ class Llama(nn.Module):
                              f"{cfg.token_kind} ones.")
         self.config = cfg
         # the condition embedder; "cls_embedding" is the official name for classes and text alike
-        self.cls_embedding = LabelEmbedder(cfg) if cfg.model_type == "c2i" else CaptionEmbedder(cfg)
-        token_input, readout = (layer(cfg) for layer in TOKEN_LAYERS[cfg.token_kind])
+        self.cls_embedding = self.make_condition_embedder(cfg)
+        token_input, readout = self.make_token_layers(cfg)
         self.tok_embeddings = token_input                           # image tokens -> (B, T, dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
@@ -957,6 +968,12 @@ class Llama(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
         self.output.initialize()
+
+    def make_condition_embedder(self, cfg):  # class ids or text features -> condition tokens
+        return LabelEmbedder(cfg) if cfg.model_type == "c2i" else CaptionEmbedder(cfg)
+
+    def make_token_layers(self, cfg):  # (the layer that reads the tokens in, the readout of the output)
+        return tuple(layer(cfg) for layer in TOKEN_LAYERS[cfg.token_kind])
 
     def make_rope(self, cfg):  # the RoPE table: the condition, then the image tokens on their grid
         grid_size = math.isqrt(cfg.block_size)
@@ -1508,6 +1525,8 @@ class TextEncoder:
     def __call__(self, captions, length, device):
         ids, mask = self.text_tokenizer(captions, length)
         ids, mask = ids.to(device), mask.to(device)
+        if self.t5 is None:  # early fusion (section 11) reads the ids themselves
+            return ids, mask
         with evaluating(self.t5):
             return self.t5(ids, mask), mask
 
@@ -2254,6 +2273,217 @@ class ScaleGPT(Llama):
 
 GENERATORS["scales"] = ScaleGPT
 
+
+# -----------------------------------------------------------------------------
+# 11. Early fusion: words and image codes in one vocabulary, one Llama that draws and captions
+# Chameleon ("Chameleon: Mixed-Modal Early-Fusion Foundation Models", Meta 2024): caption tokens and
+# image codes are ids of one vocabulary, read by one embedding table and predicted by one output
+# layer, an image written <boi> codes <eoi>, the loss on every token; QK-norm and z-loss
+# (GPTConfig.qk_norm, z_loss) kept its training stable. Lumina-mGPT (Liu et al. 2024,
+# Alpha-VLLM/Lumina-mGPT, item_processor.py and inference_solver.py): after <boi> the grid's height
+# and width as tokens, an end-of-line token after every row, and a sampler that forces those and
+# draws only codes inside an image; CFG drops the caption. What it changes on the Llama: input: one
+# embedding table over the joint vocabulary, no condition embedder and no T5 (the caption is tokens
+# of the sequence); attention: causal; positions: 1D RoPE over the whole sequence, end-of-line marking
+# the rows; readout: logits over the joint vocabulary, restricted by what the sampler writes (codes
+# in an image, words in a caption); loss: the next token everywhere, over sequences of both
+# directions, caption then image (drawing) and image then caption (captioning).
+
+
+class FusedVocabulary:
+    """The one vocabulary's ids, in four blocks: the caption tokenizer's (SentencePiece as
+    TextTokenizer trains it: pad 0, end of text 1, ...), four specials, a token per grid height and
+    per grid width of cfg.grid_shapes, then the image codes (code c is id code_start + c)."""
+
+    def __init__(self, cfg: GPTConfig):
+        self.pad, self.eot = 0, 1                                     # TextTokenizer's pad and end of text
+        self.text_size = cfg.text_vocab_size
+        self.bot, self.boi, self.eoi, self.eol = range(self.text_size, self.text_size + 4)
+        heights, widths = sorted({rows for rows, _ in cfg.grid_shapes}), sorted({cols for _, cols in cfg.grid_shapes})
+        first = self.text_size + 4
+        self.height = {rows: first + i for i, rows in enumerate(heights)}
+        self.width = {cols: first + len(heights) + i for i, cols in enumerate(widths)}
+        self.code_start = first + len(heights) + len(widths)
+        self.size = self.code_start + cfg.vocab_size
+
+
+def left_aligned(ids, mask):  # right-aligned ids (B, L) after left padding -> the same ids first, padding after
+    shift = (mask == 0).sum(dim=1, keepdim=True)                                   # (B, 1) padding per row
+    index = (torch.arange(ids.shape[1], device=ids.device) + shift) % ids.shape[1]  # (B, L)
+    return ids.gather(1, index), mask.gather(1, index)
+
+
+class FusedGPT(Llama):
+    """Early fusion: one Llama over FusedVocabulary's ids. A drawing reads [bot, caption, eot, boi,
+    height, width] and writes the rows of codes, each followed by eol, then eoi; a caption reads
+    [boi, height, width, rows, eoi, bot] and writes words until eot. cond is a caption's ids as
+    TextTokenizer makes them (B, L) with its mask (L = cls_token_num); the image tokens are codes."""
+
+    token_kinds = ("discrete",)
+
+    def __init__(self, cfg: GPTConfig):
+        self.vocab = FusedVocabulary(cfg)
+        super().__init__(cfg)
+
+    def make_condition_embedder(self, cfg):  # none: the caption is ids of the sequence
+        return None
+
+    def make_token_layers(self, cfg):  # one embedding table and one output layer over the joint vocabulary
+        joint = dataclasses.replace(cfg, vocab_size=self.vocab.size)
+        return CodeEmbedding(joint), CodeHead(joint)
+
+    def make_rope(self, cfg):  # 1D over the longest sequence: the caption, bot, then the largest image
+        longest = cfg.cls_token_num + 1 + max(4 + rows * (cols + 1) for rows, cols in cfg.grid_shapes)
+        return rope_table(rope_angles_1d(torch.arange(longest), cfg.dim // cfg.n_head, cfg.rope_base), 0)
+
+    # The sequences: how a caption and an image are written in the one vocabulary
+
+    def caption_tokens(self, ids, mask):
+        """A caption's ids (B, L) as TextTokenizer makes them (left padding, eot last) -> as the
+        sequence writes it, [pad .., bot, words .., eot] (B, L + 1), and its mask (B, L + 1) bool."""
+        ids = torch.cat([ids.new_full((len(ids), 1), self.vocab.pad), ids], dim=1)
+        mask = torch.cat([mask.new_zeros(len(mask), 1), mask], dim=1).bool()
+        before = (mask.long().argmax(dim=1) - 1)[:, None]                          # (B, 1): just before the first word
+        return ids.scatter(1, before, self.vocab.bot), mask.scatter(1, before, True)
+
+    def null_caption(self, ids, mask):  # the caption dropped, [pad .., bot, eot], for CFG's unconditional rows
+        length = ids.shape[1]
+        empty = torch.tensor([self.vocab.bot, self.vocab.eot], device=ids.device)
+        null_ids = torch.cat([ids.new_full((length - 2,), self.vocab.pad), empty]).expand_as(ids)
+        return null_ids, (torch.arange(length, device=ids.device) >= length - 2).expand_as(mask)
+
+    def image_tokens(self, codes, grid):
+        """Codes (B, rows * cols) of a grid (rows, cols) -> [boi, height, width, row 1, eol, ..,
+        row R, eol, eoi] (B, 4 + rows * (cols + 1)), as Lumina-mGPT writes an image."""
+        rows, cols = grid
+        v, B = self.vocab, len(codes)
+        lines = torch.cat([codes.view(B, rows, cols) + v.code_start, codes.new_full((B, rows, 1), v.eol)], dim=2)
+        head = codes.new_tensor([v.boi, v.height[rows], v.width[cols]]).expand(B, -1)
+        return torch.cat([head, lines.flatten(1), codes.new_full((B, 1), v.eoi)], dim=1)
+
+    def grid(self, num_codes):  # the grid (rows, cols) of grid_shapes whose image has num_codes codes
+        grids = [shape for shape in self.config.grid_shapes if shape[0] * shape[1] == num_codes]
+        if len(grids) != 1:
+            raise ValueError(f"{num_codes} codes make {'no' if not grids else 'more than one'} grid this model knows "
+                             f"({', '.join(f'{r}x{c}' for r, c in self.config.grid_shapes)}).")
+        return tuple(grids[0])
+
+    # Training: both directions at once
+
+    def forward(self, sequence, mask):
+        """Ids (B, S) with their mask (B, S) (padding hidden as a key) -> logits (B, S, vocab) of the
+        id after each position: causal attention, 1D RoPE over the sequence."""
+        S = sequence.shape[1]
+        h = self.tok_dropout(self.tok_embeddings(sequence))                      # (B, S, dim)
+        visible = attention_mask(self.attention_blocks(S, sequence.device), mask)  # (B, 1, S, S)
+        for layer in self.layers:
+            h = layer(h, self.rope[:S], visible)
+        return self.output.readout(self.norm(h))
+
+    def loss(self, codes, cond, cond_mask):
+        """Chameleon's objective on captioned images, codes (B, T) and their captions' ids (B, L):
+        each example written, at random half and half, caption then image (its caption dropped at
+        class_dropout_prob while training, so that CFG works) or image then caption; the
+        cross-entropy of every next token but padding, plus z_loss * log(Z)^2 (Chameleon's z-loss:
+        it keeps the softmax's normaliser Z near 1 and the logits from drifting)."""
+        caption, caption_mask = self.caption_tokens(cond, cond_mask)             # (B, L + 1)
+        image = self.image_tokens(codes, self.grid(codes.shape[1]))             # (B, 4 + R (C + 1))
+        B, device = len(codes), codes.device
+        image_first = torch.rand(B, device=device) < 0.5
+        if self.training and self.config.class_dropout_prob > 0:
+            drop = (torch.rand(B, device=device) < self.config.class_dropout_prob) & ~image_first
+            null_ids, null_mask = self.null_caption(caption, caption_mask)
+            caption, caption_mask = (torch.where(drop[:, None], null, kept)
+                                     for null, kept in ((null_ids, caption), (null_mask, caption_mask)))
+        ones = torch.ones_like(image, dtype=torch.bool)
+        after_image, after_image_mask = left_aligned(caption, caption_mask)      # [bot, words, eot, pad ..]
+        sequence = torch.where(image_first[:, None], torch.cat([image, after_image], 1), torch.cat([caption, image], 1))
+        mask = torch.where(image_first[:, None], torch.cat([ones, after_image_mask], 1),
+                           torch.cat([caption_mask, ones], 1))                  # (B, S)
+        logits = self(sequence[:, :-1], mask[:, :-1])                           # (B, S - 1, vocab)
+        counted = mask[:, 1:] & mask[:, :-1]  # neither the target nor what predicts it is padding
+        logits, targets = logits[counted], sequence[:, 1:][counted]             # (N, vocab), (N,)
+        loss = F.cross_entropy(logits, targets)
+        if self.config.z_loss:
+            loss = loss + self.config.z_loss * logits.logsumexp(dim=-1).pow(2).mean()
+        return loss
+
+    # Generation: a drawing or a caption, through the KV cache, the sampler writing what is forced
+
+    def with_null_condition(self, cond, cond_mask):  # the CFG batch of a drawing's prompt: its caption dropped
+        head, tail = cond[:, :-3], cond[:, -3:]                                   # the caption, then boi, height, width
+        null_ids, null_mask = self.null_caption(head, cond_mask[:, :-3])
+        return (torch.cat([cond, torch.cat([null_ids, tail], 1)]),
+                torch.cat([cond_mask, torch.cat([null_mask, cond_mask[:, -3:]], 1)]))
+
+    def feed(self, ids, positions, mask):  # ids (B, S) at positions (S,) through the KV cache -> the last logits (B, vocab)
+        return self.forward_with_cache(self.tok_embeddings(ids), positions, mask)[:, -1]
+
+    @torch.no_grad()
+    def generate(self, cond, cond_mask=None, generator=None, steps=None, edit=None, **options):
+        """Draw an image for each caption cond (B, L) with its mask (B, L) -> codes (B, rows * cols)
+        of the first grid of grid_shapes, in raster order (see GPT.generate for steps and edit).
+        Lumina-mGPT's sampler: only codes are drawn inside the image (the readout's draw over the
+        code ids' logits alone), eol is written, not drawn, after every row; CFG's unconditional
+        rows are the prompt with its caption dropped."""
+        o = self.sampling_settings(options)
+        rows, cols = self.config.grid_shapes[0]
+        v, B, guided, device = self.vocab, cond.shape[0], o.cfg_scale != 1.0, cond.device
+        caption, caption_mask = self.caption_tokens(cond, cond_mask)
+        head = torch.tensor([v.boi, v.height[rows], v.width[cols]], device=device).expand(B, -1)
+        prompt = torch.cat([caption, head], 1)                                     # (B, P)
+        prompt_mask = torch.cat([caption_mask, torch.ones_like(head, dtype=torch.bool)], 1)
+        P, fed = prompt.shape[1], rows * (cols + 1) - 1  # the last row's eol and eoi are never fed
+        positions = torch.arange(P + fed, device=device)
+        eol = torch.full((2 * B if guided else B, 1), v.eol, device=device)
+        with self.generation(prompt, prompt_mask, guided, P + fed) as (prompt, _, mask):
+            codes, position = [], P
+            with torch.inference_mode():
+                logits = self.feed(prompt, positions[:P], mask)                         # (B or 2B, vocab)
+                for t in range(rows * cols):
+                    code = self.output.draw(logits[:, v.code_start:], o.cfg_scale, o, generator)  # (B, 1)
+                    codes.append(keep_known(code, edit, slice(t, t + 1)))
+                    if t + 1 == rows * cols:
+                        break
+                    logits = self.feed(cfg_batch(codes[-1] + v.code_start, guided),
+                                      positions[position:position + 1], mask)
+                    position += 1
+                    if (t + 1) % cols == 0:  # a row is complete: its end-of-line is written
+                        logits = self.feed(eol, positions[position:position + 1], mask)
+                        position += 1
+        if steps is not None:
+            steps.append(torch.arange(rows * cols, device=device).expand(B, -1))
+        return torch.cat(codes, dim=1)                                             # (B, rows * cols)
+
+    @torch.no_grad()
+    def caption(self, codes, generator=None, temperature=0.0, top_k=0, top_p=1.0):
+        """Image to text: codes (B, rows * cols) -> caption ids (B, n), n at most cls_token_num,
+        padded after eot (TextTokenizer.decode reads them). The prompt is the image and bot; then
+        words only (the logits of the text ids but padding), greedy at temperature 0, until every
+        row has written eot."""
+        v, B, device = self.vocab, codes.shape[0], codes.device
+        prompt = torch.cat([self.image_tokens(codes, self.grid(codes.shape[1])),
+                            codes.new_full((B, 1), v.bot)], 1)                     # (B, P)
+        P, length = prompt.shape[1], self.config.cls_token_num
+        positions = torch.arange(P + length - 1, device=device)
+        words, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+        with self.generation(prompt, None, False, P + length - 1) as (prompt, _, mask):
+            with torch.inference_mode():
+                logits = self.feed(prompt, positions[:P], mask)
+                for i in range(length):
+                    text_logits = logits[:, :v.text_size].clone()
+                    text_logits[:, v.pad] = float("-inf")
+                    word = sample_code(text_logits, temperature, top_k, top_p, generator).masked_fill(done[:, None], v.pad)
+                    words.append(word)
+                    done |= word[:, 0] == v.eot
+                    if bool(done.all()) or i + 1 == length:
+                        break
+                    logits = self.feed(word, positions[P + i:P + i + 1], mask)
+        return torch.cat(words, dim=1)
+
+
+GENERATORS["fused"] = FusedGPT
+
 # -----------------------------------------------------------------------------
 # Appendix A. Released weights: the official LlamaGen checkpoints and Hugging Face's T5, loaded with a plain
 # load_state_dict (each model's config is read off the shapes of its weights)
@@ -2524,8 +2754,8 @@ def load_tokenizer(path):
 
 
 def load_gpt(path, tokenizer, tokenizer_path):
-    """Our trained GPT in eval mode, its TextEncoder (None for classes) and its checkpoint; refused
-    when it was trained on another tokenizer."""
+    """Our trained GPT in eval mode, its TextEncoder (None for classes; without a T5 for early
+    fusion) and its checkpoint; refused when it was trained on another tokenizer."""
     checkpoint = load_checkpoint(path, "gpt")
     cfg = config_from_dict(GPTConfig, checkpoint["config"], path)
     if cfg.token_kind != tokenizer.token_kind:
@@ -2539,7 +2769,8 @@ def load_gpt(path, tokenizer, tokenizer_path):
     check_weights_present(gpt, checkpoint["model"], path, RETRAIN_GPT)
     gpt = load_weights(gpt, checkpoint["model"], path)
     text_encoder = None
-    if checkpoint["t5"] is not None:
-        t5 = load_weights(T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path)), checkpoint["t5"], path)
+    if checkpoint["text_tokenizer"] is not None:  # a T5 too, but for early fusion
+        t5 = None if checkpoint["t5"] is None else \
+            load_weights(T5Encoder(config_from_dict(T5Config, checkpoint["t5_config"], path)), checkpoint["t5"], path)
         text_encoder = TextEncoder(TextTokenizer(checkpoint["text_tokenizer"]), t5)
     return gpt, text_encoder, checkpoint

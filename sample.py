@@ -366,7 +366,7 @@ def load_official(args):
 def conditions(args, pipeline):
     """One entry per grid row: class ids, or prompts."""
     cfg = pipeline.gpt.config
-    if cfg.model_type == "t2i":
+    if cfg.model_type != "c2i":  # a caption read by a T5, or as words of one vocabulary (early fusion)
         if args.class_id or args.class_name:
             raise ValueError("this GPT is text-conditional: use --prompt, not --class-id / --class-name.")
         return args.prompt or pipeline.prompts
@@ -472,7 +472,7 @@ def condition_tensors(gpt, text_encoder, conditions, device):
     if text_encoder is None:
         return torch.tensor(conditions, device=device), None
     cond, cond_mask = text_encoder(conditions, gpt.config.cls_token_num, device)
-    return cond.to(gpt.tok_embeddings.weight.dtype), cond_mask
+    return (cond.to(gpt.tok_embeddings.weight.dtype) if cond.is_floating_point() else cond), cond_mask  # fusion: ids
 
 
 def pick_sampler(gpt, args, passes):
@@ -703,6 +703,22 @@ def edit_request(args, pipeline, device):
     print(f"editing {args.edit}{resized}: {int(cells.sum())} of {cells[0].numel()} cells of the {grid} kept, "
           f"the others generated")
     return image, kept, (tokenizer.encode(image), tokenizer.known_tokens(kept))
+
+
+@torch.no_grad()
+def caption_images(args, pipeline, photos, device):
+    """--caption: the images (read before any work, so that one unreadable file stops the run
+    first) center-cropped and resized to the model's size, encoded, and captioned in batches;
+    prints path: caption per image."""
+    size, text_tokenizer = pipeline.image_size, pipeline.text_encoder.text_tokenizer
+    images = torch.stack([torch.from_numpy(np.asarray(center_crop_resize(photo, size)).copy()).permute(2, 0, 1)
+                          for photo in photos]).float() / 127.5 - 1                # (N, 3, S, S)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    drawing = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p") if getattr(args, name) is not None}
+    for start in range(0, len(images), args.batch_size):
+        codes = pipeline.tokenizer.encode(images[start:start + args.batch_size].to(device))
+        for path, ids in zip(args.caption[start:], pipeline.gpt.caption(codes, generator, **drawing).cpu()):
+            print(f"{path}: {text_tokenizer.decode(ids)}")
 
 
 def kept_view(image, tokenizer, kept):  # what an edit keeps: the image (1, 3, S, S), its cells not kept gray
@@ -992,6 +1008,9 @@ def parse_args(argv=None):
     group.add_argument("--prompt", action="append", type=prompt_text, help="a caption (repeat for several)")
     group.add_argument("--class-id", type=int, action="append", help="a class id (repeat for several)")
     group.add_argument("--class-name", action="append", help="a class name stored in our checkpoint")
+    group.add_argument("--caption", nargs="+", metavar="IMAGE",
+                       help="early fusion (a run of train.py --cond vocab): write a caption for each image instead of "
+                            "drawing, one line per image, path: caption (greedy unless --temperature)")
     group = parser.add_argument_group("sampling (defaults: the checkpoint's, the official sampler's, the library's)")
     group.add_argument("--num-samples", type=bounded(int, 1), default=4, help="images per prompt or class")
     add_sampling_flags(group, note=default_note)
@@ -1050,6 +1069,14 @@ def main(argv=None):
                              "--edit IMAGE.")
         if args.benchmark and args.edit:
             raise ValueError("--benchmark times the sampling of a random-weight model: leave out --edit.")
+        if args.caption:
+            drawing = [name for name, given in (("--prompt", args.prompt), ("--class-id", args.class_id),
+                                                ("--class-name", args.class_name), ("--edit", args.edit),
+                                                ("--gif", args.gif), ("--save-dir", args.save_dir),
+                                                ("--benchmark", args.benchmark), ("--speculative", args.speculative),
+                                                ("--cfg-scale", args.cfg_scale)) if given]
+            if drawing:
+                raise ValueError(f"--caption writes captions of images; {drawing[0]} is for drawing: leave it out.")
         if args.benchmark:
             cfg = benchmark_config(args)
             options = sampling_options(args, cfg, OFFICIAL_C2I_SAMPLING)  # before the model is built
@@ -1066,8 +1093,15 @@ def main(argv=None):
             if args.official_gpt and not args.image_size:
                 raise ValueError("pass --image-size (256, 384 or 512) with official checkpoints.")
             official = args.official or args.official_gpt
+            if args.caption and official:
+                raise ValueError("the released LlamaGen models draw but cannot caption: --caption is for a run of "
+                                 "python train.py --cond vocab (--out-dir).")
             pipeline = load_official(args) if official else load_ours(args.out_dir)
-            rows = conditions(args, pipeline)
+            if args.caption and not hasattr(pipeline.gpt, "caption"):
+                raise ValueError(f"{args.out_dir}/gpt.pt draws but cannot caption: --caption is for a run of python "
+                                 "train.py --cond vocab, one model of words and image codes.")
+            photos = [read_image(path, "--caption") for path in args.caption or []]
+            rows = None if args.caption else conditions(args, pipeline)
             options = sampling_options(args, pipeline.gpt.config, pipeline.sampling)
             check_sampler(pipeline.gpt, args)
             image, kept, edit = edit_request(args, pipeline, "cpu") if args.edit else (None, None, None)
@@ -1086,8 +1120,10 @@ def main(argv=None):
             return benchmark(args, gpt, options, device, dtype)
         pipeline.tokenizer.to(device)
         pipeline.gpt.cast(device, dtype)
-        if pipeline.text_encoder is not None:
+        if pipeline.text_encoder is not None and pipeline.text_encoder.t5 is not None:
             pipeline.text_encoder.t5.to(device, dtype)
+        if args.caption:
+            return caption_images(args, pipeline, photos, device)
         if args.compile:
             pipeline.gpt.compile_decode_one_token()
         passes = []

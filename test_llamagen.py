@@ -45,7 +45,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: a core per worker, not
     torch.set_num_threads(1)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # every (order, kind of token) that make_gpt builds
-GENERATOR_KINDS = [(order, kind) for order, generator in L.GENERATORS.items() for kind in generator.token_kinds]
+# (early fusion's condition is a caption's ids, its tokens a vocabulary's: its own tests, section 11)
+GENERATOR_KINDS = [(order, kind) for order, generator in L.GENERATORS.items() for kind in generator.token_kinds
+                   if order != "fused"]
 
 
 @pytest.fixture(scope="module")
@@ -1622,6 +1624,212 @@ def test_next_scale_edits_know_a_coarse_cell_when_more_than_half_of_it_is_known(
 
 
 # -----------------------------------------------------------------------------
+# 11. Early fusion: words and image codes in one vocabulary, one Llama that draws and captions
+
+
+def tiny_fused(seed=0, std=0.3, grid=(4, 4), **overrides):
+    """A GPT-tiny over one vocabulary: 20 text ids, the specials, a height and a width, 32 codes of a
+    4 x 4 grid; captions of 6 ids. std as tiny_gpt's."""
+    torch.manual_seed(seed)
+    cfg = L.GPTConfig(**{**L.GPT_PRESETS["GPT-tiny"], **dict(
+        order="fused", model_type="vocab", vocab_size=32, text_vocab_size=20, grid_shapes=(grid,),
+        block_size=grid[0] * grid[1], cls_token_num=6, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+        class_dropout_prob=0.0), **overrides})
+    gpt = L.make_gpt(cfg)
+    for p in gpt.parameters() if std else []:
+        torch.nn.init.normal_(p, std=std)
+    return gpt.eval()
+
+
+def tiny_captions(batch=3, length=6, seed=0):  # TextTokenizer's layout: words 3..19, eot 1 last, left padding 0
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 20, (batch, length), generator=g)
+    ids[:, -1] = 1
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(batch):  # 4, 3, 2, .. words
+        pad = min(row + 1, length - 2)
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+def test_fused_vocabulary_keeps_words_specials_sizes_and_codes_apart():
+    """The one vocabulary: every block its own ids, together exactly the embedding table; an image
+    written as Lumina-mGPT does reads back to its grid, eol ending each row and eoi the image; a
+    caption written before an image (right-aligned) or after one (left-aligned) keeps its words."""
+    gpt = tiny_fused(grid=(2, 3), vocab_size=5)
+    v = gpt.vocab
+    blocks = [set(range(v.text_size)), {v.bot, v.boi, v.eoi, v.eol}, set(v.height.values()), set(v.width.values()),
+              set(range(v.code_start, v.code_start + 5))]
+    assert sum(map(len, blocks)) == len(set().union(*blocks)) == v.size == gpt.tok_embeddings.num_embeddings
+    assert v.size == gpt.output.out_features and v.height[2] != v.width[3]
+    codes = torch.tensor([[0, 1, 2, 3, 4, 0], [4, 4, 3, 2, 1, 0]])
+    image = gpt.image_tokens(codes, (2, 3))                                 # (2, 4 + 2 * 4)
+    assert image[:, :3].tolist() == [[v.boi, v.height[2], v.width[3]]] * 2 and (image[:, -1] == v.eoi).all()
+    lines = image[:, 3:-1].view(2, 2, 4)                                    # two rows of 3 codes and an eol
+    assert (lines[..., 3] == v.eol).all() and torch.equal(lines[..., :3].flatten(1) - v.code_start, codes)
+    ids, mask = tiny_captions(length=6)
+    caption, caption_mask = gpt.caption_tokens(ids, mask)                   # (3, 7): [pad .., bot, words, eot]
+    first = caption_mask.long().argmax(1)
+    assert (caption[torch.arange(3), first] == v.bot).all() and torch.equal(caption[:, 1:][mask.bool()], ids[mask.bool()])
+    after, after_mask = L.left_aligned(caption, caption_mask)               # [bot, words, eot, pad ..]
+    assert (after[:, 0] == v.bot).all() and torch.equal(after[after_mask], caption[caption_mask])
+    assert (after[~after_mask] == v.pad).all() and torch.equal(after_mask.sum(1), caption_mask.sum(1))
+
+
+def fused_full_logits(gpt, prompt, prompt_mask, generated):
+    """The logits a full forward pass gives over [prompt, generated] (B, P + n) at every position."""
+    mask = torch.cat([prompt_mask, torch.ones_like(generated, dtype=torch.bool)], 1)
+    return gpt(torch.cat([prompt, generated], 1), mask)
+
+
+def test_fused_drawing_is_the_full_forward_guided_by_cfg_formula():
+    """A drawing through the KV cache, greedy and guided, gives at every code the argmax over codes
+    of uncond + (cond - uncond) * scale, where cond and uncond are one full forward pass over the
+    sequence the sampler wrote ([bot, caption, eot, boi, height, width, rows with eol]) and over
+    the same with the caption dropped, for captions of different lengths in one batch: the sequence
+    layout, the forced eol, the cache and CFG in one check."""
+    gpt = tiny_fused()
+    v, scale = gpt.vocab, 3.0
+    ids, mask = tiny_captions()
+    codes = gpt.generate(ids, mask, cfg_scale=scale, temperature=0)        # (3, 16)
+    image = gpt.image_tokens(codes, (4, 4))[:, :-2]                         # what was fed after the prompt
+    caption, caption_mask = gpt.caption_tokens(ids, mask)
+    null, null_mask = gpt.null_caption(caption, caption_mask)
+    logits = []
+    for words, words_mask in ((caption, caption_mask), (null, null_mask)):
+        prompt, prompt_mask = torch.cat([words, image[:, :3]], 1), torch.cat([words_mask, torch.ones(3, 3).bool()], 1)
+        with torch.no_grad():
+            logits.append(fused_full_logits(gpt, prompt, prompt_mask, image[:, 3:]))
+    guided = logits[1] + (logits[0] - logits[1]) * scale                    # (3, S, vocab)
+    P = caption.shape[1] + 3
+    code_positions = P - 1 + torch.tensor([r * 5 + c for r in range(4) for c in range(4)])  # each predicts a code
+    expected = guided[:, code_positions, v.code_start:].argmax(-1)
+    assert torch.equal(codes, expected)
+
+
+def test_fused_caption_is_the_full_forward_over_words():
+    """A greedy caption through the KV cache is, word by word, the argmax over the text ids (pad
+    excluded) of one full forward pass over [boi, height, width, rows, eoi, bot, words so far];
+    after eot only padding follows."""
+    gpt = tiny_fused(seed=1)
+    v = gpt.vocab
+    codes = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(1))
+    words = gpt.caption(codes)                                              # (3, n)
+    prompt = torch.cat([gpt.image_tokens(codes, (4, 4)), torch.full((3, 1), v.bot)], 1)
+    with torch.no_grad():
+        logits = fused_full_logits(gpt, prompt, torch.ones_like(prompt, dtype=torch.bool), words[:, :-1])
+    text = logits[:, prompt.shape[1] - 1:, :v.text_size].clone()
+    text[..., v.pad] = float("-inf")
+    expected = text.argmax(-1)                                              # (3, n)
+    for row in range(3):
+        ended = (words[row] == v.eot).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else words.shape[1]
+        assert torch.equal(words[row, :n], expected[row, :n]) and (words[row, n:] == v.pad).all()
+
+
+def test_fused_sampler_draws_codes_in_images_and_words_in_captions_whatever_the_logits():
+    """Lumina-mGPT's logits processor: inside an image only codes can be drawn, in a caption only
+    words. Pushing every other id's logit to 1e4 (text, specials, sizes, padding) changes no draw."""
+    gpt = tiny_fused(seed=2)
+    v = gpt.vocab
+    ids, mask = tiny_captions()
+    codes = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(2))
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        return (gpt.generate(ids, mask, cfg_scale=2.0, top_k=8, generator=g),
+                gpt.caption(codes, generator=g, temperature=1.0))
+    drawn, caption = run()
+    readout = gpt.output.readout
+
+    def shouting(h):  # every id a drawing or a caption must not write, far ahead of the rest
+        logits = readout(h).clone()
+        logits[..., v.text_size:v.code_start] = 1e4
+        return logits
+    gpt.output.readout = shouting
+    try:
+        assert torch.equal(run()[0], drawn)
+    finally:
+        gpt.output.readout = readout
+
+    def shouting_codes(h):
+        logits = readout(h).clone()
+        logits[..., v.text_size:] = 1e4
+        logits[..., v.pad] = 1e4
+        return logits
+    gpt.output.readout = shouting_codes
+    try:
+        assert torch.equal(run()[1], caption)
+    finally:
+        gpt.output.readout = readout
+    assert drawn.min() >= 0 and drawn.max() < 32 and caption.max() < v.text_size
+
+
+def test_fused_editing_keeps_the_known_codes():
+    gpt = tiny_fused(seed=3)
+    ids, mask = tiny_captions()
+    image = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(3))
+    known = torch.zeros(3, 16, dtype=torch.bool)
+    known[:, :8] = True                                                     # the top half kept
+    edited = gpt.generate(ids, mask, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), edit=(image, known))
+    assert torch.equal(edited[known], image[known]) and not torch.equal(edited[~known], image[~known])
+
+
+def test_qk_norm_is_a_switch_of_the_shared_attention():
+    """Chameleon's QK-norm adds a LayerNorm on queries and one on keys per layer, and only when
+    asked: off, every generator's weights are the official layout (the parity tests above check
+    their outputs), so no checkpoint changes."""
+    plain, normed = tiny_gpt(), tiny_gpt(qk_norm=True)
+    added = set(normed.state_dict()) - set(plain.state_dict())
+    assert added == {f"layers.{i}.attention.{n}_norm.{w}" for i in range(2) for n in "qk" for w in ("weight", "bias")}
+    tokens, labels = tiny_tokens(plain), torch.tensor([0, 1])
+    normed.load_state_dict({**plain.state_dict(), **{k: normed.state_dict()[k] for k in added}})
+    with torch.no_grad():
+        assert not torch.allclose(plain(tokens, labels), normed(tokens, labels))
+    scale = 10.0  # a LayerNorm forgets the size of q and k: attention logits bounded whatever the weights
+    for layer in normed.layers:
+        layer.attention.wqkv.weight.data[:2 * 64] *= scale
+    with torch.no_grad():
+        once = normed(tokens, labels)
+        for layer in normed.layers:
+            layer.attention.wqkv.weight.data[:2 * 64] *= scale
+        assert torch.allclose(normed(tokens, labels), once, atol=1e-4)
+
+
+def test_fused_loss_adds_z_loss_as_its_formula():
+    """loss = cross-entropy + z_loss * mean(log Z)^2 over the counted positions: the z term is linear
+    in its weight, and positive."""
+    gpt = tiny_fused(seed=4)
+    ids, mask = tiny_captions()
+    codes = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(4))
+
+    def loss(weight):
+        gpt.config.z_loss = weight
+        torch.manual_seed(0)  # the same directions
+        return gpt.loss(codes, ids, mask).item()
+    base, one, three = loss(0.0), loss(1e-2), loss(3e-2)
+    assert one > base and abs((three - base) - 3 * (one - base)) < 1e-4
+
+
+@slow
+def test_fused_model_overfits_both_directions():
+    """Four captioned images trained with the fused loss (both directions): the loss falls from
+    about ln(vocabulary), then greedy sampling draws each caption's image back and writes each
+    image's caption back."""
+    gpt = tiny_fused(std=None).train()
+    ids, mask = tiny_captions(batch=4)
+    codes = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    losses = train_steps(gpt, lambda: gpt.loss(codes, ids, mask), 300, 3e-3)
+    assert losses[0] > 3.5 and np.mean(losses[-10:]) < np.mean(losses[:10]) / 10
+    gpt.eval()
+    assert (gpt.generate(ids, mask, temperature=0) == codes).float().mean() > 0.95
+    captions = gpt.caption(codes)
+    words = L.left_aligned(ids, mask)[0][:, :captions.shape[1]]
+    assert torch.equal(captions, words)
+
+
+# -----------------------------------------------------------------------------
 # Appendix A. Released weights: the official LlamaGen checkpoints (fixtures/README.md says what
 # each tensor is) and Hugging Face's T5 (section 7)
 
@@ -2085,6 +2293,95 @@ def test_sample_outputs(trained, tmp_path):
     # no arguments but the folder: one row per stored prompt (one per shape class)
     S.main(["--out-dir", str(text), "--output", str(tmp_path / "default.png"), "--num-samples", "1"])
     assert read_rgb(tmp_path / "default.png").shape[0] == 2 + 18 * 34
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory):
+    """A tiny early-fusion run as python train.py --cond vocab writes it, with Chameleon's QK-norm
+    and z-loss switched on."""
+    out = tmp_path_factory.mktemp("fused")
+    T.main(tiny_run(out, "--cond", "vocab", "--tokenizer-steps", "2", "--gpt-steps", "3", "--disc-start", "100",
+                    "--eval-per-class", "1", "--qk-norm", "--z-loss", "1e-5"))
+    return out
+
+
+@slow
+def test_fused_run_draws_and_captions(fused_run, tmp_path, capsys):
+    """train.py --cond vocab writes a GPT that says what it is (early fusion over one vocabulary of
+    the captions' SentencePiece ids and the codes, no T5), and its log judges drawings and captions;
+    sample.py draws with --prompt and prints path: caption per image with --caption, greedy by
+    default and reproducible from the seed when sampled; train.py evaluate judges both again."""
+    checkpoint = L.load_checkpoint(str(fused_run / "gpt.pt"), "gpt")
+    config = checkpoint["config"]
+    assert (config["order"], config["model_type"], config["qk_norm"], config["z_loss"]) == ("fused", "vocab", True, 1e-5)
+    assert [tuple(shape) for shape in config["grid_shapes"]] == [(8, 8)] and config["text_vocab_size"] > 16
+    assert checkpoint["t5"] is None and checkpoint["text_tokenizer"] and "captions" in checkpoint["metrics"]
+    log = open(fused_run / "log.txt").read()
+    assert "trained color/shape combinations: " in log and re.search(r"captions right: \d+\.\d% \(17 images\)", log)
+    grid = tmp_path / "grid.png"
+    S.main(["--out-dir", str(fused_run), "--prompt", "a small red circle at the top", "--num-samples", "2",
+            "--output", str(grid)])
+    assert read_rgb(grid).shape == (2 + 34, 2 + 2 * 34, 3)
+    paths = [str(tmp_path / name) for name in ("a.png", "b.png")]
+    for path, (shape, color) in zip(paths, [("circle", "red"), ("square", "blue")]):
+        Image.fromarray(T.render_shape(shape, color, "large", "center", 48, random.Random(0))).save(path)
+    capsys.readouterr()
+
+    def captions(*extra):
+        S.main(["--out-dir", str(fused_run), "--caption", *paths, *extra])
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split(": ", 1)[0] for line in lines] == paths
+        return lines
+    greedy = captions()
+    assert captions() == greedy and captions("--temperature", "1") == captions("--temperature", "1")
+    T.main(tiny_run(fused_run, "evaluate", "--eval-per-class", "1"))
+    assert open(fused_run / "log.txt").read().count("captions right: ") == 2
+
+
+@slow
+@pytest.mark.parametrize("argv, expected", [
+    (["--caption", "missing.png"], "--caption missing.png does not exist."),
+    (["--caption", "notes.txt"], "--caption notes.txt is not an image Pillow can read"),
+    (["--caption", "a.png", "--prompt", "a red circle"], "--caption writes captions of images; --prompt is for drawing: "
+                                                         "leave it out."),
+    (["--caption", "a.png", "--cfg-scale", "3"], "--cfg-scale is for drawing: leave it out."),
+    (["--speculative"], "--speculative is for raster order, and this GPT generates in fused order"),
+    (["--num-iter", "4"], "--num-iter does not apply to this GPT (fused order)"),
+    (["--class-id", "3"], "use --prompt, not --class-id"),
+])
+def test_fused_sample_errors(argv, expected, fused_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    _, message = fails(S.main, ["--out-dir", str(fused_run), *argv], capsys)
+    assert expected in message
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "notes.txt"]  # nothing written
+
+
+@slow
+def test_caption_needs_a_model_that_captions(trained, tmp_path, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    _, message = fails(S.main, ["--out-dir", str(trained[0]), "--caption", str(tmp_path / "a.png")], capsys)
+    assert "draws but cannot caption: --caption is for a run of python train.py --cond vocab" in message
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--cond", "vocab", "--order", "masked"], "--cond vocab writes codes of a VQ into one vocabulary with the words, "
+                                               "in raster order: leave out --order"),
+    (["--cond", "vocab", "--tokens", "continuous"], "leave out --tokens"),
+    (["--qk-norm"], "--qk-norm is Chameleon's, for --cond vocab"),
+    (["--z-loss", "1e-5", "--cond", "class"], "--z-loss is Chameleon's, for --cond vocab"),
+])
+def test_fused_train_flag_errors(argv, expected, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(argv)
+    assert expected in capsys.readouterr().err
+
+
+def test_fused_train_t5_is_refused():
+    args = T.parse_args(["--cond", "vocab", "--t5", "flan-t5-base"])
+    with pytest.raises(ValueError, match="--t5 does not apply to --cond vocab"):
+        T.check_args(args, T.load_data(T.parse_args(["--num-images", "4"])))
 
 
 E2E = {  # run: GIF frames (a row of the 8 x 8 grid, a step, a scale each), its sampling flags, flags that change the images

@@ -592,9 +592,14 @@ class Conditioned(nn.Module):
 def build_text_encoder(args, captions, checkpoint):
     """(L.TextEncoder, whether its T5 trains), or (None, False) for classes: from the checkpoint being
     resumed; from a pretrained Hugging Face directory (frozen); or a SentencePiece model trained on
-    the captions and a small T5 trained from scratch together with the GPT."""
+    the captions and a small T5 trained from scratch together with the GPT. Early fusion (--cond
+    vocab): the SentencePiece model alone, whose ids the GPT reads."""
     if args.cond == "class":
         return None, False
+    if args.cond == "vocab":  # early fusion: the caption's own ids go into the sequence, no T5
+        text_tokenizer = L.TextTokenizer(checkpoint["text_tokenizer"]) if checkpoint \
+            else L.TextTokenizer.train(captions, args.text_vocab)
+        return L.TextEncoder(text_tokenizer, None), False
     if checkpoint:
         t5 = L.T5Encoder(L.config_from_dict(L.T5Config, checkpoint["t5_config"], "gpt.pt"))
         t5.load_state_dict(checkpoint["t5"])
@@ -644,13 +649,17 @@ def tokenize_training_set(args, data, tokenizer, text_encoder, device):
 
 
 def gpt_config(args, tokenizer, text_encoder, num_classes):
-    """The preset's size, for the tokenizer's tokens and the condition."""
-    text = text_encoder is not None
-    return L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], **tokenizer.token_config(),
+    """The preset's size, for the tokenizer's tokens and the condition (early fusion: one vocabulary
+    of the caption tokenizer's ids and the codes, for the grid the images make)."""
+    t5 = text_encoder is not None and text_encoder.t5 is not None
+    grid = args.image_size // tokenizer.cfg.downsample_factor
+    fused = dict(text_vocab_size=text_encoder.text_tokenizer.vocab_size, grid_shapes=((grid, grid),),
+                 qk_norm=args.qk_norm, z_loss=args.z_loss) if args.cond == "vocab" else {}
+    return L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], **tokenizer.token_config(), **fused,
                        block_size=tokenizer.tokens_per_image(tokenizer.cfg, args.image_size),
-                       model_type="t2i" if text else "c2i", num_classes=num_classes,
-                       caption_dim=text_encoder.t5.config.d_model if text else 0,
-                       cls_token_num=args.text_length if text else 1, class_dropout_prob=args.class_dropout,
+                       model_type={"text": "t2i", "class": "c2i", "vocab": "vocab"}[args.cond], num_classes=num_classes,
+                       caption_dim=text_encoder.t5.config.d_model if t5 else 0,
+                       cls_token_num=args.text_length if text_encoder else 1, class_dropout_prob=args.class_dropout,
                        token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout,
                        rope_2d=args.rope == "2d", order=args.order, diffusion_width=args.diffusion_width,
                        diffusion_depth=args.diffusion_depth, diffusion_repeats=args.diffusion_repeats)
@@ -715,15 +724,15 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
     conditions = demo_conditions(data, args)
 
     def save(step, metrics=None):
-        text = text_encoder is not None
+        text, t5 = text_encoder is not None, text_encoder is not None and text_encoder.t5 is not None
         L.save_checkpoint(dict(kind="gpt", config=dataclasses.asdict(cfg), model=gpt.state_dict(),
                                optimizer=optimizer.state_dict(), step=step, rng=rng_state(run.device),
                                class_names=data.class_names, tokenizer_fingerprint=fingerprint,
                                prompts=conditions[::4] if text else None,  # one per grid row
                                image_size=args.image_size, cfg_scale=args.cfg_scale,
                                text_tokenizer=text_encoder.text_tokenizer.model_bytes if text else None,
-                               t5_config=dataclasses.asdict(text_encoder.t5.config) if text else None,
-                               t5=text_encoder.t5.state_dict() if text else None, train_t5=train_t5,
+                               t5_config=dataclasses.asdict(text_encoder.t5.config) if t5 else None,
+                               t5=text_encoder.t5.state_dict() if t5 else None, train_t5=train_t5,
                                args=vars(args), metrics=metrics), path)
 
     gpt_training_loop(args, run, model, optimizer, examples, tokenizer, text_encoder, conditions, start, save, path)
@@ -782,6 +791,10 @@ def finish_gpt(args, run, gpt, tokenizer, text_encoder, conditions, save, start)
         if args.data is None and args.eval_per_class > 0:
             metrics = evaluate_shapes(gpt, tokenizer, text_encoder, args, run.device, args.eval_per_class)
             report_shapes(metrics, run, args.cfg_scale)
+            if hasattr(gpt, "caption"):
+                metrics["captions"] = evaluate_captions(gpt, tokenizer, text_encoder, args, run.device,
+                                                        args.eval_per_class)
+                report_captions(metrics["captions"], run)
         save(max(start, args.gpt_steps), metrics)
     return gpt
 
@@ -856,7 +869,7 @@ def render_request(request, image_size, seed):  # an image (3, S, S) uint8 that 
 
 
 def request_conditions(requests, args):  # the GPT's conditions of shape_requests: prompts or class ids
-    return [r[3] for r in requests] if args.cond == "text" else [SHAPE_CLASSES.index(r[0]) for r in requests]
+    return [SHAPE_CLASSES.index(r[0]) for r in requests] if args.cond == "class" else [r[3] for r in requests]
 
 
 def asked_color_and_shape(request, judged):
@@ -886,7 +899,7 @@ def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch
         spread = [S.diversity(images[[i for i, r in enumerate(requests) if r[0] == name]]) for name in names]
         results[group] = dict(samples=len(pairs), color_and_shape=sum(right) / len(pairs),
                               diversity=sum(spread) / len(spread))
-        if args.cond == "text":
+        if args.cond != "class":
             results[group]["size"] = sum(j is not None and j["size"] == r[1] for r, j in pairs) / len(pairs)
             results[group]["position"] = sum(j is not None and j["position"] == r[2] for r, j in pairs) / len(pairs)
     return results
@@ -936,6 +949,50 @@ def evaluate_edit(gpt, tokenizer, text_encoder, args, device, region, per_class,
     return right / n, edit_psnr / n, reconstruction_psnr / n, n
 
 
+def read_caption(text):
+    """What a caption says, {attribute: value}, in the training captions' words; an attribute it
+    names no value of, or more than one, is None."""
+    words = {"color": {color: (color,) for color in COLORS}, "shape": {shape: (shape,) for shape in SHAPES},
+             "size": SIZE_WORDS, "position": POSITION_WORDS}
+    said = {}
+    for attribute, values in words.items():
+        found = [value for value, phrases in values.items()
+                 if any(re.search(rf"\b{phrase}\b", text) for phrase in phrases)]
+        said[attribute] = found[0] if len(found) == 1 else None
+    return said
+
+
+@torch.no_grad()
+def evaluate_captions(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128):
+    """Captioning judged (early fusion): the data generator draws an image for every request of
+    shape_requests (new images: the training set never had them), the GPT captions it greedily, and
+    a caption is right when it names the image's color, shape, size and position. -> per group
+    ("seen", and each held-out combination) the fraction right and the count."""
+    requests = shape_requests(args, per_class)
+    holdout = parse_holdout(args.holdout)
+    right = []
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        images = torch.stack([render_request(r, args.image_size, args.seed * 7919 + 104729 + start + i)
+                              for i, r in enumerate(batch)])                         # (B, 3, S, S) uint8
+        captions = gpt.caption(tokenizer.encode(to_float(images).to(device)))
+        for request, ids in zip(batch, captions.cpu()):
+            said = read_caption(text_encoder.text_tokenizer.decode(ids))
+            name, size, position, _ = request
+            right.append(f"{said['color']} {said['shape']}" == name and (said["size"], said["position"]) == (size, position))
+    results = {}
+    for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
+        counted = [ok for r, ok in zip(requests, right) if r[0] in names]
+        results[group] = dict(right=sum(counted) / len(counted), images=len(counted))
+    return results
+
+
+def report_captions(results, run):
+    for group, result in results.items():
+        where = "" if group == "seen" else f" on the held-out combination '{group}'"
+        run.log(f"captions right{where}: {result['right']:.1%} ({result['images']} images)")
+
+
 def report_shapes(metrics, run, cfg_scale):
     for group, result in metrics.items():
         name = "trained color/shape combinations" if group == "seen" else f"held-out combination '{group}'"
@@ -955,7 +1012,7 @@ TOKENIZER_SETTINGS = DATA_SETTINGS + tuple(name for kind in TOKEN_KINDS.values()
     "tokenizer_preset", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr", "perceptual_weight",
     "disc_start", "disc_weight", "adaptive_disc_weight", "ema")
 GPT_SETTINGS = DATA_SETTINGS + ("cond", "gpt_preset", "gpt_steps", "gpt_batch_size", "gpt_lr", "weight_decay",
-                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope", "order",
+                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope", "order", "qk_norm", "z_loss",
                                 "diffusion_width", "diffusion_depth", "diffusion_repeats")
 
 
@@ -983,7 +1040,10 @@ def parse_args(argv=None):
                        help="random horizontal flips: only for data whose mirror image means the same "
                             "(default: on for the shapes, whose captions are mirrored too; off for a folder, "
                             "where a flip turns writing, digits and faces into something else)")
-    group.add_argument("--cond", choices=["text", "class"], default="text", help="what the GPT is conditioned on")
+    group.add_argument("--cond", choices=["text", "class", "vocab"], default="text",
+                       help="what the GPT is conditioned on: a caption through a T5 (LlamaGen), a class, or a "
+                            "caption's own tokens in one vocabulary with the image codes (early fusion, Chameleon: "
+                            "one model that draws and captions)")
     group = parser.add_argument_group("tokenizer (stage 1)")
     group.add_argument("--tokens", choices=list(TOKEN_KINDS),
                        help="discrete codes from a VQ tokenizer (LlamaGen), continuous tokens from a KL "
@@ -1045,7 +1105,7 @@ def parse_args(argv=None):
     group.add_argument("--rope", choices=["2d", "1d"], default="2d",
                        help="rotary positions by (row, column) of the token grid, or by raster position "
                             "(raster and masked orders; next-scale has none, as VAR)")
-    group.add_argument("--order", choices=list(L.GENERATORS),
+    group.add_argument("--order", choices=[order for order in L.GENERATORS if order != "fused"],
                        help="raster: one token per pass, causal (LlamaGen; MAR's causal variant); masked: a few "
                             "passes, each deciding a share of the tokens, bidirectional (MaskGIT for codes, MAR "
                             "for continuous tokens); scales: one pass per scale, coarse to fine, block-causal "
@@ -1056,6 +1116,10 @@ def parse_args(argv=None):
                        help="SentencePiece vocabulary trained on the captions")
     group.add_argument("--t5", help="a pretrained Hugging Face T5 directory to use, frozen, instead of a small T5 "
                                     "trained with the GPT")
+    group.add_argument("--qk-norm", action="store_true",
+                       help="--cond vocab: layer-normalise queries and keys per head (Chameleon's QK-norm)")
+    group.add_argument("--z-loss", type=S.bounded(float, 0), default=0.0,
+                       help="--cond vocab: weight of Chameleon's z-loss, log(Z)^2 of every softmax (Chameleon: 1e-5)")
     # smaller than MAR's 3 x 1024: the demo's transformer is 128 wide
     group.add_argument("--diffusion-width", type=positive, default=128,
                        help="continuous tokens: width of the diffusion head's MLP blocks")
@@ -1088,6 +1152,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.flip is None:
         args.flip = args.data is None
+    if args.cond == "vocab":  # early fusion writes image codes into its one vocabulary, in its own raster order
+        if args.order is not None or args.tokens not in (None, "discrete"):
+            parser.error(f"--cond vocab writes codes of a VQ into one vocabulary with the words, in raster order: "
+                         f"leave out {'--order' if args.order is not None else '--tokens'}")
+        args.order = "fused"
+    elif args.qk_norm or args.z_loss:
+        parser.error(f"{'--qk-norm' if args.qk_norm else '--z-loss'} is Chameleon's, for --cond vocab")
     if args.tokens is None:  # the tokens the order generates (--order scales: multiscale)
         args.tokens = L.GENERATORS[args.order or "raster"].token_kinds[0]
     kind = TOKEN_KINDS[args.tokens]
@@ -1123,7 +1194,10 @@ def check_args(args, data):
         if getattr(args, name) % world:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the "
                              f"{world} processes.")
-    if args.stage != "tokenizer" and args.cond == "text" and not any(data.captions or []):
+    if args.cond == "vocab" and (args.t5 or args.rope != "2d"):
+        raise ValueError(f"{'--t5' if args.t5 else '--rope ' + args.rope} does not apply to --cond vocab, which reads "
+                         "the caption's own tokens and places the whole sequence by 1D RoPE: leave it out.")
+    if args.stage != "tokenizer" and args.cond != "class" and not any(data.captions or []):
         raise ValueError(f"{args.data} has no captions: add metadata.jsonl lines {{\"file_name\": ..., "
                          "\"text\": ...}} or a .txt file next to each image, or use --cond class.")
     if args.stage != "tokenizer" and args.cond == "class" and data.labels is None:
@@ -1214,7 +1288,7 @@ def evaluate_run(args, run):
     S.sampling_options(args, gpt.config)
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
     args.image_size = checkpoint["args"]["image_size"]
-    if text_encoder is not None:
+    if text_encoder is not None and text_encoder.t5 is not None:
         text_encoder.t5.to(run.device)
     timer, passes = time.time(), []
     for region in args.edit or []:
@@ -1232,6 +1306,8 @@ def evaluate_run(args, run):
     samples = sum(result["samples"] for result in metrics.values())
     report_shapes(metrics, run, args.cfg_scale)
     run.log(f"{samples} samples generated and judged in {time.time() - timer:.1f} s")
+    if hasattr(gpt, "caption"):
+        report_captions(evaluate_captions(gpt, tokenizer, text_encoder, args, run.device, args.eval_per_class), run)
     if passes:
         run.log(S.passes_report(passes, gpt.config.block_size, args.speculative))
 
