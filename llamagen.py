@@ -381,9 +381,11 @@ class VQModel(ImageTokenizer):
     def encode(self, images):  # -> codes (B, h*w): the grid read row by row
         return self.encode_indices(images).flatten(1)               # (B, h, w) -> (B, h*w)
 
-    def decode(self, codes):  # (B, h*w) -> images (B, 3, H, W) in [-1, 1], float32
-        grid = math.isqrt(codes.shape[1])
-        return self.decode_indices(codes.view(-1, grid, grid)).float().clamp(-1, 1)  # (B, h*w) -> (B, h, w)
+    def decode(self, codes):  # (B, h*w) of a square grid, or (B, h, w) of any -> images (B, 3, H, W) in [-1, 1], float32
+        if codes.dim() == 2:
+            grid = math.isqrt(codes.shape[1])
+            codes = codes.view(-1, grid, grid)                                   # (B, h*w) -> (B, h, w)
+        return self.decode_indices(codes).float().clamp(-1, 1)
 
     def token_config(self):
         return dict(token_kind=self.token_kind, vocab_size=self.cfg.codebook_size)
@@ -2361,12 +2363,17 @@ class FusedGPT(Llama):
         head = codes.new_tensor([v.boi, v.height[rows], v.width[cols]]).expand(B, -1)
         return torch.cat([head, lines.flatten(1), codes.new_full((B, 1), v.eoi)], dim=1)
 
-    def grid(self, num_codes):  # the grid (rows, cols) of grid_shapes whose image has num_codes codes
-        grids = [shape for shape in self.config.grid_shapes if shape[0] * shape[1] == num_codes]
-        if len(grids) != 1:
-            raise ValueError(f"{num_codes} codes make {'no' if not grids else 'more than one'} grid this model knows "
-                             f"({', '.join(f'{r}x{c}' for r, c in self.config.grid_shapes)}).")
-        return tuple(grids[0])
+    def check_grid(self, grid):  # a grid (rows, cols) the model has size tokens for
+        if tuple(grid) not in map(tuple, self.config.grid_shapes):
+            known = ", ".join(f"{rows} x {cols}" for rows, cols in self.config.grid_shapes)
+            raise ValueError(f"a grid of {grid[0]} x {grid[1]} codes is not one this model was trained on ({known}).")
+        return tuple(grid)
+
+    def as_grid(self, codes):  # codes (B, rows, cols), or (B, T) of a square grid -> (B, rows * cols), (rows, cols)
+        if codes.dim() == 3:
+            return codes.flatten(1), self.check_grid(codes.shape[1:])
+        side = math.isqrt(codes.shape[1])
+        return codes, self.check_grid((side, side))
 
     # Training: both directions at once
 
@@ -2381,13 +2388,14 @@ class FusedGPT(Llama):
         return self.output.readout(self.norm(h))
 
     def loss(self, codes, cond, cond_mask):
-        """Chameleon's objective on captioned images, codes (B, T) and their captions' ids (B, L):
+        """Chameleon's objective on captioned images, codes (B, rows, cols) (or (B, T) of a square
+        grid) and their captions' ids (B, L):
         each example written, at random half and half, caption then image (its caption dropped at
         class_dropout_prob while training, so that CFG works) or image then caption; the
         cross-entropy of every next token but padding, plus z_loss * log(Z)^2 (Chameleon's z-loss:
         it keeps the softmax's normaliser Z near 1 and the logits from drifting)."""
         caption, caption_mask = self.caption_tokens(cond, cond_mask)             # (B, L + 1)
-        image = self.image_tokens(codes, self.grid(codes.shape[1]))             # (B, 4 + R (C + 1))
+        image = self.image_tokens(*self.as_grid(codes))                         # (B, 4 + R (C + 1))
         B, device = len(codes), codes.device
         image_first = torch.rand(B, device=device) < 0.5
         if self.training and self.config.class_dropout_prob > 0:
@@ -2420,14 +2428,15 @@ class FusedGPT(Llama):
         return self.forward_with_cache(self.tok_embeddings(ids), positions, mask)[:, -1]
 
     @torch.no_grad()
-    def generate(self, cond, cond_mask=None, generator=None, steps=None, edit=None, **options):
+    def generate(self, cond, cond_mask=None, generator=None, steps=None, edit=None, grid=None, **options):
         """Draw an image for each caption cond (B, L) with its mask (B, L) -> codes (B, rows * cols)
-        of the first grid of grid_shapes, in raster order (see GPT.generate for steps and edit).
+        row by row, of grid (rows, cols), one of grid_shapes (None: the first, the training images'
+        square), in raster order (see GPT.generate for steps and edit).
         Lumina-mGPT's sampler: only codes are drawn inside the image (the readout's draw over the
         code ids' logits alone), eol is written, not drawn, after every row; CFG's unconditional
         rows are the prompt with its caption dropped."""
         o = self.sampling_settings(options)
-        rows, cols = self.config.grid_shapes[0]
+        rows, cols = self.check_grid(grid or self.config.grid_shapes[0])
         v, B, guided, device = self.vocab, cond.shape[0], o.cfg_scale != 1.0, cond.device
         caption, caption_mask = self.caption_tokens(cond, cond_mask)
         head = torch.tensor([v.boi, v.height[rows], v.width[cols]], device=device).expand(B, -1)
@@ -2457,12 +2466,12 @@ class FusedGPT(Llama):
 
     @torch.no_grad()
     def caption(self, codes, generator=None, temperature=0.0, top_k=0, top_p=1.0):
-        """Image to text: codes (B, rows * cols) -> caption ids (B, n), n at most cls_token_num,
-        padded after eot (TextTokenizer.decode reads them). The prompt is the image and bot; then
-        words only (the logits of the text ids but padding), greedy at temperature 0, until every
-        row has written eot."""
+        """Image to text: codes (B, rows, cols) (or (B, T) of a square grid) -> caption ids (B, n),
+        n at most cls_token_num, padded after eot (TextTokenizer.decode reads them). The prompt is
+        the image and bot; then words only (the logits of the text ids but padding), greedy at
+        temperature 0, until every row has written eot."""
         v, B, device = self.vocab, codes.shape[0], codes.device
-        prompt = torch.cat([self.image_tokens(codes, self.grid(codes.shape[1])),
+        prompt = torch.cat([self.image_tokens(*self.as_grid(codes)),
                             codes.new_full((B, 1), v.bot)], 1)                     # (B, P)
         P, length = prompt.shape[1], self.config.cls_token_num
         positions = torch.arange(P + length - 1, device=device)

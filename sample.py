@@ -958,6 +958,16 @@ def check_output_dir(path, option):
                          "write to.") from None
 
 
+def width_by_height(text):  # an argparse type: 16x32 -> (16, 32), width and height in pixels
+    try:
+        width, height = (int(side) for side in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size WxH in pixels, such as 16x32") from None
+    if min(width, height) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: a size has at least one pixel on each side")
+    return width, height
+
+
 def prompt_text(text):  # an argparse type: an empty prompt is a mistake, not a request
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty prompt says nothing: write a caption, or sample the "
@@ -1008,6 +1018,9 @@ def parse_args(argv=None):
     group.add_argument("--prompt", action="append", type=prompt_text, help="a caption (repeat for several)")
     group.add_argument("--class-id", type=int, action="append", help="a class id (repeat for several)")
     group.add_argument("--class-name", action="append", help="a class name stored in our checkpoint")
+    group.add_argument("--size", type=width_by_height, metavar="WxH",
+                       help="early fusion (a run of train.py --cond vocab): the size to draw, one it was trained on "
+                            "(default: its square)")
     group.add_argument("--caption", nargs="+", metavar="IMAGE",
                        help="early fusion (a run of train.py --cond vocab): write a caption for each image instead of "
                             "drawing, one line per image, path: caption (greedy unless --temperature)")
@@ -1045,6 +1058,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def drawing_grid(args, pipeline):
+    """--size WxH -> the grid (rows, cols) of codes that early fusion draws at that size, or None."""
+    if args.size is None:
+        return None
+    gpt, f = pipeline.gpt, pipeline.tokenizer.cfg.downsample_factor
+    if not isinstance(gpt, L.FusedGPT):
+        raise ValueError(f"--size is for early fusion (a run of python train.py --cond vocab), which writes an image's "
+                         f"height and width as tokens; this GPT draws {pipeline.image_size} px squares: leave it out.")
+    width, height = args.size
+    known = ", ".join(f"{cols * f}x{rows * f}" for rows, cols in gpt.config.grid_shapes)
+    if width % f or height % f or (height // f, width // f) not in map(tuple, gpt.config.grid_shapes):
+        raise ValueError(f"--size {width}x{height} is not a size this model was trained on: pass one of {known}.")
+    return height // f, width // f
+
+
 def check_outputs(args):
     """Every output path, checked before any sampling starts."""
     check_output_file(args.output, "--output", image_extensions(), "samples.png")
@@ -1074,7 +1102,7 @@ def main(argv=None):
                                                 ("--class-name", args.class_name), ("--edit", args.edit),
                                                 ("--gif", args.gif), ("--save-dir", args.save_dir),
                                                 ("--benchmark", args.benchmark), ("--speculative", args.speculative),
-                                                ("--cfg-scale", args.cfg_scale)) if given]
+                                                ("--cfg-scale", args.cfg_scale), ("--size", args.size)) if given]
             if drawing:
                 raise ValueError(f"--caption writes captions of images; {drawing[0]} is for drawing: leave it out.")
         if args.benchmark:
@@ -1101,8 +1129,13 @@ def main(argv=None):
                 raise ValueError(f"{args.out_dir}/gpt.pt draws but cannot caption: --caption is for a run of python "
                                  "train.py --cond vocab, one model of words and image codes.")
             photos = [read_image(path, "--caption") for path in args.caption or []]
+            grid = drawing_grid(args, pipeline)
+            if grid is not None and (args.edit or args.gif) and grid[0] != grid[1]:
+                raise ValueError(f"--{'edit' if args.edit else 'gif'} works on square images: leave out --size "
+                                 f"{args.size[0]}x{args.size[1]} (or draw the square).")
             rows = None if args.caption else conditions(args, pipeline)
             options = sampling_options(args, pipeline.gpt.config, pipeline.sampling)
+            options.update({"grid": grid} if grid else {})
             check_sampler(pipeline.gpt, args)
             image, kept, edit = edit_request(args, pipeline, "cpu") if args.edit else (None, None, None)
     except (OSError, ValueError) as error:
@@ -1135,7 +1168,7 @@ def main(argv=None):
         if passes:
             print(passes_report(passes, pipeline.gpt.config.block_size, args.speculative))
         columns = args.num_samples if len(rows) > 1 else min(len(tokens), 8)
-        images = decode(pipeline.tokenizer, tokens)
+        images = decode(pipeline.tokenizer, tokens if grid is None else tokens.view(len(tokens), *grid))
         # an edit's rows begin with the image and what of it is kept
         beside = None if image is None else torch.cat([image, kept_view(image, pipeline.tokenizer, kept)]).to(device)
         save_outputs(images, args, columns, beside)

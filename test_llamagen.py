@@ -1656,7 +1656,7 @@ def test_fused_vocabulary_keeps_words_specials_sizes_and_codes_apart():
     """The one vocabulary: every block its own ids, together exactly the embedding table; an image
     written as Lumina-mGPT does reads back to its grid, eol ending each row and eoi the image; a
     caption written before an image (right-aligned) or after one (left-aligned) keeps its words."""
-    gpt = tiny_fused(grid=(2, 3), vocab_size=5)
+    gpt = tiny_fused(grid=(2, 3), vocab_size=5, block_size=6)
     v = gpt.vocab
     blocks = [set(range(v.text_size)), {v.bot, v.boi, v.eoi, v.eol}, set(v.height.values()), set(v.width.values()),
               set(range(v.code_start, v.code_start + 5))]
@@ -2039,14 +2039,14 @@ def test_the_mirrored_training_set_pairs_mirror_images_with_mirrored_captions():
     text_tokenizer = L.TextTokenizer.train(CAPTIONS + captions[:2] + captions[3:], vocab_size=60)
     text_encoder = L.TextEncoder(text_tokenizer, None)  # its T5 is not needed to tokenize
     args = T.parse_args(["--text-length", "12"])
-    flipped = T.tokenize_training_set(args, data, vq, text_encoder, "cpu")
+    [flipped] = T.tokenize_training_set(args, data, vq, text_encoder, "cpu")  # one image size: one set
     kept = [0, 1, 3, 4]
     assert flipped.originals == 4 and flipped.posteriors.shape == (8, 64)
     assert torch.equal(flipped.posteriors[:4], vq.encode(T.to_float(data.images[kept])))
     assert torch.equal(flipped.posteriors[4:], vq.encode(T.to_float(data.images[kept]).flip(-1)))
     assert [text_tokenizer.decode(ids) for ids in flipped.cond] == [captions[i] for i in kept] + [
         "a red circle on the right", "a blue square at the top", "green, left", "a dot"]
-    plain = T.tokenize_training_set(T.parse_args(["--text-length", "12", "--no-flip"]), data, vq, text_encoder, "cpu")
+    [plain] = T.tokenize_training_set(T.parse_args(["--text-length", "12", "--no-flip"]), data, vq, text_encoder, "cpu")
     assert plain.originals == 4 and len(plain.posteriors) == len(plain.cond) == len(plain.cond_mask) == 4
 
 
@@ -2314,14 +2314,21 @@ def test_fused_run_draws_and_captions(fused_run, tmp_path, capsys):
     checkpoint = L.load_checkpoint(str(fused_run / "gpt.pt"), "gpt")
     config = checkpoint["config"]
     assert (config["order"], config["model_type"], config["qk_norm"], config["z_loss"]) == ("fused", "vocab", True, 1e-5)
-    assert [tuple(shape) for shape in config["grid_shapes"]] == [(8, 8)] and config["text_vocab_size"] > 16
+    assert [tuple(shape) for shape in config["grid_shapes"]] == [(8, 8), (4, 8), (8, 4)]  # 32x32, 32x16, 16x32
+    assert config["text_vocab_size"] > 16
     assert checkpoint["t5"] is None and checkpoint["text_tokenizer"] and "captions" in checkpoint["metrics"]
     log = open(fused_run / "log.txt").read()
     assert "trained color/shape combinations: " in log and re.search(r"captions right: \d+\.\d% \(17 images\)", log)
+    for size in ("32x16", "16x32"):
+        assert f"drawn at {size}, trained color/shape combinations: " in log
     grid = tmp_path / "grid.png"
     S.main(["--out-dir", str(fused_run), "--prompt", "a small red circle at the top", "--num-samples", "2",
             "--output", str(grid)])
     assert read_rgb(grid).shape == (2 + 34, 2 + 2 * 34, 3)
+    S.main(["--out-dir", str(fused_run), "--prompt", "a small red circle at the top", "--num-samples", "2",
+            "--size", "16x32", "--output", str(grid), "--save-dir", str(tmp_path / "each")])
+    assert read_rgb(grid).shape == (2 + 34, 2 + 2 * 18, 3)  # 32 px tall, 16 wide
+    assert np.load(tmp_path / "each" / "samples.npz")["arr_0"].shape == (2, 32, 16, 3)
     paths = [str(tmp_path / name) for name in ("a.png", "b.png")]
     for path, (shape, color) in zip(paths, [("circle", "red"), ("square", "blue")]):
         Image.fromarray(T.render_shape(shape, color, "large", "center", 48, random.Random(0))).save(path)
@@ -2348,6 +2355,10 @@ def test_fused_run_draws_and_captions(fused_run, tmp_path, capsys):
     (["--speculative"], "--speculative is for raster order, and this GPT generates in fused order"),
     (["--num-iter", "4"], "--num-iter does not apply to this GPT (fused order)"),
     (["--class-id", "3"], "use --prompt, not --class-id"),
+    (["--size", "24x32"], "--size 24x32 is not a size this model was trained on: pass one of 32x32, 32x16, 16x32."),
+    (["--size", "32x16", "--gif", "a.gif"], "--gif works on square images: leave out --size 32x16"),
+    (["--size", "32"], "--size: '32' is not a size WxH in pixels"),
+    (["--caption", "a.png", "--size", "16x32"], "--size is for drawing: leave it out."),
 ])
 def test_fused_sample_errors(argv, expected, fused_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -2359,10 +2370,12 @@ def test_fused_sample_errors(argv, expected, fused_run, tmp_path, capsys, monkey
 
 
 @slow
-def test_caption_needs_a_model_that_captions(trained, tmp_path, capsys):
+def test_caption_and_size_need_early_fusion(trained, tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     _, message = fails(S.main, ["--out-dir", str(trained[0]), "--caption", str(tmp_path / "a.png")], capsys)
     assert "draws but cannot caption: --caption is for a run of python train.py --cond vocab" in message
+    _, message = fails(S.main, ["--out-dir", str(trained[0]), "--size", "32x16"], capsys)
+    assert "--size is for early fusion (a run of python train.py --cond vocab)" in message
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -2371,6 +2384,9 @@ def test_caption_needs_a_model_that_captions(trained, tmp_path, capsys):
     (["--cond", "vocab", "--tokens", "continuous"], "leave out --tokens"),
     (["--qk-norm"], "--qk-norm is Chameleon's, for --cond vocab"),
     (["--z-loss", "1e-5", "--cond", "class"], "--z-loss is Chameleon's, for --cond vocab"),
+    (["--sizes", "32x32,32x16"], "--sizes draws the built-in shapes at other sizes, for --cond vocab"),
+    (["--cond", "vocab", "--sizes", "32x16"], "--sizes begins with the square of --image-size, 32x32"),
+    (["--cond", "vocab", "--sizes", "32x32,big"], "--sizes: 'big' is not a size WxH in pixels"),
 ])
 def test_fused_train_flag_errors(argv, expected, capsys):
     with pytest.raises(SystemExit):
@@ -2378,10 +2394,28 @@ def test_fused_train_flag_errors(argv, expected, capsys):
     assert expected in capsys.readouterr().err
 
 
-def test_fused_train_t5_is_refused():
-    args = T.parse_args(["--cond", "vocab", "--t5", "flan-t5-base"])
+def test_fused_train_setting_errors():
+    data = T.load_data(T.parse_args(["--num-images", "4"]))
     with pytest.raises(ValueError, match="--t5 does not apply to --cond vocab"):
-        T.check_args(args, T.load_data(T.parse_args(["--num-images", "4"])))
+        T.check_args(T.parse_args(["--cond", "vocab", "--t5", "flan-t5-base"]), data)
+    with pytest.raises(ValueError, match="--sizes 32x18 is not a grid of VQ-mini's 4-pixel cells"):
+        T.check_args(T.parse_args(["--cond", "vocab", "--sizes", "32x32,32x18"]), data)
+
+
+def test_shapes_render_and_judge_at_any_size():
+    """The shapes demo at other sizes (early fusion's): the square is drawn as before, and the judge
+    reads every shape, size and position back off wide and tall images too."""
+    rng = random.Random(0)
+    for size in [(32, 16), (16, 32), (32, 32)]:
+        for shape, color, scale, position in [("circle", "red", "large", "center"), ("square", "blue", "small", "top"),
+                                              ("triangle", "green", "large", "bottom"), ("square", "cyan", "small", "left"),
+                                              ("circle", "magenta", "small", "right")]:
+            pixels = T.render_shape(shape, color, scale, position, size, rng)
+            assert pixels.shape == (size[1], size[0], 3)
+            image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
+            assert T.judge_shape(image) == dict(color=color, shape=shape, size=scale, position=position), (size, shape)
+    square = T.render_shape("circle", "red", "large", "left", 32, random.Random(3))
+    assert np.array_equal(square, T.render_shape("circle", "red", "large", "left", (32, 32), random.Random(3)))
 
 
 E2E = {  # run: GIF frames (a row of the 8 x 8 grid, a step, a scale each), its sampling flags, flags that change the images

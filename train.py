@@ -136,7 +136,7 @@ class ImageFolderDataset:
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (230, 50, 50), "green": (50, 190, 70), "blue": (60, 90, 235),
           "yellow": (240, 215, 50), "magenta": (215, 60, 215), "cyan": (50, 205, 215)}
-SIZES = {"small": 0.4, "large": 0.6}  # shape width as a fraction of the image width
+SIZES = {"small": 0.4, "large": 0.6}  # shape width as a fraction of the image's width (its shorter side)
 POSITIONS = ("center", "top", "bottom", "left", "right")
 BACKGROUND = (30, 32, 40)
 SHAPE_CLASSES = [f"{color} {shape}" for shape in SHAPES for color in COLORS]  # label = index
@@ -150,16 +150,17 @@ CAPTION_TEMPLATES = ("a {size} {color} {shape} {where}", "{color} {shape}, {size
 
 
 def render_shape(shape, color, size, position, image_size, rng):
-    """A uint8 (H, W, 3) image; drawn 4x larger and box-filtered down for smooth edges."""
+    """A uint8 (H, W, 3) image of image_size pixels (a side, or (width, height)); drawn 4x larger
+    and box-filtered down for smooth edges."""
     scale = 4
-    W = image_size * scale
-    width = SIZES[size] * W * rng.uniform(0.9, 1.1)
-    margin, half = 0.05 * W, width / 2
-    cx, cy = {"center": (W / 2, W / 2), "top": (W / 2, margin + half), "bottom": (W / 2, W - margin - half),
-              "left": (margin + half, W / 2), "right": (W - margin - half, W / 2)}[position]
+    W, H = (side * scale for side in ((image_size, image_size) if isinstance(image_size, int) else image_size))
+    width = SIZES[size] * min(W, H) * rng.uniform(0.9, 1.1)
+    margin, half = 0.05 * min(W, H), width / 2
+    cx, cy = {"center": (W / 2, H / 2), "top": (W / 2, margin + half), "bottom": (W / 2, H - margin - half),
+              "left": (margin + half, H / 2), "right": (W - margin - half, H / 2)}[position]
     cx += rng.uniform(-0.03, 0.03) * W
-    cy += rng.uniform(-0.03, 0.03) * W
-    image = Image.new("RGB", (W, W), BACKGROUND)
+    cy += rng.uniform(-0.03, 0.03) * H
+    image = Image.new("RGB", (W, H), BACKGROUND)
     draw = ImageDraw.Draw(image)
     box = (cx - half, cy - half, cx + half, cy + half)
     if shape == "circle":
@@ -168,7 +169,7 @@ def render_shape(shape, color, size, position, image_size, rng):
         draw.rectangle(box, fill=COLORS[color])
     else:
         draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=COLORS[color])
-    return np.asarray(image.resize((image_size, image_size), Image.BOX))
+    return np.asarray(image.resize((W // scale, H // scale), Image.BOX))
 
 
 def random_caption(rng, color, shape, size, position):
@@ -177,8 +178,8 @@ def random_caption(rng, color, shape, size, position):
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """Procedural shapes, deterministic from the seed. `holdout` names (color, shape) combinations
-    such as "blue triangle" that never appear."""
+    """Procedural shapes, deterministic from the seed, of image_size pixels (a side, or (width,
+    height)). `holdout` names (color, shape) combinations such as "blue triangle" that never appear."""
 
     def __init__(self, num_images, image_size=32, seed=0, holdout=()):
         self.num_images, self.image_size, self.seed = num_images, image_size, seed
@@ -221,6 +222,7 @@ class TrainingSet:
     class_names: list       # or None
     held_out: torch.Tensor  # (M, 3, H, W) uint8: the images the tokenizer's PSNR is measured on
     held_out_name: str      # what they are, for the log
+    other_sizes: dict = dataclasses.field(default_factory=dict)  # early fusion: (width, height) -> (images, captions)
 
 
 def load_data(args):
@@ -230,9 +232,16 @@ def load_data(args):
         shapes = ShapesDataset(args.num_images, args.image_size, args.seed, parse_holdout(args.holdout))
         items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
         held_out = ShapesDataset(256, args.image_size, args.seed + 1)
+        other_sizes = {}
+        for k, size in enumerate(args.sizes[1:]):  # early fusion's other sizes: half as many images each
+            more = ShapesDataset(args.num_images // 2, size, args.seed + 100 + k, parse_holdout(args.holdout))
+            more = [more[i] for i in tqdm(range(len(more)), desc=f"rendering {size[0]}x{size[1]} shapes", leave=False)]
+            other_sizes[size] = (S.to_uint8(torch.stack([item["image"] for item in more])),
+                                 [item["caption"] for item in more])
         return TrainingSet(S.to_uint8(torch.stack([item["image"] for item in items])),
                            [item["label"] for item in items], [item["caption"] for item in items], SHAPE_CLASSES,
-                           S.to_uint8(torch.stack([held_out[i]["image"] for i in range(len(held_out))])), "held-out")
+                           S.to_uint8(torch.stack([held_out[i]["image"] for i in range(len(held_out))])), "held-out",
+                           other_sizes)
     folder = ImageFolderDataset(args.data, args.image_size)
     order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(args.seed))
     n_held_out = min(256, len(folder) // 20)  # 5% (at most 256) never trained on, for the PSNR
@@ -364,6 +373,15 @@ def batch_indices(num_examples, batch_size, seed, step, run, flip):
     return indices[share], flips[share]
 
 
+def pick_group(sizes, seed, step):
+    """Which group of examples (one per image size) a step trains on, in proportion to their sizes:
+    a function of (seed, step) alone, as batch_indices."""
+    if len(sizes) == 1:
+        return 0
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009)
+    return torch.multinomial(torch.tensor(sizes, dtype=torch.float), 1, generator=generator).item()
+
+
 def learning_rate(step, total_steps, peak, warmup):
     """Linear warmup, then cosine decay to a tenth of the peak."""
     if step < warmup:
@@ -410,6 +428,10 @@ TOKEN_KINDS = {
                        options=("codebook_size", "codebook_embed_dim", "commit_loss_beta", "scales", "phi_ratio"),
                        defaults=dict(tokenizer_preset="MSVQ-mini", gpt_steps=1400, order="scales")),
 }
+
+
+def image_sizes(text):  # --sizes 32x32,32x16,16x32 -> [(width, height), ...]
+    return [S.width_by_height(size) for size in text.split(",")]
 
 
 def scale_sizes(text):  # --scales 1,2,3,4,6,8
@@ -620,6 +642,7 @@ class TokenizedSet:
     cond: torch.Tensor        # class ids (N,), or caption ids (N, L) for the T5 that trains with the GPT
     cond_mask: torch.Tensor   # the captions' padding masks (N, L), or None for classes
     originals: int            # examples before the mirrored ones
+    grid: tuple               # (rows, columns) of each image's tokens (VAR: of its last scale)
 
 
 @torch.no_grad()
@@ -629,31 +652,40 @@ def encode_posteriors(tokenizer, images, device, batch_size=256):  # uint8 image
 
 
 def tokenize_training_set(args, data, tokenizer, text_encoder, device):
-    """Every training image (with a caption, for text) through the tokenizer, with its condition."""
-    keep = [i for i, caption in enumerate(data.captions) if caption] if text_encoder is not None \
-        else list(range(len(data.images)))
-    images = data.images[keep]
+    """Every training image (with a caption, for text) through the tokenizer, with its condition: a
+    TokenizedSet per image size (one, but for early fusion's non-square shapes)."""
+    groups = [(data.images, data.captions, data.labels)] + [(images, captions, None)
+                                                           for images, captions in data.other_sizes.values()]
+    return [tokenize_images(args, *group, tokenizer, text_encoder, device) for group in groups]
+
+
+def tokenize_images(args, images, captions, labels, tokenizer, text_encoder, device):
+    keep = [i for i, caption in enumerate(captions) if caption] if text_encoder is not None \
+        else list(range(len(images)))
+    images = images[keep]
     posteriors = [encode_posteriors(tokenizer, images, device)]
     if text_encoder is not None:
-        captions = [data.captions[i] for i in keep]
+        captions = [captions[i] for i in keep]
         encoded = [text_encoder.text_tokenizer(captions, args.text_length)]   # (ids, mask)
         if args.flip:  # a mirrored image goes with its mirrored caption
             encoded.append(text_encoder.text_tokenizer([mirror_caption(c) for c in captions], args.text_length))
         cond, cond_mask = torch.cat([ids for ids, _ in encoded]), torch.cat([mask for _, mask in encoded])
     else:
-        labels = torch.tensor([data.labels[i] for i in keep])
+        labels = torch.tensor([labels[i] for i in keep])
         cond, cond_mask = torch.cat([labels, labels]) if args.flip else labels, None
     if args.flip:
         posteriors.append(encode_posteriors(tokenizer, images.flip(-1), device))
-    return TokenizedSet(torch.cat(posteriors), cond, cond_mask, len(images))
+    f = tokenizer.cfg.downsample_factor
+    return TokenizedSet(torch.cat(posteriors), cond, cond_mask, len(images), (images.shape[2] // f, images.shape[3] // f))
 
 
 def gpt_config(args, tokenizer, text_encoder, num_classes):
     """The preset's size, for the tokenizer's tokens and the condition (early fusion: one vocabulary
-    of the caption tokenizer's ids and the codes, for the grid the images make)."""
+    of the caption tokenizer's ids and the codes, for the grids the images of --sizes make)."""
     t5 = text_encoder is not None and text_encoder.t5 is not None
-    grid = args.image_size // tokenizer.cfg.downsample_factor
-    fused = dict(text_vocab_size=text_encoder.text_tokenizer.vocab_size, grid_shapes=((grid, grid),),
+    f = tokenizer.cfg.downsample_factor
+    fused = dict(text_vocab_size=text_encoder.text_tokenizer.vocab_size,
+                 grid_shapes=tuple((height // f, width // f) for width, height in args.sizes),
                  qk_norm=args.qk_norm, z_loss=args.z_loss) if args.cond == "vocab" else {}
     return L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], **tokenizer.token_config(), **fused,
                        block_size=tokenizer.tokens_per_image(tokenizer.cfg, args.image_size),
@@ -666,17 +698,18 @@ def gpt_config(args, tokenizer, text_encoder, num_classes):
 
 
 @torch.no_grad()
-def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device, generate=None, edit=None):
+def generate_images(gpt, tokenizer, text_encoder, conditions, args, seed, device, generate=None, edit=None, grid=None):
     """Sample and decode one image per condition (class id or prompt): (B, 3, H, W) in [-1, 1], with
     `generate` (a sampler of sample.py's pick_sampler, kept over batches) or the one args ask for;
-    edit: (tokens, known) of one image per condition, kept where known."""
+    edit: (tokens, known) of one image per condition, kept where known; grid: early fusion's
+    (rows, cols) of codes to draw (None: the square of the training images)."""
     cond, cond_mask = S.condition_tensors(gpt, text_encoder, conditions, device)
     generator = torch.Generator(device).manual_seed(seed)
     options = S.sampling_options(args, gpt.config)
     generate = generate or S.pick_sampler(gpt, args, [])
-    tokens = generate(cond, cond_mask, generator=generator, edit=edit, **options)
+    tokens = generate(cond, cond_mask, generator=generator, edit=edit, **options, **({"grid": grid} if grid else {}))
     gpt.free_caches()  # give the KV cache's memory back to training
-    return tokenizer.decode(tokens)
+    return tokenizer.decode(tokens if grid is None else tokens.view(len(tokens), *grid))
 
 
 def demo_conditions(data, args):
@@ -754,11 +787,15 @@ def gpt_training_loop(args, run, model, optimizer, examples, tokenizer, text_enc
             lr = learning_rate(step, args.gpt_steps, args.gpt_lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            indices, flips = batch_indices(examples.originals, args.gpt_batch_size, args.seed, step, run, args.flip)
-            rows = indices + flips.long() * examples.originals          # a flip picks the mirrored example
-            tokens = tokenizer.draw_from_posterior(examples.posteriors[rows]).to(run.device)
-            cond = examples.cond[rows].to(run.device)
-            cond_mask = None if examples.cond_mask is None else examples.cond_mask[rows].to(run.device)
+            group = examples[pick_group([group.originals for group in examples], args.seed, step)]
+            indices, flips = batch_indices(group.originals, args.gpt_batch_size, args.seed, step, run, args.flip)
+            rows = indices + flips.long() * group.originals             # a flip picks the mirrored example
+            tokens = tokenizer.draw_from_posterior(group.posteriors[rows]).to(run.device)
+            seen += tokens.shape[0] * tokens.shape[1] * run.world
+            if args.cond == "vocab":  # early fusion reads the grid's shape off the codes
+                tokens = tokens.view(len(tokens), *group.grid)
+            cond = group.cond[rows].to(run.device)
+            cond_mask = None if group.cond_mask is None else group.cond_mask[rows].to(run.device)
             with run.autocast():
                 loss = wrapped(tokens, cond, cond_mask)
             done = step + 1
@@ -767,7 +804,6 @@ def gpt_training_loop(args, run, model, optimizer, examples, tokenizer, text_enc
             loss.backward()
             nn.utils.clip_grad_norm_(params, args.grad_clip)
             optimizer.step()
-            seen += tokens.shape[0] * tokens.shape[1] * run.world
             if done % args.log_every == 0 or done == args.gpt_steps:
                 run.log(f"gpt step {done}/{args.gpt_steps} | loss {loss.item():.4f} | lr {lr:.1e} | "
                         f"{seen / (time.time() - timer):.0f} tokens/s")
@@ -791,6 +827,10 @@ def finish_gpt(args, run, gpt, tokenizer, text_encoder, conditions, save, start)
         if args.data is None and args.eval_per_class > 0:
             metrics = evaluate_shapes(gpt, tokenizer, text_encoder, args, run.device, args.eval_per_class)
             report_shapes(metrics, run, args.cfg_scale)
+            for size in args.sizes[1:]:  # early fusion's other sizes
+                metrics[f"{size[0]}x{size[1]}"] = evaluate_shapes(gpt, tokenizer, text_encoder, args, run.device,
+                                                                  args.eval_per_class, size=size)
+                report_shapes(metrics[f"{size[0]}x{size[1]}"], run, args.cfg_scale, size)
             if hasattr(gpt, "caption"):
                 metrics["captions"] = evaluate_captions(gpt, tokenizer, text_encoder, args, run.device,
                                                         args.eval_per_class)
@@ -811,7 +851,7 @@ def judge_shape(image):
     else square if it covers the box's corners (the part outside the inscribed circle), else
     circle. size and position from the bounding box. None when no shape is found."""
     rgb = (image.float() + 1) * 127.5                                   # (3, H, W)
-    W = rgb.shape[-1]
+    H, W = rgb.shape[-2:]
     background = torch.tensor(BACKGROUND, dtype=torch.float32)
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # (6, 3)
     distance = (rgb - background[:, None, None]).norm(dim=0)            # (H, W)
@@ -836,8 +876,8 @@ def judge_shape(image):
         shape = "square"
     else:
         shape = "circle"
-    size = "large" if max(h, w) > 0.49 * W else "small"  # small: at most 0.44 W wide, large: at least 0.54 W
-    dx, dy = (left + right) / 2 / W - 0.5, (top + bottom) / 2 / W - 0.5
+    size = "large" if max(h, w) > 0.49 * min(H, W) else "small"  # small: at most 0.44 of the side, large: 0.54
+    dx, dy = (left + right) / 2 / W - 0.5, (top + bottom) / 2 / H - 0.5
     if max(abs(dx), abs(dy)) < 0.07:
         position = "center"
     elif abs(dy) > abs(dx):
@@ -877,11 +917,14 @@ def asked_color_and_shape(request, judged):
 
 
 @torch.no_grad()
-def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128, passes=None):
+def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch_size=128, passes=None, size=None):
     """Generate for every (color, shape) `per_class` samples (3x that for held-out ones), with
     prompts in the training captions' varied wording, and judge every image. Returns, per group,
     the fraction that shows the asked color and shape (and size and position, asked for in text),
-    and the diversity of the samples of one color and shape (llamagen.diversity)."""
+    and the diversity of the samples of one color and shape (llamagen.diversity). size: early
+    fusion's (width, height) to draw (None: the square --image-size)."""
+    f = tokenizer.cfg.downsample_factor
+    grid = None if size is None else (size[1] // f, size[0] // f)
     holdout = parse_holdout(args.holdout)
     requests = shape_requests(args, per_class)
     judged, images = [], []
@@ -889,7 +932,7 @@ def evaluate_shapes(gpt, tokenizer, text_encoder, args, device, per_class, batch
     for start in range(0, len(requests), batch_size):
         batch = requests[start:start + batch_size]
         images.append(generate_images(gpt, tokenizer, text_encoder, request_conditions(batch, args), args,
-                                      args.seed + start, device, generate).cpu())
+                                      args.seed + start, device, generate, grid=grid).cpu())
         judged += [judge_shape(image) for image in images[-1]]
     images = torch.cat(images)
     results = {}
@@ -993,9 +1036,10 @@ def report_captions(results, run):
         run.log(f"captions right{where}: {result['right']:.1%} ({result['images']} images)")
 
 
-def report_shapes(metrics, run, cfg_scale):
+def report_shapes(metrics, run, cfg_scale, size=None):
     for group, result in metrics.items():
         name = "trained color/shape combinations" if group == "seen" else f"held-out combination '{group}'"
+        name = name if size is None else f"drawn at {size[0]}x{size[1]}, {name}"
         extras = "".join(f", {key} {result[key]:.0%}" for key in ("size", "position") if key in result)
         run.log(f"{name}: {result['color_and_shape']:.1%} of {result['samples']} samples show the asked "
                 f"color and shape{extras}, diversity {result['diversity']:.3f} (CFG {cfg_scale})")
@@ -1012,7 +1056,7 @@ TOKENIZER_SETTINGS = DATA_SETTINGS + tuple(name for kind in TOKEN_KINDS.values()
     "tokenizer_preset", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr", "perceptual_weight",
     "disc_start", "disc_weight", "adaptive_disc_weight", "ema")
 GPT_SETTINGS = DATA_SETTINGS + ("cond", "gpt_preset", "gpt_steps", "gpt_batch_size", "gpt_lr", "weight_decay",
-                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope", "order", "qk_norm", "z_loss",
+                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope", "order", "qk_norm", "z_loss", "sizes",
                                 "diffusion_width", "diffusion_depth", "diffusion_repeats")
 
 
@@ -1034,6 +1078,10 @@ def parse_args(argv=None):
                                       "metadata.jsonl or .txt files); default: the built-in shapes")
     group.add_argument("--image-size", type=positive, default=32, help="images are center-cropped and resized to this")
     group.add_argument("--num-images", type=positive, default=4000, help="how many shapes to render")
+    group.add_argument("--sizes", type=image_sizes,
+                       help="--cond vocab on the shapes: the sizes WxH drawn and trained on, the square --image-size "
+                            "first (the tokenizer trains on it), half as many images of each other size (default: "
+                            "32x32,32x16,16x32 for --image-size 32; the square alone otherwise)")
     group.add_argument("--holdout", default="blue triangle",
                        help="comma-separated color/shape combinations left out of the shapes training set")
     group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -1159,6 +1207,17 @@ def parse_args(argv=None):
         args.order = "fused"
     elif args.qk_norm or args.z_loss:
         parser.error(f"{'--qk-norm' if args.qk_norm else '--z-loss'} is Chameleon's, for --cond vocab")
+    square = (args.image_size, args.image_size)
+    if args.sizes is None:
+        half = args.image_size // 2
+        args.sizes = [square, (args.image_size, half), (half, args.image_size)] \
+            if args.cond == "vocab" and args.data is None else [square]
+    if args.sizes[0] != square:
+        parser.error(f"--sizes begins with the square of --image-size, {args.image_size}x{args.image_size}: the "
+                     "tokenizer trains on it")
+    if len(args.sizes) > 1 and (args.cond != "vocab" or args.data is not None):
+        parser.error("--sizes draws the built-in shapes at other sizes, for --cond vocab (early fusion writes a "
+                     "grid's height and width as tokens; the other generators draw one square grid)")
     if args.tokens is None:  # the tokens the order generates (--order scales: multiscale)
         args.tokens = L.GENERATORS[args.order or "raster"].token_kinds[0]
     kind = TOKEN_KINDS[args.tokens]
@@ -1203,11 +1262,16 @@ def check_args(args, data):
     if args.stage != "tokenizer" and args.cond == "class" and data.labels is None:
         raise ValueError(f"the images in {args.data} are not all in class subfolders ({args.data}/<class>/"
                          "image.png): sort them so, or use --cond text with captions.")
+    downsampling = tokenizer_config(args).downsample_factor
+    for width, height in args.sizes[1:]:
+        if width % downsampling or height % downsampling:
+            raise ValueError(f"--sizes {width}x{height} is not a grid of {args.tokenizer_preset}'s {downsampling}-pixel "
+                             f"cells: make both sides multiples of {downsampling}.")
     if args.stage != "gpt":
-        downsampling = tokenizer_config(args).downsample_factor
         if args.image_size % downsampling:
             raise ValueError(f"--image-size {args.image_size} is not a multiple of {args.tokenizer_preset}'s "
                              f"{downsampling}x downsampling.")
+
         tokens = L.TOKENIZERS[args.tokens].tokens_per_image(tokenizer_config(args), args.image_size)  # VAR: the scales
         S.sampling_options(args, L.GPTConfig(order=args.order, token_kind=args.tokens, block_size=tokens))
         if args.image_size < 32 and args.disc_start < args.tokenizer_steps:
@@ -1288,6 +1352,7 @@ def evaluate_run(args, run):
     S.sampling_options(args, gpt.config)
     args.cond, args.holdout = checkpoint["args"]["cond"], checkpoint["args"]["holdout"]
     args.image_size = checkpoint["args"]["image_size"]
+    args.sizes = [tuple(size) for size in checkpoint["args"].get("sizes") or [(args.image_size, args.image_size)]]
     if text_encoder is not None and text_encoder.t5 is not None:
         text_encoder.t5.to(run.device)
     timer, passes = time.time(), []
@@ -1306,6 +1371,9 @@ def evaluate_run(args, run):
     samples = sum(result["samples"] for result in metrics.values())
     report_shapes(metrics, run, args.cfg_scale)
     run.log(f"{samples} samples generated and judged in {time.time() - timer:.1f} s")
+    for size in args.sizes[1:]:
+        report_shapes(evaluate_shapes(gpt, tokenizer, text_encoder, args, run.device, args.eval_per_class, size=size),
+                      run, args.cfg_scale, size)
     if hasattr(gpt, "caption"):
         report_captions(evaluate_captions(gpt, tokenizer, text_encoder, args, run.device, args.eval_per_class), run)
     if passes:
