@@ -540,6 +540,10 @@ class GPTConfig:
     grid_shapes: tuple = ()          # the (rows, columns) grids of codes the model knows
     qk_norm: bool = False            # Chameleon: queries and keys layer-normalised per head (off: LlamaGen's)
     z_loss: float = 0.0              # Chameleon: weight of log(Z)^2, Z the softmax's normaliser (1e-5 there)
+    # what the loss counts: "all" tokens (Chameleon); "text": the words only, over logits without the
+    # image codes' (a model that reads images and captions them but cannot draw, as Chameleon's
+    # release); "image": the image of caption-then-image sequences only (ANOLE's stage)
+    fused_loss: str = "all"
 
 
 GPT_PRESETS = {  # the official sizes (gpt.py), a CPU demo size and a tiny one for tests
@@ -2389,15 +2393,16 @@ class FusedGPT(Llama):
 
     def loss(self, codes, cond, cond_mask):
         """Chameleon's objective on captioned images, codes (B, rows, cols) (or (B, T) of a square
-        grid) and their captions' ids (B, L):
-        each example written, at random half and half, caption then image (its caption dropped at
-        class_dropout_prob while training, so that CFG works) or image then caption; the
-        cross-entropy of every next token but padding, plus z_loss * log(Z)^2 (Chameleon's z-loss:
-        it keeps the softmax's normaliser Z near 1 and the logits from drifting)."""
+        grid) and their captions' ids (B, L): each example written, at random half and half, caption
+        then image (its caption dropped at class_dropout_prob while training, so that CFG works) or
+        image then caption; the cross-entropy of every next token but padding (fused_loss "text":
+        of the words only; "image": caption-then-image sequences only, the image's tokens only),
+        plus z_loss * log(Z)^2 (Chameleon's z-loss: it keeps the softmax's normaliser Z near 1 and
+        the logits from drifting)."""
         caption, caption_mask = self.caption_tokens(cond, cond_mask)             # (B, L + 1)
         image = self.image_tokens(*self.as_grid(codes))                         # (B, 4 + R (C + 1))
         B, device = len(codes), codes.device
-        image_first = torch.rand(B, device=device) < 0.5
+        image_first = (torch.rand(B, device=device) < 0.5) & (self.config.fused_loss != "image")
         if self.training and self.config.class_dropout_prob > 0:
             drop = (torch.rand(B, device=device) < self.config.class_dropout_prob) & ~image_first
             null_ids, null_mask = self.null_caption(caption, caption_mask)
@@ -2410,7 +2415,14 @@ class FusedGPT(Llama):
                            torch.cat([caption_mask, ones], 1))                  # (B, S)
         logits = self(sequence[:, :-1], mask[:, :-1])                           # (B, S - 1, vocab)
         counted = mask[:, 1:] & mask[:, :-1]  # neither the target nor what predicts it is padding
-        logits, targets = logits[counted], sequence[:, 1:][counted]             # (N, vocab), (N,)
+        targets = sequence[:, 1:]
+        if self.config.fused_loss == "text":  # words, bot and eot: the image only read
+            counted &= (targets < self.vocab.text_size) | (targets == self.vocab.bot)
+        elif self.config.fused_loss == "image":  # codes, eol and eoi: what the caption is drawn as
+            counted &= targets >= self.vocab.eoi
+        logits, targets = logits[counted], targets[counted]                     # (N, vocab), (N,)
+        if self.config.fused_loss == "text":  # the image logits masked out: the code rows learn nothing
+            logits = logits[:, :self.vocab.code_start]
         loss = F.cross_entropy(logits, targets)
         if self.config.z_loss:
             loss = loss + self.config.z_loss * logits.logsumexp(dim=-1).pow(2).mean()

@@ -1128,6 +1128,10 @@ def main(argv=None):
             if args.caption and not hasattr(pipeline.gpt, "caption"):
                 raise ValueError(f"{args.out_dir}/gpt.pt draws but cannot caption: --caption is for a run of python "
                                  "train.py --cond vocab, one model of words and image codes.")
+            if not args.caption and pipeline.gpt.config.fused_loss == "text":
+                raise ValueError(f"{args.out_dir}/gpt.pt learnt words only (train.py --fused-loss text): it reads images "
+                                 "and captions them but cannot draw; caption with --caption, or teach it to draw with "
+                                 f"python train.py --cond vocab --anole {args.out_dir} --out-dir DIR.")
             photos = [read_image(path, "--caption") for path in args.caption or []]
             grid = drawing_grid(args, pipeline)
             if grid is not None and (args.edit or args.gif) and grid[0] != grid[1]:

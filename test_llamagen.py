@@ -1811,6 +1811,35 @@ def test_fused_loss_adds_z_loss_as_its_formula():
     assert one > base and abs((three - base) - 3 * (one - base)) < 1e-4
 
 
+def test_fused_loss_on_words_leaves_the_image_rows_untrained():
+    """fused_loss "text" (a model that captions but cannot draw): the image codes' logits are masked
+    out of the loss, so their rows of the output layer get no gradient; every other part learns."""
+    gpt = tiny_fused(seed=5, fused_loss="text").train()
+    ids, mask = tiny_captions()
+    gpt.loss(torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(5)), ids, mask).backward()
+    grad = gpt.output.weight.grad
+    assert (grad[gpt.vocab.code_start:] == 0).all() and grad[:gpt.vocab.text_size].abs().sum() > 0
+    assert gpt.tok_embeddings.weight.grad[gpt.vocab.code_start:].abs().sum() > 0  # it reads the codes
+
+
+def test_anole_trains_only_the_image_rows_of_the_output_layer():
+    """ANOLE's stage (train.py --anole): after a step of the image loss, the output layer's rows of
+    the image codes have moved and every other parameter is bit-identical."""
+    gpt = tiny_fused(seed=6, fused_loss="image").train()
+    before = {name: p.detach().clone() for name, p in gpt.named_parameters()}
+    trained = T.train_image_rows_only(gpt)
+    assert trained == 32 * 64 and [name for name, p in gpt.named_parameters() if p.requires_grad] == ["output.weight"]
+    ids, mask = tiny_captions()
+    codes = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(6))
+    train_steps(gpt, lambda: gpt.loss(codes, ids, mask), 2, 1e-2)
+    for name, p in gpt.named_parameters():
+        if name != "output.weight":
+            assert torch.equal(p, before[name]), name
+    rows = gpt.vocab.code_start
+    assert torch.equal(gpt.output.weight[:rows], before["output.weight"][:rows])
+    assert (gpt.output.weight[rows:] != before["output.weight"][rows:]).all(dim=1).any()
+
+
 @slow
 def test_fused_model_overfits_both_directions():
     """Four captioned images trained with the fused loss (both directions): the loss falls from
@@ -2343,6 +2372,37 @@ def test_fused_run_draws_and_captions(fused_run, tmp_path, capsys):
     assert captions() == greedy and captions("--temperature", "1") == captions("--temperature", "1")
     T.main(tiny_run(fused_run, "evaluate", "--eval-per-class", "1"))
     assert open(fused_run / "log.txt").read().count("captions right: ") == 2
+
+
+@slow
+def test_anole_exercise_runs(tmp_path, capsys):
+    """ANOLE's recipe as train.py runs it: a fused model trained on words only captions but is
+    refused for drawing; --anole starts from it (its tokenizer copied, its settings taken), trains
+    the output layer's rows of the image codes alone, and draws; what it started from is untouched."""
+    reader, anole = tmp_path / "reader", tmp_path / "anole"
+    T.main(tiny_run(reader, "--cond", "vocab", "--fused-loss", "text", "--tokenizer-steps", "2", "--gpt-steps", "3",
+                    "--disc-start", "100"))
+    _, message = fails(S.main, ["--out-dir", str(reader), "--prompt", "a red circle"], capsys)
+    assert "learnt words only (train.py --fused-loss text): it reads images and captions them but cannot draw" in message
+    before = (reader / "gpt.pt").read_bytes()
+    T.main(tiny_run(anole, "--cond", "vocab", "--anole", str(reader), "--gpt-steps", "3", "--eval-per-class", "1"))
+    assert (reader / "gpt.pt").read_bytes() == before
+    assert (anole / "tokenizer.pt").read_bytes() == (reader / "tokenizer.pt").read_bytes()
+    log = open(anole / "log.txt").read()
+    assert re.search(r"ANOLE: only the output layer's rows of the 256 image codes train, 16,384 of [\d,]+ parameters", log)
+    start, end = (torch.load(path / "gpt.pt", weights_only=True) for path in (reader, anole))
+    assert end["config"]["fused_loss"] == "image"
+    rows = L.FusedVocabulary(L.GPTConfig(**end["config"])).code_start
+    for name, value in start["model"].items():
+        changed = not torch.equal(value, end["model"][name])
+        assert changed == (name == "output.weight"), name
+    assert torch.equal(start["model"]["output.weight"][:rows], end["model"]["output.weight"][:rows])
+    S.main(["--out-dir", str(anole), "--prompt", "a red circle", "--num-samples", "1", "--output", str(tmp_path / "a.png")])
+    for argv, expected in [(["--anole", str(tmp_path / "none")], "holds no gpt.pt: train the model to start from first"),
+                           (["--anole", str(anole), "--out-dir", str(anole)], "is the model ANOLE starts from"),
+                           (["tokenizer", "--anole", str(reader)], "--anole trains a GPT")]:
+        _, message = fails(T.main, tiny_run(tmp_path / "other", "--cond", "vocab", *argv), capsys)
+        assert expected in message
 
 
 @slow

@@ -686,7 +686,7 @@ def gpt_config(args, tokenizer, text_encoder, num_classes):
     f = tokenizer.cfg.downsample_factor
     fused = dict(text_vocab_size=text_encoder.text_tokenizer.vocab_size,
                  grid_shapes=tuple((height // f, width // f) for width, height in args.sizes),
-                 qk_norm=args.qk_norm, z_loss=args.z_loss) if args.cond == "vocab" else {}
+                 qk_norm=args.qk_norm, z_loss=args.z_loss, fused_loss=args.fused_loss) if args.cond == "vocab" else {}
     return L.GPTConfig(**L.GPT_PRESETS[args.gpt_preset], **tokenizer.token_config(), **fused,
                        block_size=tokenizer.tokens_per_image(tokenizer.cfg, args.image_size),
                        model_type={"text": "t2i", "class": "c2i", "vocab": "vocab"}[args.cond], num_classes=num_classes,
@@ -730,17 +730,29 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
     checkpoint to resume), the training loop, then the final samples and evaluation."""
     path = os.path.join(args.out_dir, "gpt.pt")
     torch.manual_seed(args.seed)
-    text_encoder, train_t5 = build_text_encoder(args, [c for c in data.captions or [] if c], checkpoint)
+    source = None if checkpoint or not args.anole else L.load_checkpoint(os.path.join(args.anole, "gpt.pt"), "gpt")
+    text_encoder, train_t5 = build_text_encoder(args, [c for c in data.captions or [] if c], checkpoint or source)
     examples = tokenize_training_set(args, data, tokenizer, text_encoder, run.device)
-    cfg = L.config_from_dict(L.GPTConfig, checkpoint["config"], path) if checkpoint \
-        else gpt_config(args, tokenizer, text_encoder, len(data.class_names or []))
+    if checkpoint:
+        cfg = L.config_from_dict(L.GPTConfig, checkpoint["config"], path)
+    elif source:  # ANOLE: the model it starts from, now trained on drawing alone
+        cfg = dataclasses.replace(L.config_from_dict(L.GPTConfig, source["config"], args.anole), fused_loss="image")
+    else:
+        cfg = gpt_config(args, tokenizer, text_encoder, len(data.class_names or []))
     gpt = L.make_gpt(cfg)
     gpt.bind_tokenizer(tokenizer)
+    if source:
+        gpt.load_state_dict(source["model"])
+    if args.anole:
+        trained = train_image_rows_only(gpt)
+        run.log(f"ANOLE: only the output layer's rows of the {cfg.vocab_size} image codes train, {trained:,} of "
+                f"{sum(p.numel() for p in gpt.parameters()):,} parameters; everything else stays as in {args.anole}")
     S.sampling_options(args, cfg)  # checked before training
     model = Conditioned(gpt, text_encoder.t5 if text_encoder else None, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    # ANOLE: no weight decay, which would shrink the frozen rows of the output layer too
     optimizer = torch.optim.AdamW([  # weight decay on matrices and embeddings only
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0 if args.anole else args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=args.gpt_lr, betas=(0.9, 0.95))
     fingerprint = L.tokenizer_fingerprint(tokenizer)
     start = 0
@@ -770,6 +782,18 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
 
     gpt_training_loop(args, run, model, optimizer, examples, tokenizer, text_encoder, conditions, start, save, path)
     return finish_gpt(args, run, gpt, tokenizer, text_encoder, conditions, save, start)
+
+
+def train_image_rows_only(gpt):
+    """ANOLE (GAIR-NLP/anole, train_image_head.py): of a fused model, only the output layer's rows of
+    the image codes train; every other parameter is frozen, and the gradient of the other rows of
+    that layer is zeroed. -> how many values train."""
+    gpt.requires_grad_(False)
+    weight = gpt.output.weight                                                # (vocab, dim)
+    weight.requires_grad_(True)
+    rows = (torch.arange(weight.shape[0]) >= gpt.vocab.code_start).to(weight.dtype)[:, None]  # (vocab, 1)
+    weight.register_hook(lambda grad: grad * rows.to(grad.device))
+    return int(rows.sum()) * weight.shape[1]
 
 
 def gpt_training_loop(args, run, model, optimizer, examples, tokenizer, text_encoder, conditions, start, save, path):
@@ -1056,8 +1080,9 @@ TOKENIZER_SETTINGS = DATA_SETTINGS + tuple(name for kind in TOKEN_KINDS.values()
     "tokenizer_preset", "tokenizer_steps", "tokenizer_batch_size", "tokenizer_lr", "perceptual_weight",
     "disc_start", "disc_weight", "adaptive_disc_weight", "ema")
 GPT_SETTINGS = DATA_SETTINGS + ("cond", "gpt_preset", "gpt_steps", "gpt_batch_size", "gpt_lr", "weight_decay",
-                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope", "order", "qk_norm", "z_loss", "sizes",
-                                "diffusion_width", "diffusion_depth", "diffusion_repeats")
+                                "dropout", "class_dropout", "text_length", "text_vocab", "t5", "rope", "order", "qk_norm",
+                                "z_loss", "sizes", "fused_loss", "anole", "diffusion_width", "diffusion_depth",
+                                "diffusion_repeats")
 
 
 def kind_defaults(name):  # for --help: a default that depends on --tokens
@@ -1166,6 +1191,12 @@ def parse_args(argv=None):
                                     "trained with the GPT")
     group.add_argument("--qk-norm", action="store_true",
                        help="--cond vocab: layer-normalise queries and keys per head (Chameleon's QK-norm)")
+    group.add_argument("--fused-loss", choices=["all", "text"], default="all",
+                       help="--cond vocab: the loss on every token (Chameleon), or on the words only, the images only "
+                            "read: a model that captions but cannot draw, the start of ANOLE's exercise")
+    group.add_argument("--anole", metavar="DIR",
+                       help="--cond vocab: ANOLE: start from the fused model in DIR (its tokenizer.pt and gpt.pt) and "
+                            "train only the output layer's rows of the image codes, on caption-then-image sequences")
     group.add_argument("--z-loss", type=S.bounded(float, 0), default=0.0,
                        help="--cond vocab: weight of Chameleon's z-loss, log(Z)^2 of every softmax (Chameleon: 1e-5)")
     # smaller than MAR's 3 x 1024: the demo's transformer is 128 wide
@@ -1207,6 +1238,11 @@ def parse_args(argv=None):
         args.order = "fused"
     elif args.qk_norm or args.z_loss:
         parser.error(f"{'--qk-norm' if args.qk_norm else '--z-loss'} is Chameleon's, for --cond vocab")
+    elif args.fused_loss != "all" or args.anole:
+        parser.error(f"{'--fused-loss' if args.fused_loss != 'all' else '--anole'} is for early fusion, --cond vocab")
+    if args.anole and (args.fused_loss != "all" or args.qk_norm or args.z_loss or args.sizes is not None):
+        parser.error("--anole trains the image rows of the model in DIR as it is: leave out --fused-loss, --qk-norm, "
+                     "--z-loss and --sizes")
     square = (args.image_size, args.image_size)
     if args.sizes is None:
         half = args.image_size // 2
@@ -1332,6 +1368,42 @@ def checkpoints_to_resume(args):
     return existing
 
 
+def anole_source(args):
+    """--anole DIR, checked before anything is written: the run trains the GPT stage (on DIR's
+    tokenizer, which start_anole copies) with the image sizes and caption length of DIR's model."""
+    if args.stage not in ("all", "gpt"):
+        raise ValueError(f"--anole trains a GPT: use it with python train.py or train.py gpt, not {args.stage}.")
+    path = os.path.join(args.anole, "gpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--anole {args.anole} holds no gpt.pt: train the model to start from first (python "
+                                f"train.py --cond vocab --fused-loss text --out-dir {args.anole}).")
+    if os.path.abspath(args.anole) == os.path.abspath(args.out_dir):
+        raise ValueError(f"--anole {args.anole} is the model ANOLE starts from: write its run to another --out-dir.")
+    source = L.load_checkpoint(path, "gpt")
+    if source["config"].get("order") != "fused":
+        raise ValueError(f"--anole {args.anole}: {path} draws from a {source['config'].get('order')} order GPT, not "
+                         "an early-fusion model: train one with --cond vocab.")
+    args.stage = "gpt"
+    args.image_size, args.text_length = source["args"]["image_size"], source["args"]["text_length"]
+    args.sizes = [tuple(size) for size in source["args"]["sizes"]]
+
+
+def start_anole(args):  # DIR's tokenizer.pt into --out-dir, where the gpt stage and sample.py read it
+    source, target = os.path.join(args.anole, "tokenizer.pt"), os.path.join(args.out_dir, "tokenizer.pt")
+    with open(source, "rb") as f:
+        tokenizer = f.read()
+    if os.path.exists(target):
+        with open(target, "rb") as f:
+            if f.read() != tokenizer:
+                raise ValueError(f"{target} is another tokenizer than {source}, the one --anole's model reads: pass "
+                                 "another --out-dir.")
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(target + ".tmp", "wb") as f:
+        f.write(tokenizer)
+    os.replace(target + ".tmp", target)
+
+
 def evaluate_run(args, run):
     """The evaluation of the shapes demo, again, on the checkpoints in --out-dir: the settings of
     its run, with this command line's sampling flags (--cfg-scale, --temperature, ...),
@@ -1394,7 +1466,11 @@ def main(argv=None):
         run = Run(args)
         if args.stage == "evaluate":
             return evaluate_run(args, run)
+        if args.anole:
+            anole_source(args)
         resumed = checkpoints_to_resume(args)
+        if args.anole:
+            start_anole(args)
         data = load_data(args)
         check_args(args, data)
         tokenizer_path = os.path.join(args.out_dir, "tokenizer.pt")
