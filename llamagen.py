@@ -28,6 +28,8 @@ Beyond LlamaGen, on the same Llama:
                       (Chang et al. 2022, google-research/maskgit), MAR proper over continuous tokens
  10. VAR              next-scale prediction: the multi-scale residual quantizer, its tokenizer and
                       the generator that writes a scale per pass (Tian et al. 2024, FoundationVision/VAR)
+ 11. early fusion     words and image codes in one vocabulary, one Llama that draws and captions, at
+                      any grid size (Chameleon 2024, Lumina-mGPT 2024; ANOLE's image-head training)
 Then the files:
   A. released weights the official LlamaGen checkpoints and Hugging Face's T5, with a plain
                       load_state_dict
@@ -381,7 +383,7 @@ class VQModel(ImageTokenizer):
     def encode(self, images):  # -> codes (B, h*w): the grid read row by row
         return self.encode_indices(images).flatten(1)               # (B, h, w) -> (B, h*w)
 
-    def decode(self, codes):  # (B, h*w) of a square grid, or (B, h, w) of any -> images (B, 3, H, W) in [-1, 1], float32
+    def decode(self, codes):  # (B, h*w) of a square grid, or (B, h, w) -> images (B, 3, H, W) in [-1, 1], float32
         if codes.dim() == 2:
             grid = math.isqrt(codes.shape[1])
             codes = codes.view(-1, grid, grid)                                   # (B, h*w) -> (B, h, w)
@@ -479,7 +481,7 @@ class VQLoss(nn.Module):
             nll = nll + self.perceptual_weight * logs["perceptual_loss"]
         loss = nll + sum(tokenizer_losses.values())
         logs.update(tokenizer_losses)
-        if step >= self.disc_start:  # before that the adversarial weight is zero
+        if self.judges(images, step):  # before disc_start the adversarial weight is zero
             self.discriminator.requires_grad_(False)  # this step trains the tokenizer, not D
             gen_adv = -self.discriminator(recon).mean()  # hinge generator loss
             self.discriminator.requires_grad_(True)
@@ -490,8 +492,13 @@ class VQLoss(nn.Module):
             logs["gen_adv_loss"] = gen_adv
         return loss, logs
 
+    def judges(self, images, step):
+        """Whether D takes part: from disc_start on, for images whose sides PatchGAN's three stride-2
+        layers can read (at least 32 px; early fusion's 32 x 16 shapes train without it)."""
+        return step >= self.disc_start and min(images.shape[-2:]) >= 32
+
     def discriminator_loss(self, images, recon, step):
-        if step < self.disc_start:
+        if not self.judges(images, step):
             return None
         logits_real = self.discriminator(images.detach())
         logits_fake = self.discriminator(recon.detach())
@@ -2418,7 +2425,7 @@ class FusedGPT(Llama):
         targets = sequence[:, 1:]
         if self.config.fused_loss == "text":  # words, bot and eot: the image only read
             counted &= (targets < self.vocab.text_size) | (targets == self.vocab.bot)
-        elif self.config.fused_loss == "image":  # codes, eol and eoi: what the caption is drawn as
+        elif self.config.fused_loss == "image":  # size tokens, codes, eol, eoi: what the caption is drawn as
             counted &= targets >= self.vocab.eoi
         logits, targets = logits[counted], targets[counted]                     # (N, vocab), (N,)
         if self.config.fused_loss == "text":  # the image logits masked out: the code rows learn nothing
@@ -2436,7 +2443,7 @@ class FusedGPT(Llama):
         return (torch.cat([cond, torch.cat([null_ids, tail], 1)]),
                 torch.cat([cond_mask, torch.cat([null_mask, cond_mask[:, -3:]], 1)]))
 
-    def feed(self, ids, positions, mask):  # ids (B, S) at positions (S,) through the KV cache -> the last logits (B, vocab)
+    def feed(self, ids, positions, mask):  # ids (B, S) at positions (S,) through the KV cache -> last logits (B, vocab)
         return self.forward_with_cache(self.tok_embeddings(ids), positions, mask)[:, -1]
 
     @torch.no_grad()
@@ -2494,7 +2501,8 @@ class FusedGPT(Llama):
                 for i in range(length):
                     text_logits = logits[:, :v.text_size].clone()
                     text_logits[:, v.pad] = float("-inf")
-                    word = sample_code(text_logits, temperature, top_k, top_p, generator).masked_fill(done[:, None], v.pad)
+                    word = sample_code(text_logits, temperature, top_k, top_p, generator)      # (B, 1)
+                    word = word.masked_fill(done[:, None], v.pad)
                     words.append(word)
                     done |= word[:, 0] == v.eot
                     if bool(done.all()) or i + 1 == length:

@@ -1,10 +1,11 @@
-"""Tests on tiny configs. Sections 1-10, A and B follow llamagen.py's, with its titles; then the
+"""Tests on tiny configs. Sections 1-11, A and B follow llamagen.py's, with its titles; then the
 scripts:
 
   1-3, 7  the tokenizer, its losses, the Llama blocks, the text conditioner
   4-6     codes in and out, LlamaGen's generator, speculative decoding: KV cache = full forward,
           CFG = its formula, the sampling options, seeds, the exact distribution
-  8-10    MAR, masked generation, VAR: each generator's input, attention, loss and sampler
+  8-11    MAR, masked generation, VAR, early fusion: each generator's input, attention, loss and
+          sampler
   A, B    parity with the official LlamaGen code (a fixture), our checkpoints
   then    train.py, sample.py, robustness (every mistake one sentence and a non-zero exit,
           interruptions lose nothing), and the README's commands and snippets
@@ -252,6 +253,10 @@ def test_vq_loss_adversarial_term_and_detached_discriminator():
     d_loss.backward()
     assert all(p.grad is None for p in vq.parameters())  # the discriminator step never reaches the VQ
     assert criterion.discriminator.main[0].weight.grad.abs().sum() > 0
+    wide = images[:, :, 8:24]                                               # 32 x 16: too small for PatchGAN
+    recon, _, vq_losses = vq(wide)
+    _, logs = criterion.generator_loss(wide, recon, vq_losses, step=5, last_layer=vq.decoder.conv_out.weight)
+    assert "gen_adv_loss" not in logs and criterion.discriminator_loss(wide, recon, step=5) is None
 
 
 def test_adaptive_weight_is_the_gradient_norm_ratio():
@@ -1682,6 +1687,29 @@ def fused_full_logits(gpt, prompt, prompt_mask, generated):
     return gpt(torch.cat([prompt, generated], 1), mask)
 
 
+def test_fused_kv_cache_gives_the_full_forward_over_mixed_sequences():
+    """Both directions, fed a prompt at once then one id per step through the KV cache, give the
+    logits of one full forward pass: a caption (left-padded, of three lengths) then an image, and
+    an image then a caption (right-padded)."""
+    gpt = tiny_fused(seed=7)
+    ids, mask = tiny_captions()
+    codes = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(7))
+    caption, caption_mask = gpt.caption_tokens(ids, mask)
+    image = gpt.image_tokens(codes, (4, 4))
+    after, after_mask = L.left_aligned(caption, caption_mask)
+    ones = torch.ones_like(image, dtype=torch.bool)
+    for sequence, seq_mask, prompt in [(torch.cat([caption, image], 1), torch.cat([caption_mask, ones], 1), 10),
+                                       (torch.cat([image, after], 1), torch.cat([ones, after_mask], 1), 21)]:
+        S_ = sequence.shape[1]
+        with torch.no_grad():
+            full = gpt(sequence, seq_mask)                                  # (3, S, vocab)
+            gpt.setup_caches(3, S_, torch.float32, "cpu")
+            visible = L.attention_mask(torch.arange(S_), seq_mask)
+            stepwise = [gpt.feed(sequence[:, :prompt], torch.arange(prompt), visible)]
+            stepwise += [gpt.feed(sequence[:, t:t + 1], torch.tensor([t]), visible) for t in range(prompt, S_)]
+        assert (torch.stack(stepwise, 1) - full[:, prompt - 1:]).abs().max() < 1e-4
+
+
 def test_fused_drawing_is_the_full_forward_guided_by_cfg_formula():
     """A drawing through the KV cache, greedy and guided, gives at every code the argmax over codes
     of uncond + (cond - uncond) * scale, where cond and uncond are one full forward pass over the
@@ -2329,8 +2357,8 @@ def fused_run(tmp_path_factory):
     """A tiny early-fusion run as python train.py --cond vocab writes it, with Chameleon's QK-norm
     and z-loss switched on."""
     out = tmp_path_factory.mktemp("fused")
-    T.main(tiny_run(out, "--cond", "vocab", "--tokenizer-steps", "2", "--gpt-steps", "3", "--disc-start", "100",
-                    "--eval-per-class", "1", "--qk-norm", "--z-loss", "1e-5"))
+    T.main(tiny_run(out, "--cond", "vocab", "--tokenizer-steps", "6", "--gpt-steps", "3", "--disc-start", "3",
+                    "--eval-per-class", "1", "--qk-norm", "--z-loss", "1e-5", "--log-every", "6"))
     return out
 
 
@@ -2343,21 +2371,23 @@ def test_fused_run_draws_and_captions(fused_run, tmp_path, capsys):
     checkpoint = L.load_checkpoint(str(fused_run / "gpt.pt"), "gpt")
     config = checkpoint["config"]
     assert (config["order"], config["model_type"], config["qk_norm"], config["z_loss"]) == ("fused", "vocab", True, 1e-5)
-    assert [tuple(shape) for shape in config["grid_shapes"]] == [(8, 8), (4, 8), (8, 4)]  # 32x32, 32x16, 16x32
+    assert [tuple(shape) for shape in config["grid_shapes"]] == [(8, 8), (8, 12), (12, 8)]  # 32x32, 48x32, 32x48
     assert config["text_vocab_size"] > 16
     assert checkpoint["t5"] is None and checkpoint["text_tokenizer"] and "captions" in checkpoint["metrics"]
+    sizes = [T.pick_group([48, 12, 12], 0, step) for step in range(6)]  # the tokenizer trained on every size,
+    assert set(sizes) == {0, 1, 2}                                         # the PatchGAN on the square only
     log = open(fused_run / "log.txt").read()
     assert "trained color/shape combinations: " in log and re.search(r"captions right: \d+\.\d% \(17 images\)", log)
-    for size in ("32x16", "16x32"):
+    for size in ("48x32", "32x48"):
         assert f"drawn at {size}, trained color/shape combinations: " in log
     grid = tmp_path / "grid.png"
     S.main(["--out-dir", str(fused_run), "--prompt", "a small red circle at the top", "--num-samples", "2",
             "--output", str(grid)])
     assert read_rgb(grid).shape == (2 + 34, 2 + 2 * 34, 3)
     S.main(["--out-dir", str(fused_run), "--prompt", "a small red circle at the top", "--num-samples", "2",
-            "--size", "16x32", "--output", str(grid), "--save-dir", str(tmp_path / "each")])
-    assert read_rgb(grid).shape == (2 + 34, 2 + 2 * 18, 3)  # 32 px tall, 16 wide
-    assert np.load(tmp_path / "each" / "samples.npz")["arr_0"].shape == (2, 32, 16, 3)
+            "--size", "32x48", "--output", str(grid), "--save-dir", str(tmp_path / "each")])
+    assert read_rgb(grid).shape == (2 + 50, 2 + 2 * 34, 3)  # 48 px tall, 32 wide
+    assert np.load(tmp_path / "each" / "samples.npz")["arr_0"].shape == (2, 48, 32, 3)
     paths = [str(tmp_path / name) for name in ("a.png", "b.png")]
     for path, (shape, color) in zip(paths, [("circle", "red"), ("square", "blue")]):
         Image.fromarray(T.render_shape(shape, color, "large", "center", 48, random.Random(0))).save(path)
@@ -2415,10 +2445,10 @@ def test_anole_exercise_runs(tmp_path, capsys):
     (["--speculative"], "--speculative is for raster order, and this GPT generates in fused order"),
     (["--num-iter", "4"], "--num-iter does not apply to this GPT (fused order)"),
     (["--class-id", "3"], "use --prompt, not --class-id"),
-    (["--size", "24x32"], "--size 24x32 is not a size this model was trained on: pass one of 32x32, 32x16, 16x32."),
-    (["--size", "32x16", "--gif", "a.gif"], "--gif works on square images: leave out --size 32x16"),
+    (["--size", "24x32"], "--size 24x32 is not a size this model was trained on: pass one of 32x32, 48x32, 32x48."),
+    (["--size", "48x32", "--gif", "a.gif"], "--gif works on square images: leave out --size 48x32"),
     (["--size", "32"], "--size: '32' is not a size WxH in pixels"),
-    (["--caption", "a.png", "--size", "16x32"], "--size is for drawing: leave it out."),
+    (["--caption", "a.png", "--size", "32x48"], "--size is for drawing: leave it out."),
 ])
 def test_fused_sample_errors(argv, expected, fused_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -2444,8 +2474,8 @@ def test_caption_and_size_need_early_fusion(trained, tmp_path, capsys):
     (["--cond", "vocab", "--tokens", "continuous"], "leave out --tokens"),
     (["--qk-norm"], "--qk-norm is Chameleon's, for --cond vocab"),
     (["--z-loss", "1e-5", "--cond", "class"], "--z-loss is Chameleon's, for --cond vocab"),
-    (["--sizes", "32x32,32x16"], "--sizes draws the built-in shapes at other sizes, for --cond vocab"),
-    (["--cond", "vocab", "--sizes", "32x16"], "--sizes begins with the square of --image-size, 32x32"),
+    (["--sizes", "32x32,48x32"], "--sizes draws the built-in shapes at other sizes, for --cond vocab"),
+    (["--cond", "vocab", "--sizes", "48x32"], "--sizes begins with the square of --image-size, 32x32"),
     (["--cond", "vocab", "--sizes", "32x32,big"], "--sizes: 'big' is not a size WxH in pixels"),
 ])
 def test_fused_train_flag_errors(argv, expected, capsys):
@@ -2464,9 +2494,9 @@ def test_fused_train_setting_errors():
 
 def test_shapes_render_and_judge_at_any_size():
     """The shapes demo at other sizes (early fusion's): the square is drawn as before, and the judge
-    reads every shape, size and position back off wide and tall images too."""
+    reads every shape, size and position back off wide and tall images too, 16 px high included."""
     rng = random.Random(0)
-    for size in [(32, 16), (16, 32), (32, 32)]:
+    for size in [(48, 32), (32, 48), (32, 16), (32, 32)]:
         for shape, color, scale, position in [("circle", "red", "large", "center"), ("square", "blue", "small", "top"),
                                               ("triangle", "green", "large", "bottom"), ("square", "cyan", "small", "left"),
                                               ("circle", "magenta", "small", "right")]:
@@ -3347,12 +3377,13 @@ def readme_folder(words):
 
 def readme_chains():
     """{folder: its README commands in order}; a chain that copies from another folder (cp out/...)
-    starts with that folder's first training."""
+    or starts from its model (--anole DIR) starts with that folder's first training."""
     chains = {}
     for words in readme_commands():
         chains.setdefault(readme_folder(words), []).append(words)
     for commands in chains.values():
-        sources = {words[1].split("/")[0] for words in commands if words[0] == "cp"}
+        sources = {words[1].split("/")[0] for words in commands if words[0] == "cp"} | {
+            words[words.index("--anole") + 1] for words in commands if "--anole" in words}
         commands[:0] = [chains[source][0] for source in sources]
     return chains
 

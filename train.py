@@ -233,8 +233,8 @@ def load_data(args):
         items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
         held_out = ShapesDataset(256, args.image_size, args.seed + 1)
         other_sizes = {}
-        for k, size in enumerate(args.sizes[1:]):  # early fusion's other sizes: half as many images each
-            more = ShapesDataset(args.num_images // 2, size, args.seed + 100 + k, parse_holdout(args.holdout))
+        for k, size in enumerate(args.sizes[1:]):  # early fusion's other sizes: a quarter as many images each
+            more = ShapesDataset(args.num_images // 4, size, args.seed + 100 + k, parse_holdout(args.holdout))
             more = [more[i] for i in tqdm(range(len(more)), desc=f"rendering {size[0]}x{size[1]} shapes", leave=False)]
             other_sizes[size] = (S.to_uint8(torch.stack([item["image"] for item in more])),
                                  [item["caption"] for item in more])
@@ -419,6 +419,9 @@ QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", 
 # the discrete demo's 1400. A multi-scale GPT step reads 130 tokens per image rather than 64 and takes
 # twice as long, but VAR needs the discrete demo's 1400 steps all the same: at 700 its layouts are
 # still wrong a quarter of the time.
+# Early fusion on the shapes trains a third of its steps on the other sizes: 2,100 steps give the
+# square about the discrete demo's 1,400.
+FUSED_GPT_STEPS = 2100
 TOKEN_KINDS = {
     "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS,
                      defaults=dict(tokenizer_preset="VQ-mini", gpt_steps=1400, entropy_loss_ratio=0.1, order="raster")),
@@ -430,7 +433,7 @@ TOKEN_KINDS = {
 }
 
 
-def image_sizes(text):  # --sizes 32x32,32x16,16x32 -> [(width, height), ...]
+def image_sizes(text):  # --sizes 32x32,48x32,32x48 -> [(width, height), ...]
     return [S.width_by_height(size) for size in text.split(",")]
 
 
@@ -524,6 +527,7 @@ def train_tokenizer(args, run, data, checkpoint=None):
                                image_size=args.image_size, args=vars(args), metrics=metrics), path)
 
     model = run.data_parallel(tokenizer)
+    groups = [data.images] + [images for images, _ in data.other_sizes.values()]  # a group per image size
     shown = to_float(data.held_out[:32]).to(run.device)  # the same images in every reconstruction grid
     timer, seen, recent_tokens = time.time(), 0, []
     bar = run.progress(args.tokenizer_steps, start, "tokenizer")
@@ -532,8 +536,9 @@ def train_tokenizer(args, run, data, checkpoint=None):
             lr = learning_rate(step, args.tokenizer_steps, args.tokenizer_lr, args.warmup)
             for group in optimizer.param_groups + disc_optimizer.param_groups:
                 group["lr"] = lr
-            indices, flips = batch_indices(len(data.images), args.tokenizer_batch_size, args.seed, step, run, args.flip)
-            images = to_float(data.images[indices]).to(run.device)
+            group = groups[pick_group([len(images) for images in groups], args.seed, step)]
+            indices, flips = batch_indices(len(group), args.tokenizer_batch_size, args.seed, step, run, args.flip)
+            images = to_float(group[indices]).to(run.device)
             images = torch.where(flips[:, None, None, None].to(run.device), images.flip(-1), images)
             with run.autocast():
                 recon, tokens, tokenizer_losses = model(images)
@@ -556,7 +561,7 @@ def train_tokenizer(args, run, data, checkpoint=None):
             if ema:
                 ema.update_parameters(tokenizer)
             seen += len(images) * run.world
-            if tokenizer.has_codebook:  # the codes used since the last log line
+            if tokenizer.has_codebook and group is groups[0]:  # the codes used since the last log line (square)
                 recent_tokens.append(tokens.detach())
             if done % args.log_every == 0 or done == args.tokenizer_steps:
                 stats = tokenizer.token_stats(torch.cat(recent_tokens)) if recent_tokens else {}
@@ -676,7 +681,8 @@ def tokenize_images(args, images, captions, labels, tokenizer, text_encoder, dev
     if args.flip:
         posteriors.append(encode_posteriors(tokenizer, images.flip(-1), device))
     f = tokenizer.cfg.downsample_factor
-    return TokenizedSet(torch.cat(posteriors), cond, cond_mask, len(images), (images.shape[2] // f, images.shape[3] // f))
+    grid = (images.shape[2] // f, images.shape[3] // f)
+    return TokenizedSet(torch.cat(posteriors), cond, cond_mask, len(images), grid)
 
 
 def gpt_config(args, tokenizer, text_encoder, num_classes):
@@ -1046,7 +1052,7 @@ def evaluate_captions(gpt, tokenizer, text_encoder, args, device, per_class, bat
         for request, ids in zip(batch, captions.cpu()):
             said = read_caption(text_encoder.text_tokenizer.decode(ids))
             name, size, position, _ = request
-            right.append(f"{said['color']} {said['shape']}" == name and (said["size"], said["position"]) == (size, position))
+            right.append((f"{said['color']} {said['shape']}", said["size"], said["position"]) == (name, size, position))
     results = {}
     for group, names in [("seen", [n for n in SHAPE_CLASSES if n not in holdout])] + [(n, [n]) for n in holdout]:
         counted = [ok for r, ok in zip(requests, right) if r[0] in names]
@@ -1104,9 +1110,9 @@ def parse_args(argv=None):
     group.add_argument("--image-size", type=positive, default=32, help="images are center-cropped and resized to this")
     group.add_argument("--num-images", type=positive, default=4000, help="how many shapes to render")
     group.add_argument("--sizes", type=image_sizes,
-                       help="--cond vocab on the shapes: the sizes WxH drawn and trained on, the square --image-size "
-                            "first (the tokenizer trains on it), half as many images of each other size (default: "
-                            "32x32,32x16,16x32 for --image-size 32; the square alone otherwise)")
+                       help="--cond vocab on the shapes: the sizes WxH drawn and trained on (tokenizer and GPT), the "
+                            "square --image-size first, a quarter as many images of each other size (default: "
+                            "32x32,48x32,32x48 for --image-size 32; the square alone otherwise)")
     group.add_argument("--holdout", default="blue triangle",
                        help="comma-separated color/shape combinations left out of the shapes training set")
     group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -1163,7 +1169,8 @@ def parse_args(argv=None):
     group = parser.add_argument_group("GPT (stage 2)")
     group.add_argument("--gpt-preset", choices=list(L.GPT_PRESETS), default="GPT-mini")
     group.add_argument("--gpt-steps", type=positive,
-                       help=f"training steps of the GPT (default: {kind_defaults('gpt_steps')})")
+                       help=f"training steps of the GPT (default: {kind_defaults('gpt_steps')}; {FUSED_GPT_STEPS} for "
+                            "--cond vocab on the shapes at several sizes)")
     group.add_argument("--gpt-batch-size", type=positive, default=32,
                        help="token grids per step (all processes together)")
     group.add_argument("--gpt-lr", type=S.bounded(float, 0, above=True), default=2e-3,
@@ -1245,18 +1252,22 @@ def parse_args(argv=None):
                      "--z-loss and --sizes")
     square = (args.image_size, args.image_size)
     if args.sizes is None:
-        half = args.image_size // 2
-        args.sizes = [square, (args.image_size, half), (half, args.image_size)] \
+        # the short side stays the square's, so that the shapes keep their size in pixels (at 16 px a small
+        # shape is 6 px, two cells, which the tokenizer does not reconstruct as its shape)
+        longer = args.image_size * 3 // 2
+        args.sizes = [square, (longer, args.image_size), (args.image_size, longer)] \
             if args.cond == "vocab" and args.data is None else [square]
     if args.sizes[0] != square:
         parser.error(f"--sizes begins with the square of --image-size, {args.image_size}x{args.image_size}: the "
-                     "tokenizer trains on it")
+                     "size the run's grids and the tokenizer's PSNR show")
     if len(args.sizes) > 1 and (args.cond != "vocab" or args.data is not None):
         parser.error("--sizes draws the built-in shapes at other sizes, for --cond vocab (early fusion writes a "
                      "grid's height and width as tokens; the other generators draw one square grid)")
     if args.tokens is None:  # the tokens the order generates (--order scales: multiscale)
         args.tokens = L.GENERATORS[args.order or "raster"].token_kinds[0]
     kind = TOKEN_KINDS[args.tokens]
+    if args.cond == "vocab" and args.gpt_steps is None and args.data is None and len(args.sizes) > 1:
+        args.gpt_steps = FUSED_GPT_STEPS
     # the tokenizer's flags this command line gives: the gpt stage checks them against tokenizer.pt
     args.tokenizer_flags = [name for name in ("tokenizer_preset", *kind["options"]) if getattr(args, name) is not None]
     for name, default in kind["defaults"].items():
