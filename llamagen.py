@@ -494,7 +494,7 @@ class VQLoss(nn.Module):
 
     def judges(self, images, step):
         """Whether D takes part: from disc_start on, for images whose sides PatchGAN's three stride-2
-        layers can read (at least 32 px; early fusion's 32 x 16 shapes train without it)."""
+        layers can read (at least 32 px: early fusion's --sizes 32x16, say, trains without it there)."""
         return step >= self.disc_start and min(images.shape[-2:]) >= 32
 
     def discriminator_loss(self, images, recon, step):
