@@ -549,7 +549,8 @@ class GPTConfig:
     z_loss: float = 0.0              # Chameleon: weight of log(Z)^2, Z the softmax's normaliser (1e-5 there)
     # what the loss counts: "all" tokens (Chameleon); "text": the words only, over logits without the
     # image codes' (a model that reads images and captions them but cannot draw, as Chameleon's
-    # release); "image": the image of caption-then-image sequences only (ANOLE's stage)
+    # release); "image": the codes of caption-then-image sequences only, over the codes' logits, the
+    # distribution generate draws them from (ANOLE's stage)
     fused_loss: str = "all"
 
 
@@ -2403,7 +2404,7 @@ class FusedGPT(Llama):
         grid) and their captions' ids (B, L): each example written, at random half and half, caption
         then image (its caption dropped at class_dropout_prob while training, so that CFG works) or
         image then caption; the cross-entropy of every next token but padding (fused_loss "text":
-        of the words only; "image": caption-then-image sequences only, the image's tokens only),
+        of the words only; "image": caption-then-image sequences only, their codes only),
         plus z_loss * log(Z)^2 (Chameleon's z-loss: it keeps the softmax's normaliser Z near 1 and
         the logits from drifting)."""
         caption, caption_mask = self.caption_tokens(cond, cond_mask)             # (B, L + 1)
@@ -2425,11 +2426,13 @@ class FusedGPT(Llama):
         targets = sequence[:, 1:]
         if self.config.fused_loss == "text":  # words, bot and eot: the image only read
             counted &= (targets < self.vocab.text_size) | (targets == self.vocab.bot)
-        elif self.config.fused_loss == "image":  # size tokens, codes, eol, eoi: what the caption is drawn as
-            counted &= targets >= self.vocab.eoi
+        elif self.config.fused_loss == "image":  # the codes, over the code ids' logits, as generate draws them
+            counted &= targets >= self.vocab.code_start
         logits, targets = logits[counted], targets[counted]                     # (N, vocab), (N,)
         if self.config.fused_loss == "text":  # the image logits masked out: the code rows learn nothing
             logits = logits[:, :self.vocab.code_start]
+        elif self.config.fused_loss == "image":
+            logits, targets = logits[:, self.vocab.code_start:], targets - self.vocab.code_start
         loss = F.cross_entropy(logits, targets)
         if self.config.z_loss:
             loss = loss + self.config.z_loss * logits.logsumexp(dim=-1).pow(2).mean()

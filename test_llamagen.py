@@ -1866,6 +1866,17 @@ def test_anole_trains_only_the_image_rows_of_the_output_layer():
     rows = gpt.vocab.code_start
     assert torch.equal(gpt.output.weight[:rows], before["output.weight"][:rows])
     assert (gpt.output.weight[rows:] != before["output.weight"][rows:]).all(dim=1).any()
+    readout = gpt.output.readout
+    torch.manual_seed(1)
+    loss = gpt.loss(codes, ids, mask).item()
+
+    def shouting(h):  # the words' and specials' logits, which generate never draws in an image
+        logits = readout(h).clone()
+        logits[..., :rows] = 1e4
+        return logits
+    gpt.output.readout = shouting
+    torch.manual_seed(1)
+    assert gpt.loss(codes, ids, mask).item() == pytest.approx(loss)  # the codes' cross-entropy over codes alone
 
 
 @slow
