@@ -2430,7 +2430,8 @@ def test_anole_exercise_runs(tmp_path, capsys):
     assert (reader / "gpt.pt").read_bytes() == before
     assert (anole / "tokenizer.pt").read_bytes() == (reader / "tokenizer.pt").read_bytes()
     log = open(anole / "log.txt").read()
-    assert re.search(r"ANOLE: only the output layer's rows of the 256 image codes train, 16,384 of [\d,]+ parameters", log)
+    assert re.search(r"ANOLE: only the output layer's rows of the 256 image codes train, from zero, 16,384 of [\d,]+ "
+                     r"parameters", log)
     start, end = (torch.load(path / "gpt.pt", weights_only=True) for path in (reader, anole))
     assert end["config"]["fused_loss"] == "image"
     rows = L.FusedVocabulary(L.GPTConfig(**end["config"])).code_start

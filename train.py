@@ -750,9 +750,9 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
     if source:
         gpt.load_state_dict(source["model"])
     if args.anole:
-        trained = train_image_rows_only(gpt)
-        run.log(f"ANOLE: only the output layer's rows of the {cfg.vocab_size} image codes train, {trained:,} of "
-                f"{sum(p.numel() for p in gpt.parameters()):,} parameters; everything else stays as in {args.anole}")
+        trained = train_image_rows_only(gpt, reset=source is not None)
+        run.log(f"ANOLE: only the output layer's rows of the {cfg.vocab_size} image codes train, from zero, {trained:,} "
+                f"of {sum(p.numel() for p in gpt.parameters()):,} parameters; everything else stays as in {args.anole}")
     S.sampling_options(args, cfg)  # checked before training
     model = Conditioned(gpt, text_encoder.t5 if text_encoder else None, train_t5).to(run.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -790,14 +790,18 @@ def train_gpt(args, run, data, tokenizer, checkpoint=None):
     return finish_gpt(args, run, gpt, tokenizer, text_encoder, conditions, save, start)
 
 
-def train_image_rows_only(gpt):
+def train_image_rows_only(gpt, reset=False):
     """ANOLE (GAIR-NLP/anole, train_image_head.py): of a fused model, only the output layer's rows of
     the image codes train; every other parameter is frozen, and the gradient of the other rows of
-    that layer is zeroed. -> how many values train."""
+    that layer is zeroed. reset: those rows start from zero (uniform codes), as in a model whose
+    drawing was withheld, as Chameleon's release. -> how many values train."""
     gpt.requires_grad_(False)
     weight = gpt.output.weight                                                # (vocab, dim)
     weight.requires_grad_(True)
     rows = (torch.arange(weight.shape[0]) >= gpt.vocab.code_start).to(weight.dtype)[:, None]  # (vocab, 1)
+    if reset:
+        with torch.no_grad():
+            weight[gpt.vocab.code_start:] = 0
     weight.register_hook(lambda grad: grad * rows.to(grad.device))
     return int(rows.sum()) * weight.shape[1]
 
@@ -1202,8 +1206,9 @@ def parse_args(argv=None):
                        help="--cond vocab: the loss on every token (Chameleon), or on the words only, the images only "
                             "read: a model that captions but cannot draw, the start of ANOLE's exercise")
     group.add_argument("--anole", metavar="DIR",
-                       help="--cond vocab: ANOLE: start from the fused model in DIR (its tokenizer.pt and gpt.pt) and "
-                            "train only the output layer's rows of the image codes, on caption-then-image sequences")
+                       help="--cond vocab: ANOLE: start from the fused model in DIR (its tokenizer.pt and gpt.pt), its "
+                            "output layer's rows of the image codes set to zero (its drawing withheld), and train "
+                            "only those, on caption-then-image sequences")
     group.add_argument("--z-loss", type=S.bounded(float, 0), default=0.0,
                        help="--cond vocab: weight of Chameleon's z-loss, log(Z)^2 of every softmax (Chameleon: 1e-5)")
     # smaller than MAR's 3 x 1024: the demo's transformer is 128 wide
