@@ -675,6 +675,10 @@ def region_mask(text, size, option):
     return inside
 
 
+def photo_tensor(photo, size):  # a Pillow image -> center-cropped and resized to size, (3, S, S) in [-1, 1]
+    return torch.from_numpy(np.asarray(center_crop_resize(photo, size)).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
 @torch.no_grad()
 def edit_request(args, pipeline, device):
     """--edit IMAGE with --keep or --fill: the image at the model's size (center-cropped and
@@ -686,9 +690,8 @@ def edit_request(args, pipeline, device):
     region = region_mask(args.keep or args.fill, photo.size, option)
     kept = region if args.keep else ~region
     size, tokenizer = pipeline.image_size, pipeline.tokenizer
-    image = np.asarray(center_crop_resize(photo, size))
     kept = np.asarray(center_crop_resize(Image.fromarray(kept.astype(np.uint8) * 255), size, Image.NEAREST)) >= 128
-    image = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].to(device).float() / 127.5 - 1  # (1, 3, S, S)
+    image = photo_tensor(photo, size)[None].to(device)                                            # (1, 3, S, S)
     kept = torch.from_numpy(kept.copy())[None].to(device)                                        # (1, S, S)
     cells = tokenizer.known_cells(kept)
     grid = f"{cells.shape[1]}x{cells.shape[2]} grid of {tokenizer.cfg.downsample_factor} px cells"
@@ -711,8 +714,7 @@ def caption_images(args, pipeline, photos, device):
     first) center-cropped and resized to the model's size, encoded, and captioned in batches;
     prints path: caption per image."""
     size, text_tokenizer = pipeline.image_size, pipeline.text_encoder.text_tokenizer
-    images = torch.stack([torch.from_numpy(np.asarray(center_crop_resize(photo, size)).copy()).permute(2, 0, 1)
-                          for photo in photos]).float() / 127.5 - 1                # (N, 3, S, S)
+    images = torch.stack([photo_tensor(photo, size) for photo in photos])      # (N, 3, S, S)
     generator = torch.Generator(device).manual_seed(args.seed)
     drawing = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p") if getattr(args, name) is not None}
     for start in range(0, len(images), args.batch_size):

@@ -14,6 +14,7 @@ scripts:
     python -m pytest -q -n 2 --dist worksteal   # everything, on two cores (CI)
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -1755,6 +1756,23 @@ def test_fused_caption_is_the_full_forward_over_words():
         assert torch.equal(words[row, :n], expected[row, :n]) and (words[row, n:] == v.pad).all()
 
 
+@contextlib.contextmanager
+def logits_pushed_up(gpt, ids):
+    """While the block runs, the readout gives the logits of `ids` (a list of vocabulary ids) 1e4,
+    far ahead of every other."""
+    readout = gpt.output.readout
+
+    def pushed(h):
+        logits = readout(h).clone()
+        logits[..., ids] = 1e4
+        return logits
+    gpt.output.readout = pushed
+    try:
+        yield
+    finally:
+        gpt.output.readout = readout
+
+
 def test_fused_sampler_draws_codes_in_images_and_words_in_captions_whatever_the_logits():
     """Lumina-mGPT's logits processor: inside an image only codes can be drawn, in a caption only
     words. Pushing every other id's logit to 1e4 (text, specials, sizes, padding) changes no draw."""
@@ -1768,28 +1786,10 @@ def test_fused_sampler_draws_codes_in_images_and_words_in_captions_whatever_the_
         return (gpt.generate(ids, mask, cfg_scale=2.0, top_k=8, generator=g),
                 gpt.caption(codes, generator=g, temperature=1.0))
     drawn, caption = run()
-    readout = gpt.output.readout
-
-    def shouting(h):  # every id a drawing or a caption must not write, far ahead of the rest
-        logits = readout(h).clone()
-        logits[..., v.text_size:v.code_start] = 1e4
-        return logits
-    gpt.output.readout = shouting
-    try:
+    with logits_pushed_up(gpt, list(range(v.text_size, v.code_start))):  # words stay, specials and sizes shout
         assert torch.equal(run()[0], drawn)
-    finally:
-        gpt.output.readout = readout
-
-    def shouting_codes(h):
-        logits = readout(h).clone()
-        logits[..., v.text_size:] = 1e4
-        logits[..., v.pad] = 1e4
-        return logits
-    gpt.output.readout = shouting_codes
-    try:
+    with logits_pushed_up(gpt, [v.pad] + list(range(v.text_size, v.size))):  # padding, specials, sizes, codes
         assert torch.equal(run()[1], caption)
-    finally:
-        gpt.output.readout = readout
     assert drawn.min() >= 0 and drawn.max() < 32 and caption.max() < v.text_size
 
 
@@ -1866,17 +1866,11 @@ def test_anole_trains_only_the_image_rows_of_the_output_layer():
     rows = gpt.vocab.code_start
     assert torch.equal(gpt.output.weight[:rows], before["output.weight"][:rows])
     assert (gpt.output.weight[rows:] != before["output.weight"][rows:]).all(dim=1).any()
-    readout = gpt.output.readout
     torch.manual_seed(1)
     loss = gpt.loss(codes, ids, mask).item()
-
-    def shouting(h):  # the words' and specials' logits, which generate never draws in an image
-        logits = readout(h).clone()
-        logits[..., :rows] = 1e4
-        return logits
-    gpt.output.readout = shouting
-    torch.manual_seed(1)
-    assert gpt.loss(codes, ids, mask).item() == pytest.approx(loss)  # the codes' cross-entropy over codes alone
+    with logits_pushed_up(gpt, list(range(rows))):  # the words and specials, which generate never draws in an image
+        torch.manual_seed(1)
+        assert gpt.loss(codes, ids, mask).item() == pytest.approx(loss)  # the codes' cross-entropy over codes alone
 
 
 @slow
