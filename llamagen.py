@@ -528,7 +528,7 @@ class GPTConfig:
     # the condition's positions before the image ("cls", the official name): 1 class token, or 120 text tokens
     cls_token_num: int = 1
     block_size: int = 256            # image tokens = (image_size / downsampling) ** 2 (VAR: all scales')
-    rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise)
+    rope_2d: bool = True             # False: 1D RoPE over the raster position (an exercise); FusedGPT.layout_rope
     token_kind: str = "discrete"     # what the image tokens are: a key of TOKEN_LAYERS
     order: str = "raster"            # how they are generated: a key of GENERATORS (sections 5, 9, 10)
     vocab_size: int = 16384          # codes (discrete, multiscale): the tokenizer's codebook size
@@ -644,9 +644,9 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):  # k, v (B, nh, S, hs) written at positions input_pos (S,) or (B, S)
-        if input_pos.dim() == 1:  # the same positions in every row
-            self.k_cache[:, :, input_pos] = k
-            self.v_cache[:, :, input_pos] = v
+        if input_pos.dim() == 1:  # the same positions in every row: one copy each, no indexing machinery
+            self.k_cache.index_copy_(2, input_pos, k)
+            self.v_cache.index_copy_(2, input_pos, v)
         else:  # each row its own (speculative decoding): [row b, :, input_pos[b, s]] <- k[b, :, s]
             rows = torch.arange(len(input_pos), device=input_pos.device)[:, None]       # (B, 1)
             self.k_cache[rows, :, input_pos] = k.transpose(1, 2)                           # (B, S, nh, hs)
@@ -673,15 +673,16 @@ class Attention(nn.Module):
         at once (training). With it: new positions whose keys and values join the cache, and
         attention runs over the cache, so mask is (B or 1, 1, S, max_seq_len)."""
         B, S, C = x.shape
-        q, k, v = self.wqkv(x).split(C, dim=-1)                             # 3 x (B, S, dim)
-        q, k = q.view(B, S, self.n_head, self.head_dim), k.view(B, S, self.n_head, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)                     # (B, S, nh, hs)
-        v = v.view(B, S, self.n_head, self.head_dim)                        # (B, S, nh, hs)
+        qkv = self.wqkv(x).view(B, S, 3 * self.n_head, self.head_dim)       # (B, S, 3 nh, hs): q, k, v heads
+        qk, v = qkv[:, :, :2 * self.n_head], qkv[:, :, 2 * self.n_head:]    # (B, S, 2 nh, hs), (B, S, nh, hs)
+        if self.qk_norm:  # (a LayerNorm over each head's channels: q's and k's heads have their own weights)
+            qk = torch.cat([self.q_norm(qk[:, :, :self.n_head]), self.k_norm(qk[:, :, self.n_head:])], dim=2)
+        q, k = apply_rope(qk, rope).split(self.n_head, dim=2)                # q and k turned in one call
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, S, hs)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)                   # (B, nh, max_seq_len, hs)
+            keys = mask.shape[-1]  # a decode step's mask may cover only the positions written so far
+            k, v = k[:, :, :keys], v[:, :, :keys]                           # (B, nh, keys, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,          # (B, nh, S, hs)
                                            dropout_p=self.attn_dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, S, C)                              # (B, S, nh * hs)
@@ -1088,18 +1089,20 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_head, head_dim, dtype, device)
 
-    def forward_with_cache(self, h, input_pos, mask, outputs=1):
+    def forward_with_cache(self, h, input_pos, mask, outputs=1, rope=None):
         """Embedded inputs h (B, S, dim) at new positions input_pos, (S,) for every row or (B, S)
         per row -> the readout of the last `outputs` of them (B, outputs, ..). Their keys and values
-        join the cache; mask (B or 1, 1, max_seq_len, max_seq_len) says which cached positions each
-        may see."""
+        join the cache; mask (B or 1, 1, max_seq_len, keys) says which cached positions each may
+        see, and attention reads the first `keys` positions of the cache only; rope, the RoPE
+        table of the sequence (default self.rope; early fusion's depends on its layout)."""
         h = self.tok_dropout(h)
-        rope = self.rope[input_pos.clamp(max=len(self.rope) - 1)]  # (S or B, S, hs/2, 2); see generate_speculative
+        rope = self.rope if rope is None else rope
+        rope = rope[input_pos.clamp(max=len(rope) - 1)]  # (S or B, S, hs/2, 2); see generate_speculative
         if input_pos.dim() == 1:
-            mask = mask[..., input_pos, :]                          # (B or 1, 1, S, max_seq_len)
+            mask = mask[..., input_pos, :]                          # (B or 1, 1, S, keys)
         else:  # row b takes the mask rows of its own positions
             rows = torch.arange(len(input_pos), device=input_pos.device)[:, None]
-            mask = mask.expand(len(input_pos), -1, -1, -1)[rows, 0, input_pos][:, None]  # (B, 1, S, max_seq_len)
+            mask = mask.expand(len(input_pos), -1, -1, -1)[rows, 0, input_pos][:, None]  # (B, 1, S, keys)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos)
         return self.output.readout(self.norm(h[:, -outputs:]))
@@ -1160,6 +1163,10 @@ class GPT(Llama):
         cache_len = self.config.cls_token_num + T - 1  # the last token is never fed back
         # the positions of the tokens fed back, kept on the device: no host copy per token
         positions = torch.arange(self.config.cls_token_num, cache_len, device=cond.device)
+        # Eager steps attend to the positions written so far only (the mask cut to them); a
+        # compiled step (compile_decode_one_token's instance attribute) needs the same shapes at
+        # every step, so it attends to the whole static cache, the positions not written masked.
+        static = "decode_one_token" in vars(self)
         with self.generation(cond, cond_mask, guided, cache_len) as (cond, _, mask):
             tokens = []
             # Only the loop runs in inference mode: the tokens returned and the KV cache, made
@@ -1172,7 +1179,8 @@ class GPT(Llama):
                     token = keep_known(token, edit, slice(t, t + 1))
                     tokens.append(token)
                     if t + 1 < T:  # both halves of the CFG batch go on with the same token
-                        out = self.decode_one_token(cfg_batch(token, guided), positions[t:t + 1], mask)
+                        seen = mask if static else mask[..., :self.config.cls_token_num + t + 1]
+                        out = self.decode_one_token(cfg_batch(token, guided), positions[t:t + 1], seen)
         if steps is not None:
             steps.append(torch.arange(T, device=cond.device).expand(B, -1))
         return torch.cat(tokens, dim=1)                                             # (B, block_size, ..)
@@ -2299,9 +2307,10 @@ GENERATORS["scales"] = ScaleGPT
 # draws only codes inside an image; CFG drops the caption. What it changes on the Llama: input: one
 # embedding table over the joint vocabulary, no condition embedder and no T5 (the caption is tokens
 # of the sequence); attention: causal; positions: 1D RoPE over the whole sequence, end-of-line marking
-# the rows; readout: logits over the joint vocabulary, restricted by what the sampler writes (codes
-# in an image, words in a caption); loss: the next token everywhere, over sequences of both
-# directions, caption then image (drawing) and image then caption (captioning).
+# the rows (or, rope_2d, a code's row and column as Qwen2-VL's M-RoPE: layout_rope); readout: logits
+# over the joint vocabulary, restricted by what the sampler writes (codes in an image, words in a
+# caption); loss: the next token everywhere, over sequences of both directions, caption then image
+# (drawing, at every size) and image then caption (captioning, at the square).
 
 
 class FusedVocabulary:
@@ -2346,9 +2355,36 @@ class FusedGPT(Llama):
         joint = dataclasses.replace(cfg, vocab_size=self.vocab.size)
         return CodeEmbedding(joint), CodeHead(joint)
 
-    def make_rope(self, cfg):  # 1D over the longest sequence: the caption, bot, then the largest image
-        longest = cfg.cls_token_num + 1 + max(4 + rows * (cols + 1) for rows, cols in cfg.grid_shapes)
-        return rope_table(rope_angles_1d(torch.arange(longest), cfg.dim // cfg.n_head, cfg.rope_base), 0)
+    def make_rope(self, cfg):  # none shared: each layout has its table (layout_rope)
+        return torch.zeros(0, cfg.dim // cfg.n_head // 2, 2)
+
+    def layout_rope(self, grid, image_first, text=None):
+        """The RoPE table (S, hs/2, 2) of a whole sequence, S = text + 4 + rows (cols + 1): the
+        caption (text ids, L + 1 by default) then an image of grid (rows, cols), or (image_first)
+        the image then the caption.
+        rope_2d False: 1D positions, the index in the sequence, as Chameleon and Lumina-mGPT, which
+        leaves the model to count end-of-lines to know a code's row, and puts the code below at a
+        distance that changes with the width (train.py's default). rope_2d: 2D coordinates (y, x), as
+        Qwen2-VL's M-RoPE: a word or special token at index t sits at (t, t), which turns every
+        channel pair by t, 1D RoPE; the code at (row r, column c) of an image whose grid starts at
+        t0 at (t0 + r, t0 + c), the eol of row r at (t0 + r, t0 + cols); eoi one past the image's
+        farthest coordinate, and the tokens after it go on from there. The code below is then at
+        (1, 0) whatever the width, so what is learned on one size holds on the others."""
+        rows, cols = grid
+        text, image = text or self.config.cls_token_num + 1, 4 + rows * (cols + 1)
+        head_dim, base = self.config.dim // self.config.n_head, self.config.rope_base
+        if not self.config.rope_2d:
+            return rope_table(rope_angles_1d(torch.arange(text + image), head_dim, base), 0).to(self.rope.device)
+        start = 0 if image_first else text                  # the index of boi
+        t0 = start + 3                                       # after boi, height, width
+        end = t0 + max(rows, cols + 1)                       # eoi's coordinate
+        head, tail = torch.arange(start, t0), torch.tensor([end])
+        y = torch.cat([head, t0 + torch.arange(rows).repeat_interleave(cols + 1), tail])      # (image,)
+        x = torch.cat([head, t0 + torch.arange(cols + 1).repeat(rows), tail])
+        words = torch.arange(text) + (end + 1 if image_first else 0)                          # (text,)
+        y, x = (torch.cat([y, words]), torch.cat([x, words])) if image_first else \
+            (torch.cat([words, y]), torch.cat([words, x]))                                   # (S,)
+        return rope_table(rope_angles_2d(y, x, head_dim, base), 0).to(self.rope.device)
 
     # The sequences: how a caption and an image are written in the one vocabulary
 
@@ -2375,6 +2411,13 @@ class FusedGPT(Llama):
         head = codes.new_tensor([v.boi, v.height[rows], v.width[cols]]).expand(B, -1)
         return torch.cat([head, lines.flatten(1), codes.new_full((B, 1), v.eoi)], dim=1)
 
+    @property
+    def caption_grid(self):
+        """The one grid captions are read at and trained on: the first of grid_shapes, the training
+        images' square (sample.py --caption crops an image to it). The other sizes are only drawn:
+        reading them too would spend training on what is never asked."""
+        return tuple(self.config.grid_shapes[0])
+
     def check_grid(self, grid):  # a grid (rows, cols) the model has size tokens for
         if tuple(grid) not in map(tuple, self.config.grid_shapes):
             known = ", ".join(f"{rows} x {cols}" for rows, cols in self.config.grid_shapes)
@@ -2389,28 +2432,35 @@ class FusedGPT(Llama):
 
     # Training: both directions at once
 
-    def forward(self, sequence, mask):
-        """Ids (B, S) with their mask (B, S) (padding hidden as a key) -> logits (B, S, vocab) of the
-        id after each position: causal attention, 1D RoPE over the sequence."""
+    def forward(self, sequence, mask, rope):
+        """Ids (B, S) with their mask (B, S) (padding hidden as a key) and their layout's RoPE table
+        (layout_rope: (S.., hs/2, 2), or per row (B, S.., hs/2, 2), its first S used) -> logits
+        (B, S, vocab) of the id after each position: causal attention."""
         S = sequence.shape[1]
         h = self.tok_dropout(self.tok_embeddings(sequence))                      # (B, S, dim)
         visible = attention_mask(self.attention_blocks(S, sequence.device), mask)  # (B, 1, S, S)
         for layer in self.layers:
-            h = layer(h, self.rope[:S], visible)
+            h = layer(h, rope[..., :S, :, :], visible)
         return self.output.readout(self.norm(h))
 
     def loss(self, codes, cond, cond_mask):
         """Chameleon's objective on captioned images, codes (B, rows, cols) (or (B, T) of a square
-        grid) and their captions' ids (B, L): each example written, at random half and half, caption
-        then image (its caption dropped at class_dropout_prob while training, so that CFG works) or
-        image then caption; the cross-entropy of every next token but padding (fused_loss "text":
+        grid) and their captions' ids (B, L): each example written caption then image (its caption
+        dropped at class_dropout_prob while training, so that CFG works) or, at random three times
+        in five at caption_grid, image then caption; the cross-entropy of every next token but padding (fused_loss "text":
         of the words only; "image": caption-then-image sequences only, their codes only),
         plus z_loss * log(Z)^2 (Chameleon's z-loss: it keeps the softmax's normaliser Z near 1 and
         the logits from drifting)."""
         caption, caption_mask = self.caption_tokens(cond, cond_mask)             # (B, L + 1)
-        image = self.image_tokens(*self.as_grid(codes))                         # (B, 4 + R (C + 1))
+        shared = int(caption_mask.any(dim=0).long().argmax())  # the padding every row has: left out
+        caption, caption_mask = caption[:, shared:], caption_mask[:, shared:]   # (B, n), n <= L + 1
+        flat, grid = self.as_grid(codes)
+        image = self.image_tokens(flat, grid)                                   # (B, 4 + R (C + 1))
         B, device = len(codes), codes.device
-        image_first = (torch.rand(B, device=device) < 0.5) & (self.config.fused_loss != "image")
+        # three in five of the square's sequences are captions: captions are trained at the square
+        # alone, drawings at every size, and the drawings learn from the other sizes too
+        captioned = 0.6 if grid == self.caption_grid and self.config.fused_loss != "image" else 0.0
+        image_first = torch.rand(B, device=device) < captioned
         if self.training and self.config.class_dropout_prob > 0:
             drop = (torch.rand(B, device=device) < self.config.class_dropout_prob) & ~image_first
             null_ids, null_mask = self.null_caption(caption, caption_mask)
@@ -2421,7 +2471,11 @@ class FusedGPT(Llama):
         sequence = torch.where(image_first[:, None], torch.cat([image, after_image], 1), torch.cat([caption, image], 1))
         mask = torch.where(image_first[:, None], torch.cat([ones, after_image_mask], 1),
                            torch.cat([caption_mask, ones], 1))                  # (B, S)
-        logits = self(sequence[:, :-1], mask[:, :-1])                           # (B, S - 1, vocab)
+        rope = self.layout_rope(grid, False, caption.shape[1])                  # (S, hs/2, 2)
+        if self.config.rope_2d and image_first.any():  # the other layout's coordinates in its rows
+            rope = torch.where(image_first[:, None, None, None], self.layout_rope(grid, True, caption.shape[1]),
+                               rope)                                            # (B, S, hs/2, 2)
+        logits = self(sequence[:, :-1], mask[:, :-1], rope)                     # (B, S - 1, vocab)
         counted = mask[:, 1:] & mask[:, :-1]  # neither the target nor what predicts it is padding
         targets = sequence[:, 1:]
         if self.config.fused_loss == "text":  # words, bot and eot: the image only read
@@ -2446,8 +2500,8 @@ class FusedGPT(Llama):
         return (torch.cat([cond, torch.cat([null_ids, tail], 1)]),
                 torch.cat([cond_mask, torch.cat([null_mask, cond_mask[:, -3:]], 1)]))
 
-    def feed(self, ids, positions, mask):  # ids (B, S) at positions (S,) through the KV cache -> last logits (B, vocab)
-        return self.forward_with_cache(self.tok_embeddings(ids), positions, mask)[:, -1]
+    def feed(self, ids, positions, mask, rope):  # ids (B, S) at positions (S,) through the KV cache -> last logits (B, vocab)
+        return self.forward_with_cache(self.tok_embeddings(ids), positions, mask, rope=rope)[:, -1]
 
     @torch.no_grad()
     def generate(self, cond, cond_mask=None, generator=None, steps=None, edit=None, grid=None, **options):
@@ -2467,20 +2521,21 @@ class FusedGPT(Llama):
         P, fed = prompt.shape[1], rows * (cols + 1) - 1  # the last row's eol and eoi are never fed
         positions = torch.arange(P + fed, device=device)
         eol = torch.full((2 * B if guided else B, 1), v.eol, device=device)
+        rope = self.layout_rope((rows, cols), image_first=False)
         with self.generation(prompt, prompt_mask, guided, P + fed) as (prompt, _, mask):
             codes, position = [], P
             with torch.inference_mode():
-                logits = self.feed(prompt, positions[:P], mask)                         # (B or 2B, vocab)
+                logits = self.feed(prompt, positions[:P], mask, rope)                   # (B or 2B, vocab)
                 for t in range(rows * cols):
                     code = self.output.draw(logits[:, v.code_start:], o.cfg_scale, o, generator)  # (B, 1)
                     codes.append(keep_known(code, edit, slice(t, t + 1)))
                     if t + 1 == rows * cols:
                         break
                     logits = self.feed(cfg_batch(codes[-1] + v.code_start, guided),
-                                      positions[position:position + 1], mask)
+                                      positions[position:position + 1], mask, rope)
                     position += 1
                     if (t + 1) % cols == 0:  # a row is complete: its end-of-line is written
-                        logits = self.feed(eol, positions[position:position + 1], mask)
+                        logits = self.feed(eol, positions[position:position + 1], mask, rope)
                         position += 1
         if steps is not None:
             steps.append(torch.arange(rows * cols, device=device).expand(B, -1))
@@ -2493,14 +2548,18 @@ class FusedGPT(Llama):
         the image and bot; then words only (the logits of the text ids but padding), greedy at
         temperature 0, until every row has written eot."""
         v, B, device = self.vocab, codes.shape[0], codes.device
-        prompt = torch.cat([self.image_tokens(*self.as_grid(codes)),
-                            codes.new_full((B, 1), v.bot)], 1)                     # (B, P)
+        flat, grid = self.as_grid(codes)
+        if grid != self.caption_grid:
+            raise ValueError(f"this model captions images of {self.caption_grid[0]} x {self.caption_grid[1]} codes, "
+                             f"the size it was trained to read, not {grid[0]} x {grid[1]}.")
+        prompt = torch.cat([self.image_tokens(flat, grid), codes.new_full((B, 1), v.bot)], 1)  # (B, P)
+        rope = self.layout_rope(grid, image_first=True)
         P, length = prompt.shape[1], self.config.cls_token_num
         positions = torch.arange(P + length - 1, device=device)
         words, done = [], torch.zeros(B, dtype=torch.bool, device=device)
         with self.generation(prompt, None, False, P + length - 1) as (prompt, _, mask):
             with torch.inference_mode():
-                logits = self.feed(prompt, positions[:P], mask)
+                logits = self.feed(prompt, positions[:P], mask, rope)
                 for i in range(length):
                     text_logits = logits[:, :v.text_size].clone()
                     text_logits[:, v.pad] = float("-inf")
@@ -2510,7 +2569,7 @@ class FusedGPT(Llama):
                     done |= word[:, 0] == v.eot
                     if bool(done.all()) or i + 1 == length:
                         break
-                    logits = self.feed(word, positions[P + i:P + i + 1], mask)
+                    logits = self.feed(word, positions[P + i:P + i + 1], mask, rope)
         return torch.cat(words, dim=1)
 
 

@@ -784,10 +784,11 @@ def time_parts(gpt, rows, batch, settings, device, dtype):
     logits = torch.randn(batch, cfg.vocab_size, device=device)
     generator = torch.Generator(device).manual_seed(0)
 
-    def attention():
+    def attention():  # step t attends to the positions written so far, as generate's eager steps
         for t in range(cfg.block_size):
+            seen = cfg.cls_token_num + t + 1
             for k, v in caches:
-                F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., t:t + 1, :])
+                F.scaled_dot_product_attention(q, k[:, :, :seen], v[:, :, :seen], attn_mask=mask[..., t:t + 1, :seen])
 
     def normalisation():
         for _ in range(cfg.block_size):

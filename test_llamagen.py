@@ -1682,33 +1682,68 @@ def test_fused_vocabulary_keeps_words_specials_sizes_and_codes_apart():
     assert (after[~after_mask] == v.pad).all() and torch.equal(after_mask.sum(1), caption_mask.sum(1))
 
 
-def fused_full_logits(gpt, prompt, prompt_mask, generated):
-    """The logits a full forward pass gives over [prompt, generated] (B, P + n) at every position."""
+def fused_full_logits(gpt, prompt, prompt_mask, generated, image_first, grid=(4, 4)):
+    """The logits a full forward pass gives over [prompt, generated] (B, P + n) at every position,
+    a sequence of the layout of a drawing (caption first) or of a caption (image first)."""
     mask = torch.cat([prompt_mask, torch.ones_like(generated, dtype=torch.bool)], 1)
-    return gpt(torch.cat([prompt, generated], 1), mask)
+    return gpt(torch.cat([prompt, generated], 1), mask, gpt.layout_rope(grid, image_first))
 
 
-def test_fused_kv_cache_gives_the_full_forward_over_mixed_sequences():
+@pytest.mark.parametrize("rope_2d", [True, False])
+def test_fused_kv_cache_gives_the_full_forward_over_mixed_sequences(rope_2d):
     """Both directions, fed a prompt at once then one id per step through the KV cache, give the
     logits of one full forward pass: a caption (left-padded, of three lengths) then an image, and
-    an image then a caption (right-padded)."""
-    gpt = tiny_fused(seed=7)
+    an image then a caption (right-padded); with 2D positions and with 1D."""
+    gpt = tiny_fused(seed=7, rope_2d=rope_2d)
     ids, mask = tiny_captions()
     codes = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(7))
     caption, caption_mask = gpt.caption_tokens(ids, mask)
     image = gpt.image_tokens(codes, (4, 4))
     after, after_mask = L.left_aligned(caption, caption_mask)
     ones = torch.ones_like(image, dtype=torch.bool)
-    for sequence, seq_mask, prompt in [(torch.cat([caption, image], 1), torch.cat([caption_mask, ones], 1), 10),
-                                       (torch.cat([image, after], 1), torch.cat([ones, after_mask], 1), 21)]:
-        S_ = sequence.shape[1]
+    for sequence, seq_mask, prompt, image_first in [
+            (torch.cat([caption, image], 1), torch.cat([caption_mask, ones], 1), 10, False),
+            (torch.cat([image, after], 1), torch.cat([ones, after_mask], 1), 21, True)]:
+        S_, rope = sequence.shape[1], gpt.layout_rope((4, 4), image_first)
         with torch.no_grad():
-            full = gpt(sequence, seq_mask)                                  # (3, S, vocab)
+            full = gpt(sequence, seq_mask, rope)                            # (3, S, vocab)
             gpt.setup_caches(3, S_, torch.float32, "cpu")
             visible = L.attention_mask(torch.arange(S_), seq_mask)
-            stepwise = [gpt.feed(sequence[:, :prompt], torch.arange(prompt), visible)]
-            stepwise += [gpt.feed(sequence[:, t:t + 1], torch.tensor([t]), visible) for t in range(prompt, S_)]
+            stepwise = [gpt.feed(sequence[:, :prompt], torch.arange(prompt), visible, rope)]
+            stepwise += [gpt.feed(sequence[:, t:t + 1], torch.tensor([t]), visible, rope) for t in range(prompt, S_)]
         assert (torch.stack(stepwise, 1) - full[:, prompt - 1:]).abs().max() < 1e-4
+
+
+def rotated_dot(rope, i, j, seed=0):
+    """q . k after RoPE, q at position i and k at j of a table rope (S, hs/2, 2): a function of
+    their positions' difference alone, which is what attention sees of positions."""
+    q, k = torch.randn(2, 1, 1, 1, 2 * rope.shape[1], generator=torch.Generator().manual_seed(seed))
+    return (L.apply_rope(q, rope[i:i + 1]) * L.apply_rope(k, rope[j:j + 1])).sum().item()
+
+
+def test_fused_2d_positions_put_the_code_below_at_the_same_offset_whatever_the_width():
+    """layout_rope: with 2D coordinates a code and the one below it are as far apart in a grid of
+    3 columns as in one of 5 (so what is learned on one size holds on another), words are 1D RoPE
+    (a word and the next as any two neighbours of the sequence), and the words after an image go
+    on from it; with 1D positions the code below is farther in the wider grid."""
+    gpt = tiny_fused(grid=(2, 3), grid_shapes=((2, 3), (2, 5)))
+    text = gpt.config.cls_token_num + 1
+
+    def code(grid, row, col, image_first=False):  # a code's index in the sequence of its layout
+        return (0 if image_first else text) + 3 + row * (grid[1] + 1) + col
+    for image_first in (False, True):
+        for row, col in ((1, 1), (0, 2)):  # below (1, 0) and to the right (0, 1) of the code at (0, 1)
+            near = [rotated_dot(gpt.layout_rope(grid, image_first), code(grid, row, col, image_first),
+                                code(grid, 0, 1, image_first)) for grid in ((2, 3), (2, 5))]
+            assert near[0] == pytest.approx(near[1], abs=1e-5)
+    words = gpt.layout_rope((2, 3), image_first=False)
+    after = gpt.layout_rope((2, 3), image_first=True)                       # [image, bot, words ..]
+    start = 4 + 2 * 4                                                       # bot's index
+    neighbours = [rotated_dot(words, 1, 0), rotated_dot(words, 4, 3), rotated_dot(after, start + 1, start)]
+    assert neighbours == pytest.approx([neighbours[0]] * 3, abs=1e-5)
+    gpt_1d = tiny_fused(grid=(2, 3), grid_shapes=((2, 3), (2, 5)), rope_2d=False)
+    below = [rotated_dot(gpt_1d.layout_rope(grid, False), code(grid, 1, 1), code(grid, 0, 1)) for grid in ((2, 3), (2, 5))]
+    assert below[0] != pytest.approx(below[1], abs=1e-3)
 
 
 def test_fused_drawing_is_the_full_forward_guided_by_cfg_formula():
@@ -1728,7 +1763,7 @@ def test_fused_drawing_is_the_full_forward_guided_by_cfg_formula():
     for words, words_mask in ((caption, caption_mask), (null, null_mask)):
         prompt, prompt_mask = torch.cat([words, image[:, :3]], 1), torch.cat([words_mask, torch.ones(3, 3).bool()], 1)
         with torch.no_grad():
-            logits.append(fused_full_logits(gpt, prompt, prompt_mask, image[:, 3:]))
+            logits.append(fused_full_logits(gpt, prompt, prompt_mask, image[:, 3:], image_first=False))
     guided = logits[1] + (logits[0] - logits[1]) * scale                    # (3, S, vocab)
     P = caption.shape[1] + 3
     code_positions = P - 1 + torch.tensor([r * 5 + c for r in range(4) for c in range(4)])  # each predicts a code
@@ -1746,7 +1781,7 @@ def test_fused_caption_is_the_full_forward_over_words():
     words = gpt.caption(codes)                                              # (3, n)
     prompt = torch.cat([gpt.image_tokens(codes, (4, 4)), torch.full((3, 1), v.bot)], 1)
     with torch.no_grad():
-        logits = fused_full_logits(gpt, prompt, torch.ones_like(prompt, dtype=torch.bool), words[:, :-1])
+        logits = fused_full_logits(gpt, prompt, torch.ones_like(prompt, dtype=torch.bool), words[:, :-1], image_first=True)
     text = logits[:, prompt.shape[1] - 1:, :v.text_size].clone()
     text[..., v.pad] = float("-inf")
     expected = text.argmax(-1)                                              # (3, n)
@@ -1837,6 +1872,31 @@ def test_fused_loss_adds_z_loss_as_its_formula():
         return gpt.loss(codes, ids, mask).item()
     base, one, three = loss(0.0), loss(1e-2), loss(3e-2)
     assert one > base and abs((three - base) - 3 * (one - base)) < 1e-4
+
+
+@pytest.mark.parametrize("rope_2d", [True, False])
+def test_fused_loss_leaves_out_the_padding_every_caption_has(rope_2d):
+    """The loss trims the caption columns that are padding in every row: the same captions padded
+    to 9 ids rather than 6 give the same loss (the padding is hidden, and RoPE sees only distances),
+    in both directions, with 2D positions and with 1D."""
+    gpt = tiny_fused(seed=4, rope_2d=rope_2d)
+    ids, mask = tiny_captions()
+    codes = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(4))
+    longer = torch.cat([torch.zeros(3, 3, dtype=ids.dtype), ids], 1), torch.cat([torch.zeros(3, 3, dtype=mask.dtype), mask], 1)
+    losses = []
+    for caption, caption_mask in ((ids, mask), longer):
+        torch.manual_seed(0)  # the same directions
+        losses.append(gpt.loss(codes, caption, caption_mask).item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_fused_captions_only_the_grid_it_reads():
+    """Captions are read at the first grid, the training square (sample.py crops an image to it),
+    and trained there only: a caption of another size the model draws gets one sentence."""
+    gpt = tiny_fused(grid=(2, 3), vocab_size=5, block_size=6, grid_shapes=((2, 3), (3, 2)))
+    assert gpt.caption(torch.randint(0, 5, (2, 2, 3))).shape[0] == 2
+    with pytest.raises(ValueError, match="captions images of 2 x 3 codes, the size it was trained to read, not 3 x 2"):
+        gpt.caption(torch.randint(0, 5, (2, 3, 2)))
 
 
 def test_fused_loss_on_words_leaves_the_image_rows_untrained():

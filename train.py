@@ -233,8 +233,8 @@ def load_data(args):
         items = [shapes[i] for i in tqdm(range(len(shapes)), desc="rendering shapes", leave=False)]
         held_out = ShapesDataset(256, args.image_size, args.seed + 1)
         other_sizes = {}
-        for k, size in enumerate(args.sizes[1:]):  # early fusion's other sizes: a quarter as many images each
-            more = ShapesDataset(args.num_images // 4, size, args.seed + 100 + k, parse_holdout(args.holdout))
+        for k, size in enumerate(args.sizes[1:]):  # early fusion's other sizes: half as many images each
+            more = ShapesDataset(args.num_images // 2, size, args.seed + 100 + k, parse_holdout(args.holdout))
             more = [more[i] for i in tqdm(range(len(more)), desc=f"rendering {size[0]}x{size[1]} shapes", leave=False)]
             other_sizes[size] = (S.to_uint8(torch.stack([item["image"] for item in more])),
                                  [item["caption"] for item in more])
@@ -527,7 +527,8 @@ def train_tokenizer(args, run, data, checkpoint=None):
                                image_size=args.image_size, args=vars(args), metrics=metrics), path)
 
     model = run.data_parallel(tokenizer)
-    groups = [data.images] + [images for images, _ in data.other_sizes.values()]  # a group per image size
+    # The square images only, whatever --sizes says: the tokenizer is convolutional, and what it
+    # learns of 4-pixel cells holds at any size, while the larger images would cost time
     shown = to_float(data.held_out[:32]).to(run.device)  # the same images in every reconstruction grid
     timer, seen, recent_tokens = time.time(), 0, []
     bar = run.progress(args.tokenizer_steps, start, "tokenizer")
@@ -536,9 +537,8 @@ def train_tokenizer(args, run, data, checkpoint=None):
             lr = learning_rate(step, args.tokenizer_steps, args.tokenizer_lr, args.warmup)
             for group in optimizer.param_groups + disc_optimizer.param_groups:
                 group["lr"] = lr
-            group = groups[pick_group([len(images) for images in groups], args.seed, step)]
-            indices, flips = batch_indices(len(group), args.tokenizer_batch_size, args.seed, step, run, args.flip)
-            images = to_float(group[indices]).to(run.device)
+            indices, flips = batch_indices(len(data.images), args.tokenizer_batch_size, args.seed, step, run, args.flip)
+            images = to_float(data.images[indices]).to(run.device)
             images = torch.where(flips[:, None, None, None].to(run.device), images.flip(-1), images)
             with run.autocast():
                 recon, tokens, tokenizer_losses = model(images)
@@ -561,7 +561,7 @@ def train_tokenizer(args, run, data, checkpoint=None):
             if ema:
                 ema.update_parameters(tokenizer)
             seen += len(images) * run.world
-            if tokenizer.has_codebook and group is groups[0]:  # the codes used since the last log line (square)
+            if tokenizer.has_codebook:  # the codes used since the last log line
                 recent_tokens.append(tokens.detach())
             if done % args.log_every == 0 or done == args.tokenizer_steps:
                 stats = tokenizer.token_stats(torch.cat(recent_tokens)) if recent_tokens else {}
@@ -1186,9 +1186,11 @@ def parse_args(argv=None):
     group.add_argument("--dropout", type=fraction, default=0.0, help="token, residual and feed-forward dropout")
     group.add_argument("--class-dropout", type=fraction, default=L.GPTConfig.class_dropout_prob,
                        help="how often the condition is replaced by the null one while training, so that CFG works")
-    group.add_argument("--rope", choices=["2d", "1d"], default="2d",
-                       help="rotary positions by (row, column) of the token grid, or by raster position "
-                            "(raster and masked orders; next-scale has none, as VAR)")
+    group.add_argument("--rope", choices=["2d", "1d"],
+                       help="rotary positions by (row, column) of the token grid (the default), or by raster "
+                            "position (raster and masked orders; next-scale has none, as VAR); --cond vocab: 1D "
+                            "over the whole sequence as Chameleon and Lumina-mGPT (its default), or 2D: a code "
+                            "at its (row, column), a word at its index (Qwen2-VL's M-RoPE)")
     group.add_argument("--order", choices=[order for order in L.GENERATORS if order != "fused"],
                        help="raster: one token per pass, causal (LlamaGen; MAR's causal variant); masked: a few "
                             "passes, each deciding a share of the tokens, bidirectional (MaskGIT for codes, MAR "
@@ -1243,6 +1245,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.flip is None:
         args.flip = args.data is None
+    if args.rope is None:
+        args.rope = "1d" if args.cond == "vocab" else "2d"
     if args.cond == "vocab":  # early fusion writes image codes into its one vocabulary, in its own raster order
         if args.order is not None or args.tokens not in (None, "discrete"):
             parser.error(f"--cond vocab writes codes of a VQ into one vocabulary with the words, in raster order: "
@@ -1305,9 +1309,8 @@ def check_args(args, data):
         if getattr(args, name) % world:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the "
                              f"{world} processes.")
-    if args.cond == "vocab" and (args.t5 or args.rope != "2d"):
-        raise ValueError(f"{'--t5' if args.t5 else '--rope ' + args.rope} does not apply to --cond vocab, which reads "
-                         "the caption's own tokens and places the whole sequence by 1D RoPE: leave it out.")
+    if args.cond == "vocab" and args.t5:
+        raise ValueError("--t5 does not apply to --cond vocab, which reads the caption's own tokens: leave it out.")
     if args.stage != "tokenizer" and args.cond != "class" and not any(data.captions or []):
         raise ValueError(f"{args.data} has no captions: add metadata.jsonl lines {{\"file_name\": ..., "
                          "\"text\": ...}} or a .txt file next to each image, or use --cond class.")
