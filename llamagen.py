@@ -2447,8 +2447,9 @@ class FusedGPT(Llama):
         """Chameleon's objective on captioned images, codes (B, rows, cols) (or (B, T) of a square
         grid) and their captions' ids (B, L): each example written caption then image (its caption
         dropped at class_dropout_prob while training, so that CFG works) or, at random three times
-        in five at caption_grid, image then caption; the cross-entropy of every next token but padding (fused_loss "text":
-        of the words only; "image": caption-then-image sequences only, their codes only),
+        in five at caption_grid, image then caption; the cross-entropy of every next token but
+        padding (fused_loss "text": of the words only; "image": caption-then-image sequences only,
+        their codes only),
         plus z_loss * log(Z)^2 (Chameleon's z-loss: it keeps the softmax's normaliser Z near 1 and
         the logits from drifting)."""
         caption, caption_mask = self.caption_tokens(cond, cond_mask)             # (B, L + 1)

@@ -419,8 +419,8 @@ QUANTIZER_OPTIONS = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm", 
 # the discrete demo's 1400. A multi-scale GPT step reads 130 tokens per image rather than 64 and takes
 # twice as long, but VAR needs the discrete demo's 1400 steps all the same: at 700 its layouts are
 # still wrong a quarter of the time.
-# Early fusion on the shapes trains a third of its steps on the other sizes: 2,100 steps give the
-# square about the discrete demo's 1,400.
+# Early fusion on the shapes trains half of its steps on the other sizes and writes three in five
+# of the square's sequences image then caption: 2,100 steps rather than the discrete demo's 1,400.
 FUSED_GPT_STEPS = 2100
 TOKEN_KINDS = {
     "discrete": dict(presets=L.VQ_PRESETS, options=QUANTIZER_OPTIONS,
@@ -1114,8 +1114,9 @@ def parse_args(argv=None):
     group.add_argument("--image-size", type=positive, default=32, help="images are center-cropped and resized to this")
     group.add_argument("--num-images", type=positive, default=4000, help="how many shapes to render")
     group.add_argument("--sizes", type=image_sizes,
-                       help="--cond vocab on the shapes: the sizes WxH drawn and trained on (tokenizer and GPT), the "
-                            "square --image-size first, a quarter as many images of each other size (default: "
+                       help="--cond vocab on the shapes: the sizes WxH the GPT draws and trains on, the "
+                            "square --image-size first, half as many images of each other size; the tokenizer trains on the "
+                            "square (default: "
                             "32x32,48x32,32x48 for --image-size 32; the square alone otherwise)")
     group.add_argument("--holdout", default="blue triangle",
                        help="comma-separated color/shape combinations left out of the shapes training set")
